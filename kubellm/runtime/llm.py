@@ -1,0 +1,41 @@
+"""LLM: the offline batch API, vLLM-shaped: LLM(model_dir, **engine_options).generate(prompts, params)."""
+
+from __future__ import annotations
+
+from kubellm.runtime.engine.engine import LLMEngine
+from kubellm.runtime.engine.sequence import RequestOutput
+from kubellm.runtime.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, **engine_options):
+        self.engine = LLMEngine.from_kwargs(model, **engine_options)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        requests = [
+            self.engine.make_request(rid, prompt, p, priority[i] if priority else 0)
+            for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params))
+        ]
+        for req in requests:  # validate all before queueing any: a bad prompt loses nothing
+            self.engine.add(req)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]

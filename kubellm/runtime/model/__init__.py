@@ -1,0 +1,1 @@
+"""Model code: loader, layers, attention, decoder, sampler, runner."""

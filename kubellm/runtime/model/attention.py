@@ -1,0 +1,84 @@
+"""Paged attention: the per-step metadata (a module-global context, so the model's forward takes only
+tensors) and the exact torch implementation used on the CPU and as the reference on CUDA.
+
+A batch holds decode tokens first (one per sequence), then prefill chunks. Every layer writes the whole
+batch's K/V into the cache before any sequence reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot of each new token
+    block_tables: torch.Tensor  # [seqs, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor  # [seqs] tokens in the cache after this step, per sequence
+    query_lens: list[int]  # new tokens per sequence (1 for decodes)
+    context_lens_list: list[int]
+    num_decodes: int  # the first num_decodes sequences are single-token decodes
+
+
+_CONTEXT: AttentionMetadata | None = None
+
+
+def set_context(meta: AttentionMetadata | None) -> None:
+    global _CONTEXT
+    _CONTEXT = meta
+
+
+def get_context() -> AttentionMetadata:
+    assert _CONTEXT is not None, "attention called outside a runner step"
+    return _CONTEXT
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    # caches: [blocks, block_size, kv_heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """[seqs, blocks] table → [seqs, length, kv_heads, head_dim] keys or values."""
+    num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
+    x = cache[block_tables[:, :num_blocks]]
+    return x.flatten(1, 2)[:, :length]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] → [tokens, heads, head_dim], reading K/V from the paged cache."""
+    meta = get_context()
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+
+    nd = meta.num_decodes
+    if nd:
+        max_len = max(meta.context_lens_list[:nd])
+        keys = _gather(k_cache, meta.block_tables[:nd], max_len)  # [nd, L, kvh, d]
+        values = _gather(v_cache, meta.block_tables[:nd], max_len)
+        qd = q[:nd].view(nd, kv_heads, group, head_dim)
+        scores = torch.einsum("bkgd,blkd->bkgl", qd, keys) * scale
+        pad = torch.arange(max_len, device=q.device)[None, :] >= meta.context_lens[:nd, None]
+        scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out[:nd] = torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(nd, heads, head_dim)
+
+    start = nd
+    for i in range(nd, len(meta.query_lens)):
+        qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]
+        keys = _gather(k_cache, meta.block_tables[i : i + 1], ctx)[0]  # [ctx, kvh, d]
+        values = _gather(v_cache, meta.block_tables[i : i + 1], ctx)[0]
+        qi = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, d]
+        ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, d]
+        vi = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        # query j sits at position ctx - qlen + j and may see keys 0 … that position
+        causal = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
+        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal, scale=scale)
+        out[start : start + qlen] = o.transpose(0, 1)
+        start += qlen
+    return out

@@ -1,0 +1,108 @@
+"""Loader: config.json + safetensors (single file or sharded with an index) + tokenizer → our decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from kubellm.runtime.model.decoder import DecoderForCausalLM, ModelShape
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInfo:
+    hf_config: object
+    shape: ModelShape
+    dtype: torch.dtype
+    eos_token_ids: list[int]
+
+
+def read_model_info(model_dir: str, dtype: str = "auto") -> ModelInfo:
+    from transformers import AutoConfig, GenerationConfig
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    shape = ModelShape.from_hf(hf_config)
+    if dtype == "auto":
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        torch_dtype = DTYPES[config_dtype] if isinstance(config_dtype, str) else config_dtype
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    eos: list[int] = []
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    if os.path.exists(os.path.join(model_dir, "generation_config.json")):
+        sources.insert(0, GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    for ids in sources:
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and i not in eos:
+                eos.append(int(i))
+    return ModelInfo(hf_config, shape, torch_dtype, eos)
+
+
+def _safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positions: int) -> DecoderForCausalLM:
+    with torch.device("meta"):
+        meta_model = DecoderForCausalLM(info.shape, info.hf_config, max_positions)
+    model = meta_model.to_empty(device=device).to(info.dtype)
+    # buffers (rotary cos/sin) were on meta: rebuild them for real
+    model.model.rotary.__init__(info.hf_config, info.shape.head_dim, max_positions)
+    model.model.rotary.to(device)
+    if info.shape.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for path in _safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if "rotary_emb" in name:
+                    continue
+                if name == "lm_head.weight" and info.shape.tie_word_embeddings:
+                    continue
+                tensor = f.get_tensor(name)
+                module_name, _, leaf = name.rpartition(".")
+                parent, _, proj = module_name.rpartition(".")
+                if proj in DecoderForCausalLM.packed_modules:
+                    packed, shard = DecoderForCausalLM.packed_modules[proj]
+                    target_name = f"{parent}.{packed}.{leaf}"
+                    module = model.get_submodule(f"{parent}.{packed}")
+                    module.shard(params[target_name].data, shard).copy_(tensor)
+                    loaded.add(f"{target_name}#{shard}")
+                    continue
+                if name not in params:
+                    raise ValueError(f"unexpected weight {name!r} in {path}")
+                params[name].data.copy_(tensor)
+                loaded.add(name)
+    _check_complete(model, loaded, info.shape)
+    return model.eval()
+
+
+def _check_complete(model: DecoderForCausalLM, loaded: set[str], shape: ModelShape) -> None:
+    missing = []
+    for name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            full = f"{name}.{leaf}" if name else leaf
+            if hasattr(module, "out_sizes"):
+                if leaf == "bias" and not shape.attention_bias:
+                    continue
+                missing += [f"{full}#{i}" for i in range(len(module.out_sizes)) if f"{full}#{i}" not in loaded]
+            elif full not in loaded and not (full == "lm_head.weight" and shape.tie_word_embeddings):
+                missing.append(full)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:8])}")

@@ -1,0 +1,145 @@
+"""ModelRunner: owns the device, the model, the KV cache and its CPU swap pool; turns a scheduled batch
+into input tensors and attention metadata, runs the forward, and samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.scheduler import SchedulerOutput
+from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.model.attention import AttentionMetadata, set_context
+from kubellm.runtime.model.loader import ModelInfo, load_model
+from kubellm.runtime.model.sampler import Sampler
+
+log = logging.getLogger("kubellm.runner")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int):
+        self.config = config
+        self.info = info
+        self.device = pick_device(config.device)
+        self.block_size = config.block_size
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(config.model, info, self.device, max_model_len)
+        self.sampler = Sampler(self.device, config.seed)
+        shape = info.shape
+        elem = torch.tensor([], dtype=info.dtype).element_size()
+        self.block_bytes = 2 * shape.num_layers * self.block_size * shape.num_kv_heads * shape.head_dim * elem
+        self.num_gpu_blocks = config.num_gpu_blocks or self._kv_budget_blocks()
+        self.num_cpu_blocks = (
+            config.num_cpu_blocks if config.num_cpu_blocks is not None else config.swap_space_bytes // self.block_bytes
+        )
+        if config.preemption_mode != "swap":
+            self.num_cpu_blocks = 0
+        kv_shape = (shape.num_layers, 2, self.num_gpu_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        self.kv_cache = torch.zeros(kv_shape, dtype=info.dtype, device=self.device)
+        cpu_shape = (shape.num_layers, 2, self.num_cpu_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        self.cpu_cache = torch.zeros(cpu_shape, dtype=info.dtype, pin_memory=self.device.type == "cuda")
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[i, 0]
+            layer.self_attn.v_cache = self.kv_cache[i, 1]
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s",
+            self.num_gpu_blocks, self.block_size, self.num_gpu_blocks * self.block_bytes / 2**20,
+            self.num_cpu_blocks, self.device, info.dtype,
+        )
+
+    def _kv_budget_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return max(self.config.cpu_kv_cache_bytes // self.block_bytes, 1)
+        # peak activation memory of the largest step, measured on a dummy forward without a cache
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.config.max_num_batched_tokens, 4096)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model.model.embed_tokens(ids)
+            for layer in self.model.model.layers:
+                hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :])
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        current = torch.cuda.memory_allocated()
+        budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
+        return max(int(budget // self.block_bytes), 1)
+
+    # ------------------------------------------------------------------ swapping
+    def _copy_blocks(self, mapping: list[tuple[int, int]], src: torch.Tensor, dst: torch.Tensor) -> None:
+        if not mapping:
+            return
+        s = torch.tensor([a for a, _ in mapping], dtype=torch.long)
+        d = torch.tensor([b for _, b in mapping], dtype=torch.long)
+        if src.device != s.device:
+            s = s.to(src.device)
+        dst_index = d.to(dst.device)
+        dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ a step
+    def _prepare(self, batch: list[tuple[Sequence, int]]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, context_lens, sample_rows = [], [], []
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            if start + n == len(seq):  # the prompt (or recompute) is complete: this step yields a token
+                sample_rows.append(len(input_ids) - 1)
+        width = max(len(s.block_table) for s, _ in batch)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in batch]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            query_lens=query_lens,
+            context_lens_list=context_lens,
+            num_decodes=sum(1 for q in query_lens if q == 1),
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Run one scheduled step; returns the sequences that produced a token, the tokens and logprobs."""
+        self._copy_blocks(out.swap_out, self.kv_cache, self.cpu_cache)
+        self._copy_blocks(out.swap_in, self.cpu_cache, self.kv_cache)
+        if not out.scheduled:
+            return [], [], []
+        # decodes first: attention handles them as one padded batch
+        batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        set_context(meta)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        if not sampling:
+            return [], [], []
+        logits = self.model.compute_logits(hidden[sample_rows])
+        tokens, logprobs = self.sampler(logits, sampling)
+        return sampling, tokens, logprobs
