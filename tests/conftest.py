@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random-weight models (one per architecture), built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    from kubellm.runtime.model.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(str(root / arch), arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models) -> str:
+    return tiny_models["llama"]
