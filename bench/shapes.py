@@ -1,0 +1,42 @@
+"""Random-weight models with the shapes of real checkpoints (for benchmarks; no download needed)."""
+
+from __future__ import annotations
+
+import os
+
+SHAPES = {
+    # Qwen/Qwen3-0.6B config.json
+    "qwen3-0.6b": dict(arch="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True),
+    # meta-llama/Llama-3.2-1B config.json
+    "llama-3.2-1b": dict(arch="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192}),
+}
+
+
+def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
+    """Write a random model of the given shape (plus our tiny tokenizer: benchmarks use token ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    from kubellm.runtime.model.tiny import build_tokenizer
+
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    rope_theta = spec.pop("rope_theta")
+    spec.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
+    cls = Qwen3Config if arch == "qwen3" else LlamaConfig
+    cfg = cls(**spec, eos_token_id=2, pad_token_id=3, bos_token_id=None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.save_pretrained(out_dir)
+    build_tokenizer().save_pretrained(out_dir)
+    return out_dir
