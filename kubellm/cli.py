@@ -15,6 +15,47 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kubellm.runtime.server.config import ServerConfig
+    from kubellm.runtime.server.serve import serve
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    if "api_key" in given:
+        given["api_keys"] = given.pop("api_key")
+    try:
+        config = ServerConfig(**given)
+    except ValidationError as e:
+        print(f"kubellm serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model over the OpenAI API (settings also from KUBELLM_* env)")
+    s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--served-model-name")
+    s.add_argument("--api-key", action="append", help="an accepted API key (repeatable)")
+    s.add_argument("--api-key-file", help="file with one API key per line (re-read when it changes)")
+    s.add_argument("--rate-limit-rpm", type=float, help="requests per minute per API key")
+    s.add_argument("--rate-limit-burst", type=int)
+    s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")
+    s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
+    s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
+    for flag, kind in (("--dtype", str), ("--device", str), ("--max-model-len", int), ("--max-num-seqs", int),
+                       ("--max-num-batched-tokens", int), ("--block-size", int), ("--scheduling-policy", str),
+                       ("--preemption-mode", str), ("--gpu-memory-utilization", float),
+                       ("--cpu-kv-cache-bytes", int), ("--seed", int)):
+        s.add_argument(flag, type=kind)
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--enforce-eager", action="store_true", default=None)
+    s.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubellm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny_model)
+    _add_serve(sub)
     return parser
 
 

@@ -149,6 +149,11 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.swapped)
 
+    def oldest_waiting_age(self) -> float:
+        """Seconds the longest-waiting never-scheduled request has waited (0 if none); safe from any thread."""
+        arrivals = [s.arrival_time for s in list(self.scheduler.waiting) if s.first_scheduled_time is None]
+        return time.monotonic() - min(arrivals) if arrivals else 0.0
+
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report every request that changed."""
@@ -253,13 +258,16 @@ class AsyncLLMEngine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[RequestOutput]:
+        return self.generate_request(self.engine.make_request(request_id, prompt, params, priority))
+
+    async def generate_request(self, req: Request) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; leaving early (client gone, task cancelled) aborts it."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        req = self.engine.make_request(request_id, prompt, params, priority)
+        request_id = req.request_id
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._inbox.put(("add", req))

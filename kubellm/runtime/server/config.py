@@ -1,0 +1,51 @@
+"""ServerConfig: every `kubellm serve` setting, from flags or KUBELLM_* environment variables (pydantic)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KUBELLM_", extra="forbid")
+
+    model: str
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    api_key_file: str | None = None  # one key per line; re-read when it changes (a mounted Secret)
+    rate_limit_rpm: float | None = Field(None, gt=0)  # per API key (or client address without keys)
+    rate_limit_burst: int = Field(20, ge=1)
+    max_waiting_requests: int = Field(1024, ge=0)  # more waiting than this: 429
+    max_queue_time_s: float | None = Field(30.0, gt=0)  # oldest waiting request older than this: 429
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    log_requests: bool = True
+    # engine options (see EngineConfig)
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 1 << 30
+    enforce_eager: bool = False
+    seed: int = 0
+
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "enable_prefix_caching", "scheduling_policy", "preemption_mode", "gpu_memory_utilization",
+                     "cpu_kv_cache_bytes", "enforce_eager", "seed")
+
+    def engine_options(self) -> dict:
+        return {name: getattr(self, name) for name in self.ENGINE_FIELDS}
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]

@@ -1,0 +1,85 @@
+"""`kubellm serve`: load the model, then run uvicorn; SIGTERM drains (503 to new requests, in-flight ones
+finish up to the drain timeout) and exits 0. A second SIGTERM exits at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+
+import uvicorn
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.engine import AsyncLLMEngine, LLMEngine
+from kubellm.runtime.server.app import create_app
+from kubellm.runtime.server.config import ServerConfig
+
+log = logging.getLogger("kubellm.server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; messages that are already JSON objects are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name}
+        msg = record.getMessage()
+        try:
+            parsed = json.loads(msg)
+        except ValueError:
+            parsed = None
+        entry.update(parsed if isinstance(parsed, dict) else {"msg": msg})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app, drain_timeout_s: float):
+        super().__init__(config)
+        self.app_ref = app
+        self.drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig, frame) -> None:
+        state = self.app_ref.state.server_state
+        if state.draining:  # second signal: stop now
+            return super().handle_exit(sig, frame)
+        state.draining = True
+        log.info(json.dumps({"event": "draining", "in_flight": state.in_flight, "timeout_s": self.drain_timeout_s}))
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        state = self.app_ref.state.server_state
+        deadline = time.monotonic() + self.drain_timeout_s
+        while state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info(json.dumps({"event": "drained", "unfinished": state.in_flight}))
+        self.should_exit = True
+        if state.in_flight:  # past the deadline: uvicorn closes the remaining connections
+            self.force_exit = True
+
+
+def serve(config: ServerConfig) -> int:
+    setup_logging()
+    engine_config = EngineConfig(model=config.model, served_model_name=config.model_name,
+                                 queue_timeout_s=2 * config.max_queue_time_s if config.max_queue_time_s else None,
+                                 **config.engine_options())
+    engine = AsyncLLMEngine(LLMEngine(engine_config))
+    app = create_app(engine, config)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                               timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0))
+    DrainingServer(uv_config, app, config.drain_timeout_s).run()
+    return 0

@@ -1,0 +1,116 @@
+"""A real `kubellm serve` over a socket, driven by the official openai client (sync, async, streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from kubellm.runtime import LLM, SamplingParams
+from tests.e2e.conftest import KEY
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_lists_the_served_name(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_completion_matches_the_offline_engine(client, tiny_model):
+    out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    ref = LLM(tiny_model).generate("Hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.choices[0].text == ref.outputs[0].text
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 12
+
+
+def test_chat_uses_the_chat_template(client, tiny_model):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)
+    ref = LLM(tiny_model).generate([ids], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.outputs[0].text
+    assert out.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_chat_adds_up_to_the_non_streaming_answer(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+
+
+def test_streaming_completion_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Once", "max_tokens": 5, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_async_client_many_concurrent_requests(server):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+        calls = [aclient.completions.create(model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True}) for i in range(24)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(main())
+    assert all(o.usage.completion_tokens == 8 for o in outs)
+
+
+def test_n_seed_stop_and_logprobs(client):
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3, seed=7, temperature=1.0,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert out.usage.completion_tokens == 24
+    again = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3, seed=7, temperature=1.0,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 8 and all(len(t) == 2 for t in lp.top_logprobs)
+    full = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[5:8]
+    cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                         logprobs=True, top_logprobs=3, temperature=0, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy picks the top one
+
+
+def test_request_id_is_echoed(server):
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc-123"},
+                   json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
+    assert r.json()["id"] == "cmpl-abc-123"
+    assert '"request_id": "abc-123"' in server.logs()
