@@ -222,20 +222,27 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
         state.in_flight += 1
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        done: set[int] = set()
         try:
-            pending = len(requests)
-            while pending:
+            while len(done) < len(requests):
                 i, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
-                    pending -= 1
+                    done.add(i)
                     finish(item, request, start)
                 yield i, item
         finally:
             for t in tasks:
                 t.cancel()
             state.in_flight -= 1
+            for i, r in enumerate(requests):
+                if i not in done:  # client gone or error: the engine aborts it (see generate_request)
+                    metrics.finished.labels("abort").inc(len(r.seqs))
+                    if config.log_requests:
+                        log.info(json.dumps({"event": "request_aborted", "request_id": request.state.request_id,
+                                             "engine_id": r.request_id, "model": model_name,
+                                             "latency_s": round(time.monotonic() - start, 4)}))
 
     def finish(out: RequestOutput, request: Request, start: float) -> None:
         now = time.monotonic()
@@ -359,7 +366,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         header = request.headers.get("authorization", "")
         if not keys.check(header[7:].strip() if header.lower().startswith("bearer ") else None):
             raise ApiError(401, "missing or invalid API key", "authentication_error")
-        card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=core.max_model_len)
+        card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=core.max_model_len,
+                            vocab_size=core.vocab_size)
         return p.ModelList(data=[card]).model_dump()
 
     @app.post("/v1/completions")

@@ -146,6 +146,7 @@ class ModelCard(BaseModel):
     owned_by: str = "kubellm"
     root: str | None = None
     max_model_len: int | None = None
+    vocab_size: int | None = None
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,145 @@
+"""Online serving benchmark against a running `kubellm serve` (or one it starts), like vLLM's
+benchmark_serving: Poisson arrivals at a request rate, or a fixed number of concurrent streams; reports
+TTFT, TPOT and ITL percentiles and throughput.
+
+    python bench/serving.py --model DIR --concurrency 256            # starts kubellm serve itself
+    python bench/serving.py --url http://127.0.0.1:8000 --request-rate 8 --num-requests 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.offline import workload  # noqa: E402
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int, result: dict):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.6, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            result.setdefault("errors", []).append(r.status_code)
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                stamps.append(time.perf_counter())
+            elif event.get("usage"):
+                result.setdefault("tokens", []).append(event["usage"]["completion_tokens"])
+    end = time.perf_counter()
+    if not stamps:
+        return
+    n = result["tokens"][-1]
+    result.setdefault("ttft", []).append(stamps[0] - start)
+    result.setdefault("e2e", []).append(end - start)
+    if n > 1:
+        result.setdefault("tpot", []).append((stamps[-1] - stamps[0]) / (n - 1))
+    result.setdefault("itl", []).extend(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+async def run(args, prompts, out_lens) -> dict:
+    result: dict = {}
+    limits = httpx.Limits(max_connections=max(args.concurrency or 0, 512))
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        start = time.perf_counter()
+        if args.concurrency:
+            queue = list(zip(prompts, out_lens))
+
+            async def worker():
+                while queue:
+                    p, n = queue.pop()
+                    await one_request(client, args.url, p, n, result)
+
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        else:
+            rng = random.Random(args.seed)
+            tasks = []
+            for p, n in zip(prompts, out_lens):
+                tasks.append(asyncio.create_task(one_request(client, args.url, p, n, result)))
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+            await asyncio.gather(*tasks)
+        result["duration"] = time.perf_counter() - start
+    return result
+
+
+def start_server(args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kubellm.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(args.port),
+           "--max-waiting-requests", "100000", "--max-queue-time-s", "100000", "--max-num-seqs", str(args.max_num_seqs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(args.url + "/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not become ready; see /tmp/kubellm-bench-serve.log")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url")
+    ap.add_argument("--model", help="start `kubellm serve MODEL` for the run")
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
+    ap.add_argument("--output-len", type=int, nargs=2, default=[100, 1024])
+    ap.add_argument("--request-rate", type=float, help="Poisson arrivals per second")
+    ap.add_argument("--concurrency", type=int, help="fixed number of concurrent streams")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not args.concurrency and not args.request_rate:
+        ap.error("give --concurrency or --request-rate")
+    proc = None
+    if args.model:
+        args.url = f"http://127.0.0.1:{args.port}"
+        proc = start_server(args)
+    try:
+        vocab = args.vocab or httpx.get(args.url + "/v1/models").json()["data"][0].get("vocab_size") or 500
+        prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+        r = asyncio.run(run(args, prompts, out_lens))
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=60)
+    tokens = sum(r.get("tokens", []))
+    mode = f"concurrency {args.concurrency}" if args.concurrency else f"rate {args.request_rate}/s"
+    print("| mode | requests | errors | output tokens | time (s) | output tok/s | TTFT p50/p99 (ms) | "
+          "TPOT p50/p99 (ms) | ITL p50/p99 (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda v, q: f"{pct(v, q) * 1000:.1f}"  # noqa: E731
+    print(f"| {mode} | {len(r.get('e2e', []))} | {len(r.get('errors', []))} | {tokens} | {r['duration']:.2f} | "
+          f"{tokens / r['duration']:,.0f} | {ms(r.get('ttft', []), 50)}/{ms(r.get('ttft', []), 99)} | "
+          f"{ms(r.get('tpot', []), 50)}/{ms(r.get('tpot', []), 99)} | "
+          f"{ms(r.get('itl', []), 50)}/{ms(r.get('itl', []), 99)} |")
+    if r.get("tpot"):
+        print(f"(mean TPOT {statistics.mean(r['tpot']) * 1000:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Every refusal is an OpenAI-shaped error with the right status, over raw HTTP; no input gives a 5xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.e2e.conftest import KEY
+from tests.support.server import ServerProcess
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def post(server, path, body=None, headers=AUTH, content=None):
+    return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: str = ""):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status
+    assert contains.lower() in err["message"].lower()
+    if param is not None:
+        assert err["param"] == param
+
+
+@pytest.mark.parametrize("body,param,contains", [
+    ({"prompt": "hi", "temperature": -1}, "temperature", ""),
+    ({"prompt": "hi", "top_p": 0}, "top_p", ""),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", ""),
+    ({"prompt": "hi", "n": 0}, "n", ""),
+    ({"prompt": "hi", "logprobs": 50}, "logprobs", ""),
+    ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty", ""),
+    ({"prompt": ""}, None, "empty"),
+    ({"prompt": [[]]}, None, "empty"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, None, "stream"),
+    ({"prompt": "hi", "stop": [""]}, None, "stop"),
+    ({"prompt": "hi", "logit_bias": {"5": 1}}, None, "logit_bias"),
+    ({"prompt": [999999]}, "prompt", "token ids"),
+    ({}, "prompt", ""),
+    ({"prompt": "hi", "max_tokens": 1000}, "max_tokens", "maximum context length is 256"),
+    ({"prompt": [5] * 300}, None, "context"),
+])
+def test_invalid_completion_requests_are_400(server, body, param, contains):
+    assert_error(post(server, "/v1/completions", body), 400, param, contains)
+
+
+@pytest.mark.parametrize("body,contains", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs requires logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, "maximum context length"),
+    ({"messages": "hello"}, "messages"),
+])
+def test_invalid_chat_requests_are_400(server, body, contains):
+    assert_error(post(server, "/v1/chat/completions", body), 400, contains=contains)
+
+
+def test_malformed_json_is_400(server):
+    assert_error(post(server, "/v1/completions", content=b'{"prompt": "hi",'), 400, contains="not valid JSON")
+    assert_error(post(server, "/v1/completions", content=b"[1, 2]"), 400, contains="JSON object")
+    assert_error(post(server, "/v1/completions", content=b"\xff\xfe"), 400, contains="JSON")
+
+
+def test_unknown_model_is_404(server):
+    assert_error(post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404, "model", "gpt-9")
+
+
+def test_unknown_route_is_404_in_openai_shape(server):
+    r = httpx.get(server.url + "/v1/nothing-here", headers=AUTH)
+    assert_error(r, 404)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    assert_error(post(server, "/v1/completions", {"prompt": "hi"}, headers=headers), 401)
+    assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 401
+
+
+def test_probes_and_metrics_stay_open(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ready").status_code == 200
+    assert "kubellm_num_requests_waiting" in httpx.get(server.url + "/metrics").text
+
+
+def test_key_file_is_reread_when_it_changes(server, key_file):
+    assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                headers={"Authorization": "Bearer sk-rotated"}).status_code == 401
+    key_file.write_text(f"{KEY}\nsk-rotated\n")
+    try:
+        time.sleep(1.2)
+        assert post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                    headers={"Authorization": "Bearer sk-rotated"}).status_code == 200
+    finally:
+        key_file.write_text(f"{KEY}\n")
+
+
+def test_body_too_large_is_413(server):
+    assert_error(post(server, "/v1/completions", {"prompt": "x" * 70_000}), 413)
+
+
+def test_rate_limit_is_429_with_retry_after(tiny_model):
+    s = ServerProcess(tiny_model, "--rate-limit-rpm", "6", "--rate-limit-burst", "2", "--api-key", "k1",
+                      "--api-key", "k2").wait_ready()
+    try:
+        codes = [post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer k1"})
+                 for _ in range(3)]
+        assert [r.status_code for r in codes] == [200, 200, 429]
+        assert_error(codes[2], 429, contains="rate limit")
+        assert int(codes[2].headers["retry-after"]) >= 1
+        # limits are per key
+        assert post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                    headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert s.metric('kubellm_rejected_requests_total{reason="rate_limited"}') == 1
+    finally:
+        s.stop()
+
+
+def test_full_queue_is_429_not_a_timeout(tiny_model):
+    s = ServerProcess(tiny_model, "--max-num-seqs", "1", "--max-waiting-requests", "1").wait_ready()
+    long = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True}
+    try:
+        threads = [threading.Thread(target=post, args=(s, "/v1/completions", long, {})) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # one running, one waiting
+        r = post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers={})
+        assert_error(r, 429, contains="waiting")
+        assert "retry-after" in r.headers
+    finally:
+        s.stop()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12)
+field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "stream",
+                               "stream_options", "seed", "logprobs", "top_logprobs", "top_k", "min_p", "model",
+                               "repetition_penalty", "presence_penalty", "stop_token_ids", "echo", "priority",
+                               "max_completion_tokens", "ignore_eos", "role", "content"])
+bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       base=st.sampled_from([{}, {"prompt": "hi", "max_tokens": 3},
+                             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}]))
+def test_fuzzed_bodies_never_get_a_5xx(server, body, path, base):
+    payload = {**base, **body} if isinstance(body, dict) else body
+    if isinstance(payload, dict) and isinstance(payload.get("max_tokens"), int):
+        payload["max_tokens"] = min(max(payload["max_tokens"], -5), 8)  # keep the run short
+    if isinstance(payload, dict) and isinstance(payload.get("n"), int):
+        payload["n"] = min(payload["n"], 3)
+    r = post(server, path, content=json.dumps(payload).encode())
+    assert r.status_code < 500, (payload, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}

@@ -1,0 +1,72 @@
+"""Client disconnects free their KV blocks at once; SIGTERM drains: in-flight requests finish, new ones get
+503, and the process exits 0."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from tests.support.kube import wait_for
+from tests.support.server import ServerProcess
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_model):
+    s = ServerProcess(tiny_model).wait_ready()
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", json=LONG, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            assert s.metric("kubellm_num_requests_running") == 1
+            assert s.metric("kubellm_kv_cache_usage_ratio") > 0
+        # the client is gone: the request is aborted and its blocks freed, long before 1,500 tokens
+        wait_for("running gauge back to 0", lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10)
+        assert s.metric("vllm:num_requests_running") == 0
+        assert s.metric("kubellm_kv_cache_usage_ratio") == 0
+        assert s.metric("kubellm_generation_tokens_total") < 1500
+        assert s.metric('kubellm_request_success_total{finished_reason="abort"}') == 1
+    finally:
+        s.stop()
+
+
+def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_model):
+    s = ServerProcess(tiny_model).wait_ready()
+    try:
+        body = {**LONG, "stream": False}
+        try:
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.5)
+        except httpx.ReadTimeout:
+            pass
+        wait_for("running gauge back to 0", lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10)
+        assert s.metric("kubellm_kv_cache_usage_ratio") == 0
+        assert s.metric("kubellm_generation_tokens_total") < 1500
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
+    s = ServerProcess(tiny_model, "--drain-timeout-s", "60").wait_ready()
+    result = {}
+
+    def in_flight():
+        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 400}, timeout=120)
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    wait_for("the request to be running", lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10)
+    s.terminate()
+    wait_for("readiness to fail", lambda: httpx.get(s.url + "/ready").status_code == 503, timeout=5)
+    late = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    assert late.status_code == 503 and late.json()["error"]["code"] == 503
+    assert httpx.get(s.url + "/health").status_code == 200  # alive while draining
+    t.join(timeout=120)
+    assert result["status"] == 200
+    assert result["body"]["usage"]["completion_tokens"] == 400
+    assert s.proc.wait(timeout=30) == 0
+    assert '"event": "drained"' in s.logs()
+    s.stop()
