@@ -56,6 +56,26 @@ def _add_serve(sub) -> None:
     s.set_defaults(func=_serve)
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from kubellm.operator.main import run_operator
+
+    return run_operator(args.namespace or [], args.liveness, args.peering, args.priority, args.metrics_port)
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kubellm.operator.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from kubellm.runtime.model.fetch import fetch_model
+
+    print(fetch_model(args.uri, args.dest))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubellm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny_model)
     _add_serve(sub)
+
+    op = sub.add_parser("operator", help="run the InferenceService operator (kopf)")
+    op.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); default: all")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    op.add_argument("--peering", help="KopfPeering name for HA (several replicas, one active); default standalone")
+    op.add_argument("--priority", type=int, default=0, help="peering priority")
+    op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
+    op.set_defaults(func=_operator)
+
+    crd = sub.add_parser("crd", help="print the InferenceService CRD (generated from the pydantic spec)")
+    crd.set_defaults(func=_crd)
+
+    fetch = sub.add_parser("fetch-model", help="download hf://org/name[@rev] or s3://bucket/prefix into DEST")
+    fetch.add_argument("uri")
+    fetch.add_argument("dest")
+    fetch.set_defaults(func=_fetch_model)
     return parser
 
 

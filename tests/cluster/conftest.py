@@ -28,6 +28,7 @@ def custom_metrics(cluster):
     fake = fcm.FakeCustomMetrics(api_url=cluster.server, ca=str(pki / "ca.crt"), cert=str(pki / "admin.crt"),
                                  key=str(pki / "admin.key"), serving_cert=str(pki / "apiserver.crt"),
                                  serving_key=str(pki / "apiserver.key")).start()
+    fake.default = 0  # every runtime pod reports an empty queue unless a test says otherwise
     fcm.register(fake)
     try:
         yield fake
@@ -49,3 +50,44 @@ def namespace(cluster):
     yield name
     core.delete_namespace(name)
     cluster.check_alive()
+
+
+@pytest.fixture(scope="session")
+def kubectl(cluster):
+    """Run the kubectl built with the control plane against it; returns stdout, raises with stderr."""
+    import subprocess
+
+    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+                           input=input, capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {r.stderr}")
+        return r
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kubectl):
+    import pathlib
+
+    from kubernetes import client
+
+    from tests.support.kube import wait_for
+
+    kubectl("apply", "-f", str(pathlib.Path(__file__).resolve().parents[2] / "crds"))
+    ext = client.ApiextensionsV1Api()
+    wait_for("the CRD to be established", lambda: any(
+        c.type == "Established" and c.status == "True"
+        for c in ext.read_custom_resource_definition("inferenceservices.kubellm.io").status.conditions or []))
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, crd_installed, custom_metrics):
+    from tests.support.operator import OperatorProcess
+
+    op = OperatorProcess(cluster.kubeconfig).start()
+    try:
+        yield op
+    finally:
+        op.stop()

@@ -22,6 +22,7 @@ class FakeCustomMetrics:
                  metrics=("kubellm_num_requests_waiting",), host="127.0.0.1", port=0):
         self.metrics = set(metrics)
         self._values = {}                  # (namespace, metric) -> float | callable(list[pod]) -> dict[pod, float]
+        self.default = None                # value for namespaces the test did not set (None: no metrics)
         self._lock = threading.Lock()
         self._api_url = api_url
         self._client_ctx = ssl.create_default_context(cafile=ca)
@@ -58,7 +59,7 @@ class FakeCustomMetrics:
 
     def _items(self, namespace, metric, pods):
         with self._lock:
-            v = self._values.get((namespace, metric))
+            v = self._values.get((namespace, metric), self.default)
         if v is None:
             return []
         per_pod = v(pods) if callable(v) else {p: v for p in pods}

@@ -1,0 +1,1 @@
+"""The kopf operator that turns InferenceServices into runtime Deployments, Services and HPAs."""

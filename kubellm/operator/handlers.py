@@ -1,0 +1,159 @@
+"""kopf wiring: desired state on create/update/resume, observed state (status) from a timer over
+in-memory indexes of our children and pods, and drift repair from the children's watch events."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from kubellm.operator.reconcile import CHILD_KINDS, Reconciler
+from kubellm.operator.render import ISVC_LABEL, MANAGED_BY
+from kubellm.operator.spec import GROUP, PLURAL, VERSION
+from kubellm.operator.status import compute_status, merge_conditions
+
+log = logging.getLogger("kubellm.operator")
+STATUS_INTERVAL_S = 2.0
+OURS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+RECONCILES = Counter("kubellm_operator_reconciles", "Reconciliations of InferenceServices.", ["result"])
+REPAIRS = Counter("kubellm_operator_drift_repairs", "Children restored after a hand edit or deletion.", ["kind"])
+STATUS_UPDATES = Counter("kubellm_operator_status_updates", "Status patches written.")
+MANAGED = Gauge("kubellm_operator_inferenceservices", "InferenceServices this operator manages.")
+
+_reconciler: Reconciler | None = None
+
+
+def reconciler() -> Reconciler:
+    global _reconciler
+    if _reconciler is None:
+        from kubernetes import config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:  # outside a cluster: KUBECONFIG / ~/.kube/config
+            config.load_kube_config()
+        _reconciler = Reconciler()
+    return _reconciler
+
+
+def _snapshot(body) -> dict:
+    return copy.deepcopy(dict(body))
+
+
+def _first(store, key):
+    for value in store.get(key, []):
+        return value
+    return None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_):
+    settings.persistence.finalizer = "kubellm.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubellm.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubellm.io")
+    settings.posting.level = logging.WARNING  # kopf's own log chatter stays out of Events; ours use kopf.event
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 16
+    reconciler()
+
+
+# ------------------------------------------------------------------ indexes (no API calls in the status loop)
+@kopf.index(GROUP, VERSION, PLURAL)
+def isvc_index(namespace, name, body, **_):
+    return {(namespace, name): _snapshot(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OURS)
+def deployment_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=OURS)
+def hpa_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+@kopf.index("", "v1", "pods", labels=OURS)
+def pod_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+# ------------------------------------------------------------------ desired state
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def reconcile(body, namespace, name, **_):
+    try:
+        changed = reconciler().reconcile(_snapshot(body))
+    except ValidationError as e:  # the CRD's schema should have stopped this; say why and do not retry
+        RECONCILES.labels("invalid").inc()
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(e)[:1000])
+        raise kopf.PermanentError(f"invalid spec: {e}") from None
+    except ApiException as e:
+        RECONCILES.labels("error").inc()
+        if e.status in (400, 403, 422):
+            kopf.event(body, type="Warning", reason="ApplyRejected", message=f"{e.status}: {e.body}"[:1000])
+            raise kopf.TemporaryError(f"apply rejected: {e.reason}", delay=30) from None
+        raise kopf.TemporaryError(f"apply failed: {e.reason}", delay=5) from None
+    RECONCILES.labels("ok").inc()
+    log.info("%s/%s: applied %s", namespace, name, ", ".join(changed))
+
+
+# ------------------------------------------------------------------ observed state
+@kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, sharp=False)
+def refresh_status(body, namespace, name, status, patch, deployment_index: kopf.Index, hpa_index: kopf.Index,
+                   pod_index: kopf.Index, isvc_index: kopf.Index, **_):
+    MANAGED.set(len(isvc_index))
+    key = (namespace, name)
+    new = compute_status(_snapshot(body), _first(deployment_index, key), _first(hpa_index, key),
+                         list(pod_index.get(key, [])))
+    old_conditions = status.get("conditions") or []
+    new["conditions"] = merge_conditions(old_conditions, new["conditions"])
+    current = {k: status.get(k) for k in new}
+    if current == new:
+        return
+    patch.status.update(new)
+    STATUS_UPDATES.inc()
+    before = next((c for c in old_conditions if c.get("type") == "Ready"), {})
+    ready = new["conditions"][0]
+    if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
+        kopf.event(body, type="Normal" if ready["status"] == "True" else "Warning", reason=ready["reason"],
+                   message=ready["message"][:1000])
+
+
+# ------------------------------------------------------------------ drift repair
+def _repair(kind: str, event, namespace, labels, isvc_index: kopf.Index) -> None:
+    isvc = _first(isvc_index, (namespace, labels.get(ISVC_LABEL)))
+    if isvc is None or isvc["metadata"].get("deletionTimestamp"):
+        return  # the owner is gone: the garbage collector removes the rest
+    try:
+        repaired = reconciler().repair(isvc, kind)
+    except ApiException as e:
+        log.warning("could not repair %s of %s/%s: %s", kind, namespace, isvc["metadata"]["name"], e.reason)
+        return
+    if repaired:
+        REPAIRS.labels(kind).inc()
+        what = "deleted" if event.get("type") == "DELETED" else "changed"
+        kopf.event(isvc, type="Normal", reason="DriftRepaired", message=f"{kind} was {what} outside the operator; restored")
+
+
+def _watch_child(kind: str):
+    group, _, version = CHILD_KINDS[kind].rpartition("/")
+    plural = {"Deployment": "deployments", "Service": "services", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+              "PodDisruptionBudget": "poddisruptionbudgets"}[kind]
+
+    @kopf.on.event(group, version, plural, labels=OURS, id=f"repair-{plural}")
+    def on_child_event(event, namespace, labels, isvc_index: kopf.Index, **_):
+        _repair(kind, event, namespace, labels, isvc_index)
+
+    return on_child_event
+
+
+for _kind in CHILD_KINDS:
+    _watch_child(_kind)

@@ -1,0 +1,213 @@
+"""render(isvc) → the child manifests of one InferenceService: Deployment, Service, HPA and PDB.
+
+Pure (no I/O): every spec → manifest rule is a unit test. Children carry owner references and one label set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from kubellm.operator.spec import GROUP, KIND, VERSION, InferenceServiceSpec, parse_spec
+
+DEFAULT_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE", "ghcr.io/kubellm/kubellm-runtime:0.1.0")
+MANAGED_BY = "kubellm-operator"
+ISVC_LABEL = "kubellm.io/inferenceservice"
+HTTP_PORT = 8000
+MODEL_ROOT = "/models"
+API_KEYS_DIR = "/etc/kubellm/api-keys"
+PRESTOP_SECONDS = 5  # let endpoints drop the pod before SIGTERM reaches the server
+QUEUE_METRIC = "kubellm_num_requests_waiting"
+
+
+def labels_for(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubellm-runtime", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/managed-by": MANAGED_BY, ISVC_LABEL: name}
+
+
+def selector_for(name: str) -> dict[str, str]:
+    return {ISVC_LABEL: name, "app.kubernetes.io/name": "kubellm-runtime"}
+
+
+def service_url(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc.cluster.local"
+
+
+def _owner(isvc: dict) -> dict:
+    meta = isvc["metadata"]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(isvc: dict, extra_labels: dict | None = None) -> dict:
+    meta = isvc["metadata"]
+    return {"name": meta["name"], "namespace": meta["namespace"], "labels": {**labels_for(meta["name"]),
+            **(extra_labels or {})}, "ownerReferences": [_owner(isvc)]}
+
+
+def model_location(uri: str) -> tuple[str, dict | None, dict | None]:
+    """(model dir in the container, volume, init container) for a model URI."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return f"{MODEL_ROOT}/{path}".rstrip("/"), volume, None
+    volume = {"name": "model", "emptyDir": {}}
+    fetch = {"name": "fetch-model", "command": ["kubellm", "fetch-model", uri, f"{MODEL_ROOT}/model"]}
+    return f"{MODEL_ROOT}/model", volume, fetch
+
+
+def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> list[str]:
+    r, s = spec.runtime, spec.server
+    args = ["serve", model_dir, "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--served-model-name", served_name,
+            "--dtype", r.dtype, "--max-num-seqs", str(r.max_num_seqs),
+            "--max-num-batched-tokens", str(r.max_num_batched_tokens),
+            "--gpu-memory-utilization", str(r.gpu_memory_utilization), "--scheduling-policy", r.scheduling_policy,
+            "--enable-prefix-caching" if r.enable_prefix_caching else "--no-enable-prefix-caching",
+            "--drain-timeout-s", str(s.drain_seconds)]
+    if spec.resources.gpus == 0:
+        args += ["--device", "cpu"]
+    if r.max_model_len:
+        args += ["--max-model-len", str(r.max_model_len)]
+    if s.api_key_secret:
+        args += ["--api-key-file", f"{API_KEYS_DIR}/keys"]
+    if s.rate_limit_rpm:
+        args += ["--rate-limit-rpm", str(s.rate_limit_rpm)]
+    if s.rate_limit_burst:
+        args += ["--rate-limit-burst", str(s.rate_limit_burst)]
+    if s.max_queue_length is not None:
+        args += ["--max-waiting-requests", str(s.max_queue_length)]
+    return args + list(r.extra_args)
+
+
+def _resources(spec: InferenceServiceSpec) -> dict:
+    res = spec.resources
+    requests = {k: v for k, v in (("cpu", res.requests.cpu), ("memory", res.requests.memory)) if v}
+    limits = {k: v for k, v in (("cpu", res.limits.cpu), ("memory", res.limits.memory)) if v}
+    if res.gpus:
+        limits[res.gpu_resource_name] = str(res.gpus)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
+    name = isvc["metadata"]["name"]
+    served_name = spec.model.name or name
+    model_dir, model_volume, fetch = model_location(spec.model.uri)
+    image = spec.runtime.image or DEFAULT_IMAGE
+    drain = spec.server.drain_seconds
+    container_security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                          "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    env = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env += [{"name": e.name, "value": e.value} for e in spec.runtime.env]
+    mounts = [{"name": "model", "mountPath": MODEL_ROOT, "readOnly": fetch is None},
+              {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [model_volume, {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if spec.server.api_key_secret:
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+        volumes.append({"name": "api-keys", "secret": {"secretName": spec.server.api_key_secret}})
+    container = {
+        "name": "runtime",
+        "image": image,
+        "command": ["kubellm"],
+        "args": serve_args(spec, model_dir, served_name),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        # a big model may take long to load: the startup probe holds the others off until /health answers
+        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                         "failureThreshold": max(1, math.ceil(spec.startup.timeout_seconds / 10))},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
+        "securityContext": container_security,
+    }
+    pod_spec: dict = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + drain + 15,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "enableServiceLinks": False,
+    }
+    if fetch:
+        init = {**fetch, "image": image, "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
+                "volumeMounts": mounts[:2], "securityContext": container_security}
+        if spec.model.credentials_secret:
+            init["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
+        pod_spec["initContainers"] = [init]
+    sched = spec.scheduling
+    if sched.node_selector:
+        pod_spec["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = list(sched.tolerations)
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+    if sched.runtime_class_name:
+        pod_spec["runtimeClassName"] = sched.runtime_class_name
+    strategy = {
+        "InPlace": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "Surge": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "Recreate": {"type": "Recreate"},
+    }[spec.rollout.strategy]
+    deploy_spec: dict = {
+        "selector": {"matchLabels": selector_for(name)},
+        "strategy": strategy,
+        "progressDeadlineSeconds": spec.startup.timeout_seconds + 600,
+        "template": {
+            "metadata": {"labels": labels_for(name),
+                         "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
+                                         "prometheus.io/path": "/metrics"}},
+            "spec": pod_spec,
+        },
+    }
+    if not spec.autoscaling.enabled:  # with autoscaling on, the HPA owns replicas: never fight it
+        deploy_spec["replicas"] = spec.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(isvc), "spec": deploy_spec}
+
+
+def render_service(isvc: dict) -> dict:
+    name = isvc["metadata"]["name"]
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(isvc), "spec": {
+        "type": "ClusterIP", "selector": selector_for(name),
+        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                  {"name": "metrics", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def render_hpa(isvc: dict, spec: InferenceServiceSpec) -> dict:
+    a = spec.autoscaling
+    name = isvc["metadata"]["name"]
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(isvc), "spec": {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
+        "metrics": [{"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
+                                              "target": {"type": "AverageValue",
+                                                         "averageValue": _quantity(a.target_queue_depth)}}}],
+        "behavior": {"scaleUp": {"stabilizationWindowSeconds": a.scale_up_stabilization_seconds},
+                     "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}}}}
+
+
+def render_pdb(isvc: dict) -> dict:
+    name = isvc["metadata"]["name"]
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(isvc),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_for(name)}}}
+
+
+def _quantity(x: float) -> str:
+    """A Kubernetes quantity string for a float (5 → "5", 2.5 → "2500m")."""
+    return str(int(x)) if float(x).is_integer() else f"{int(round(x * 1000))}m"
+
+
+def render(isvc: dict) -> list[dict]:
+    """All children the InferenceService should have right now (absent kinds are to be deleted)."""
+    spec = parse_spec(isvc.get("spec") or {})
+    children = [render_deployment(isvc, spec), render_service(isvc)]
+    if spec.autoscaling.enabled:
+        children.append(render_hpa(isvc, spec))
+    replicas = spec.autoscaling.min_replicas if spec.autoscaling.enabled else spec.replicas
+    if replicas > 1:
+        children.append(render_pdb(isvc))
+    return children
+

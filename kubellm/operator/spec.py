@@ -1,0 +1,137 @@
+"""The InferenceService API (kubellm.io/v1alpha1): pydantic models that are the single source of truth for
+the CRD's schema, defaults and CEL validation rules (crd.py turns them into crds/*.yaml)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP, VERSION, KIND, PLURAL = "kubellm.io", "v1alpha1", "InferenceService", "inferenceservices"
+SHORT_NAMES = ["kisvc", "kllm"]  # KServe owns isvc and llmisvc
+
+
+def rules(*pairs: tuple[str, str]) -> dict:
+    """CEL validation rules for a schema node: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in pairs]}
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class ModelSource(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.uri.matches('^(hf://[^/@]+/[^/@]+(@.+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$')",
+         "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://bucket[/prefix]"),
+    ))
+    uri: str = Field(max_length=2048, description="Where the weights are: hf://org/name[@revision], pvc://claim/path, s3://bucket/prefix")
+    name: str | None = Field(None, description="Served model id (the `model` field clients send); default metadata.name")
+    credentials_secret: str | None = Field(None, description="Secret with HF_TOKEN or AWS_* keys, exposed to the downloader")
+
+
+class EnvVar(Spec):
+    name: str
+    value: str = ""
+
+
+class RuntimeSpec(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.gpuMemoryUtilization > 0.0 && self.gpuMemoryUtilization <= 1.0",
+         "runtime.gpuMemoryUtilization must be in (0, 1]"),
+        ("!has(self.maxModelLen) || self.maxModelLen >= 16", "runtime.maxModelLen must be at least 16"),
+        ("self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host'))",
+         "runtime.extraArgs must not set --host or --port: the operator owns them"),
+    ))
+    image: str | None = Field(None, description="Runtime image; default from the operator's configuration")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
+    env: list[EnvVar] = Field(default_factory=list)
+
+
+class ComputeResources(Spec):
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class Resources(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.gpus >= 0", "resources.gpus must not be negative"),
+        ("self.gpus <= 64", "resources.gpus must be at most 64"),
+    ))
+    gpus: int = Field(1, description="GPUs per replica (0 runs on CPU)")
+    gpu_resource_name: str = "nvidia.com/gpu"
+    requests: ComputeResources = Field(default_factory=ComputeResources)
+    limits: ComputeResources = Field(default_factory=ComputeResources)
+
+
+class Scheduling(Spec):
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+
+
+class Autoscaling(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+        ("self.minReplicas >= 1", "autoscaling.minReplicas must be at least 1"),
+        ("self.targetQueueDepth > 0.0", "autoscaling.targetQueueDepth must be positive"),
+    ))
+    enabled: bool = True
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_queue_depth: float = Field(5.0, description="Average waiting requests per pod that the HPA aims for")
+    scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
+
+
+class Server(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.drainSeconds >= 0 && self.drainSeconds <= 3600", "server.drainSeconds must be in [0, 3600]"),
+    ))
+    api_key_secret: str | None = Field(None, description="Secret whose key `keys` holds API keys, one per line")
+    rate_limit_rpm: float | None = Field(None, gt=0)
+    rate_limit_burst: int | None = Field(None, ge=1)
+    max_queue_length: int | None = Field(None, ge=0, description="Waiting requests beyond this get 429")
+    drain_seconds: int = 30
+
+
+class Startup(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.timeoutSeconds >= 30", "startup.timeoutSeconds must be at least 30"),
+    ))
+    timeout_seconds: int = Field(1800, description="Time a replica may take to load the model before it is restarted")
+
+
+class Rollout(Spec):
+    strategy: Literal["InPlace", "Surge", "Recreate"] = Field(
+        "InPlace", description="InPlace: replace one pod at a time, no spare GPU needed (never deadlocks); "
+                               "Surge: start the new pod first (needs a spare GPU set); Recreate: all at once")
+
+
+class InferenceServiceSpec(Spec):
+    model_config = ConfigDict(json_schema_extra=rules(
+        ("self.replicas >= 0", "replicas must not be negative"),
+    ))
+    model: ModelSource
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: Resources = Field(default_factory=Resources)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    replicas: int = Field(1, description="Used when autoscaling is off; the target of `kubectl scale`")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    server: Server = Field(default_factory=Server)
+    startup: Startup = Field(default_factory=Startup)
+    rollout: Rollout = Field(default_factory=Rollout)
+
+
+def parse_spec(spec: dict) -> InferenceServiceSpec:
+    return InferenceServiceSpec.model_validate(spec)

@@ -1,0 +1,159 @@
+"""render() and compute_status() are pure: every spec → manifest rule and every pod state → condition rule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pathlib
+
+import pytest
+import yaml
+
+from kubellm.operator.crd import crd_yaml
+from kubellm.operator.render import render
+from kubellm.operator.status import compute_status
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def isvc(spec: dict, name: str = "chat", generation: int = 1) -> dict:
+    return {"apiVersion": "kubellm.io/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": name, "namespace": "team-a", "uid": "uid-1", "generation": generation},
+            "spec": spec}
+
+
+def by_kind(children):
+    return {c["kind"]: c for c in children}
+
+
+def test_checked_in_crd_matches_the_pydantic_spec():
+    assert (ROOT / "crds/inferenceservices.kubellm.io.yaml").read_text() == crd_yaml(), \
+        "crds/ drifted from kubellm/operator/spec.py: run `kubellm crd > crds/inferenceservices.kubellm.io.yaml`"
+
+
+def test_minimal_spec_gets_defaults_and_all_children():
+    kids = by_kind(render(isvc({"model": {"uri": "hf://Qwen/Qwen3-0.6B"}})))
+    assert set(kids) == {"Deployment", "Service", "HorizontalPodAutoscaler"}  # 1 replica: no PDB
+    for child in kids.values():
+        meta = child["metadata"]
+        assert meta["ownerReferences"][0]["uid"] == "uid-1" and meta["ownerReferences"][0]["controller"]
+        assert meta["labels"]["kubellm.io/inferenceservice"] == "chat"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubellm-operator"
+    dep = kids["Deployment"]
+    assert "replicas" not in dep["spec"]  # the HPA owns it
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert c["args"][:2] == ["serve", "/models/model"]
+    assert c["args"][c["args"].index("--served-model-name") + 1] == "chat"
+    assert pod["initContainers"][0]["command"] == ["kubellm", "fetch-model", "hf://Qwen/Qwen3-0.6B", "/models/model"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 1800
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] == 5
+    assert pod["terminationGracePeriodSeconds"] > 5 + 30  # preStop + drain, with room to exit
+    assert c["securityContext"]["readOnlyRootFilesystem"] and not c["securityContext"]["allowPrivilegeEscalation"]
+    assert pod["securityContext"]["runAsNonRoot"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    hpa = kids["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "kubellm_num_requests_waiting"
+    assert hpa["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "5"}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 4)
+    assert [p["name"] for p in kids["Service"]["spec"]["ports"]] == ["http", "metrics"]
+
+
+def test_full_spec_maps_every_field():
+    spec = {"model": {"uri": "pvc://store/llama", "name": "llama"},
+            "runtime": {"image": "reg/rt:2", "dtype": "bfloat16", "maxModelLen": 4096, "maxNumSeqs": 64,
+                        "maxNumBatchedTokens": 2048, "gpuMemoryUtilization": 0.8, "enablePrefixCaching": False,
+                        "schedulingPolicy": "priority", "extraArgs": ["--seed", "3"], "env": [{"name": "A", "value": "b"}]},
+            "resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu", "requests": {"cpu": "4", "memory": "16Gi"},
+                          "limits": {"memory": "32Gi"}},
+            "scheduling": {"nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
+                           "priorityClassName": "high", "runtimeClassName": "nvidia"},
+            "autoscaling": {"enabled": False}, "replicas": 3,
+            "server": {"apiKeySecret": "keys", "rateLimitRpm": 60, "maxQueueLength": 10, "drainSeconds": 90},
+            "startup": {"timeoutSeconds": 600}, "rollout": {"strategy": "Surge"}}
+    kids = by_kind(render(isvc(spec)))
+    assert set(kids) == {"Deployment", "Service", "PodDisruptionBudget"}  # no HPA; 3 replicas: a PDB
+    dep = kids["Deployment"]
+    assert dep["spec"]["replicas"] == 3
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = c["args"]
+    assert args[1] == "/models/llama" and "initContainers" not in pod
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "store", "readOnly": True}
+    for flag, value in [("--served-model-name", "llama"), ("--dtype", "bfloat16"), ("--max-model-len", "4096"),
+                        ("--max-num-seqs", "64"), ("--max-num-batched-tokens", "2048"),
+                        ("--gpu-memory-utilization", "0.8"), ("--scheduling-policy", "priority"),
+                        ("--rate-limit-rpm", "60.0"), ("--max-waiting-requests", "10"), ("--drain-timeout-s", "90"),
+                        ("--api-key-file", "/etc/kubellm/api-keys/keys"), ("--seed", "3")]:
+        assert args[args.index(flag) + 1] == value, flag
+    assert "--no-enable-prefix-caching" in args
+    assert c["image"] == "reg/rt:2"
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
+                              "limits": {"memory": "32Gi", "amd.com/gpu": "2"}}
+    assert {"name": "A", "value": "b"} in c["env"]
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
+    assert pod["priorityClassName"] == "high" and pod["runtimeClassName"] == "nvidia"
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 90
+    assert c["startupProbe"]["failureThreshold"] == 60
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert {"name": "api-keys", "secret": {"secretName": "keys"}} in pod["volumes"]
+
+
+def test_cpu_only_and_recreate():
+    kids = by_kind(render(isvc({"model": {"uri": "s3://bucket/m"}, "resources": {"gpus": 0},
+                                "rollout": {"strategy": "Recreate"}})))
+    c = kids["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "limits" not in c["resources"] and c["args"][c["args"].index("--device") + 1] == "cpu"
+    assert kids["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def pod(ready=False, scheduled=None, waiting=None, terminated=None, age_s=10):
+    start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if scheduled:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": scheduled})
+    cs = {"name": "runtime", "state": {"waiting": {"reason": waiting}} if waiting else {},
+          "lastState": {"terminated": {"reason": terminated}} if terminated else {}}
+    return {"metadata": {"name": "p", "creationTimestamp": start},
+            "status": {"conditions": conditions, "containerStatuses": [cs], "startTime": start}}
+
+
+@pytest.mark.parametrize("p,reason", [
+    (pod(scheduled="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."), "InsufficientGPU"),
+    (pod(scheduled="0/4 nodes are available: 4 node(s) didn't match Pod's node affinity."), "Unschedulable"),
+    (pod(waiting="ImagePullBackOff"), "ImagePullBackOff"),
+    (pod(waiting="CrashLoopBackOff"), "CrashLoopBackOff"),
+    (pod(waiting="CrashLoopBackOff", terminated="OOMKilled"), "OOMKilled"),
+    (pod(age_s=4000), "StartupTimeout"),
+    (pod(age_s=10), "Starting"),
+])
+def test_not_ready_reasons_come_from_the_pods(p, reason):
+    s = compute_status(isvc({"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}}),
+                       {"status": {"replicas": 1, "readyReplicas": 0}}, None, [p])
+    ready = s["conditions"][0]
+    assert ready["type"] == "Ready" and ready["status"] == "False" and ready["reason"] == reason
+
+
+def test_ready_needs_a_ready_replica_and_an_active_autoscaler():
+    spec = {"model": {"uri": "hf://a/b", "name": "served"}}
+    dep = {"status": {"replicas": 2, "readyReplicas": 1}}
+    hpa_ok = {"status": {"conditions": [{"type": "ScalingActive", "status": "True", "reason": "ValidMetricFound"}]}}
+    hpa_bad = {"status": {"conditions": [{"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric",
+                                          "message": "no metrics"}]}}
+    s = compute_status(isvc(spec), dep, hpa_ok, [pod(ready=True)])
+    assert [(c["type"], c["status"]) for c in s["conditions"]] == [("Ready", "True"), ("WorkloadReady", "True"),
+                                                                   ("AutoscalerReady", "True")]
+    assert s["url"] == "http://chat.team-a.svc.cluster.local" and s["modelName"] == "served"
+    assert s["readyReplicas"] == 1 and s["selector"].startswith("kubellm.io/inferenceservice=chat")
+    bad = compute_status(isvc(spec), dep, hpa_bad, [pod(ready=True)])
+    assert bad["conditions"][0]["status"] == "False" and bad["conditions"][0]["reason"] == "FailedGetPodsMetric"
+
+
+def test_examples_are_valid_specs():
+    for path in sorted((ROOT / "manifests/examples").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        kids = render({**doc, "metadata": {**doc["metadata"], "namespace": "x", "uid": "u"}})
+        assert kids[0]["kind"] == "Deployment", path
