@@ -1,5 +1,5 @@
 """Paged attention: the per-step metadata (a module-global context, so the model's forward takes only
-tensors) and the exact torch implementation used on the CPU and as the reference on CUDA.
+tensors), the exact torch implementation (CPU, and prefill everywhere) and, on CUDA, the Triton decode kernel.
 
 A batch holds decode tokens first (one per sequence), then prefill chunks. Every layer writes the whole
 batch's K/V into the cache before any sequence reads it.
@@ -57,7 +57,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd:
+    if nd and q.is_cuda and k_cache.shape[-1] & (k_cache.shape[-1] - 1) == 0:
+        from kubellm.runtime.model.triton_attention import paged_decode_attention
+
+        out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
+                                          scale)
+    elif nd:
         max_len = max(meta.context_lens_list[:nd])
         keys = _gather(k_cache, meta.block_tables[:nd], max_len)  # [nd, L, kvh, d]
         values = _gather(v_cache, meta.block_tables[:nd], max_len)

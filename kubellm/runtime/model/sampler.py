@@ -1,7 +1,7 @@
-"""Sampler: penalties → greedy or (temperature → min-p → top-k → top-p → exponential-race sample); logprobs.
+"""Sampler: penalties → greedy, or temperature → min-p → top-k → top-p → exponential race, batched over rows.
 
-A seeded sequence draws its noise from its own generator, one vector per token, so its output does not
-depend on what else is in the batch.
+Every sampled row draws one noise vector per token. A seeded sequence draws it from its own generator, so its
+output does not depend on what else is in the batch; the others share the engine's generator.
 """
 
 from __future__ import annotations
@@ -28,22 +28,25 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     return logits
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside min-p, top-k and top-p, keeping at least the most likely one."""
-    if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    if top_k > 0 or top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if top_k > 0:
-            drop[top_k:] = True
-        if top_p < 1.0:
-            probs = torch.softmax(sorted_logits, dim=-1)
-            drop |= (torch.cumsum(probs, dim=-1) - probs) > top_p
-        drop[0] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's min-p, top-k and top-p; the most likely token always stays."""
+    device, vocab = x.device, x.shape[1]
+    min_p = [s.params.min_p for s in seqs]
+    if any(min_p):
+        probs = torch.softmax(x, dim=-1)
+        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        x = x.masked_fill(probs < floor, float("-inf"))
+    top_k = [s.params.top_k or vocab for s in seqs]
+    top_p = [s.params.top_p for s in seqs]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        drop = ranks >= torch.tensor(top_k, device=device)[:, None]
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop |= (torch.cumsum(probs, dim=-1) - probs) > torch.tensor(top_p, device=device)[:, None]
+        drop[:, 0] = False
+        x = x.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
+    return x
 
 
 class Sampler:
@@ -51,12 +54,14 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def _noise(self, seq: Sequence, vocab: int) -> torch.Tensor:
-        if seq.params.seed is None:
-            return torch.empty(vocab, device=self.device).exponential_(generator=self.generator)
-        if seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
-        return torch.empty(vocab, device=self.device).exponential_(generator=seq.generator)
+    def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
+        noise = torch.empty(len(seqs), vocab, device=self.device).exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                if seq.generator is None:
+                    seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+                noise[row].exponential_(generator=seq.generator)
+        return noise
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -65,12 +70,13 @@ class Sampler:
         if any(s.params.has_penalties for s in seqs):
             logits = _apply_penalties(logits.clone(), seqs)
         tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        for i in random_rows:
-            p = seqs[i].params
-            row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-            probs = torch.softmax(row, dim=-1)
-            tokens[i] = (probs / self._noise(seqs[i], probs.shape[0])).argmax()
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            picked = [seqs[i] for i in rows]
+            index = torch.tensor(rows, device=logits.device)
+            temps = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
+            probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
+            tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
