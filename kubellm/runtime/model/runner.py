@@ -44,13 +44,19 @@ class ModelRunner:
         )
         if config.preemption_mode != "swap":
             self.num_cpu_blocks = 0
-        kv_shape = (shape.num_layers, 2, self.num_gpu_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        # one extra block the block manager never hands out: padded rows of a CUDA-graph batch write there
+        self.scratch_block = self.num_gpu_blocks
+        kv_shape = (shape.num_layers, 2, self.num_gpu_blocks + 1, self.block_size, shape.num_kv_heads, shape.head_dim)
         self.kv_cache = torch.zeros(kv_shape, dtype=info.dtype, device=self.device)
         cpu_shape = (shape.num_layers, 2, self.num_cpu_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
         self.cpu_cache = torch.zeros(cpu_shape, dtype=info.dtype, pin_memory=self.device.type == "cuda")
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda" and not config.enforce_eager and shape.head_dim & (shape.head_dim - 1) == 0:
+            self._capture_decode_graphs()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s",
             self.num_gpu_blocks, self.block_size, self.num_gpu_blocks * self.block_bytes / 2**20,
@@ -76,6 +82,60 @@ class ModelRunner:
         current = torch.cuda.memory_allocated()
         budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
         return max(int(budget // self.block_bytes), 1)
+
+    # ------------------------------------------------------------------ CUDA graphs (decode-only steps)
+    def _capture_decode_graphs(self) -> None:
+        """Capture the model's forward for decode batches at a ladder of sizes; replays skip ~2k launches."""
+        max_bs = min(self.config.max_num_seqs, 512)
+        sizes = sorted({1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs})
+        width = (self.max_model_len + self.block_size - 1) // self.block_size
+        dev = self.device
+        self.g_input = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), self.scratch_block * self.block_size, dtype=torch.long, device=dev)
+        self.g_tables = torch.full((max_bs, width), self.scratch_block, dtype=torch.long, device=dev)
+        self.g_context = torch.ones(max_bs, dtype=torch.long, device=dev)
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(sizes):  # largest first: the others reuse its memory pool
+                meta = AttentionMetadata(self.g_slots[:bs], self.g_tables[:bs], self.g_context[:bs], [1] * bs,
+                                         [1] * bs, bs)
+                set_context(meta)
+                self.model(self.g_input[:bs], self.g_positions[:bs])  # warm-up: Triton compiles outside capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    hidden = self.model(self.g_input[:bs], self.g_positions[:bs])
+                pool = graph.pool()
+                self.graphs[bs] = (graph, hidden)
+                set_context(None)
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", sizes)
+
+    def _run_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        n = len(batch)
+        bs = next(size for size in sorted(self.graphs) if size >= n)
+        graph, hidden = self.graphs[bs]
+        width = max(len(s.block_table) for s, _ in batch)
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for seq, _ in batch:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
+            ctx.append(p + 1)
+            tables.append(seq.block_table + [self.scratch_block] * (width - len(seq.block_table)))
+        pad = bs - n
+        tables += [[self.scratch_block] * width] * pad
+        dev = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad,
+                            ctx + [1] * pad]).to(self.device)
+        self.g_input[:bs].copy_(dev[0])
+        self.g_positions[:bs].copy_(dev[1])
+        self.g_slots[:bs].copy_(dev[2])
+        self.g_context[:bs].copy_(dev[3])
+        self.g_tables[:bs, :width].copy_(torch.tensor(tables).to(self.device))
+        graph.replay()
+        return hidden[:n]
 
     # ------------------------------------------------------------------ swapping
     def _copy_blocks(self, mapping: list[tuple[int, int]], src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -132,15 +192,19 @@ class ModelRunner:
             return [], [], []
         # decodes first: attention handles them as one padded batch
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
-        set_context(meta)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        if self.graphs and len(sampling) == len(batch) <= max(self.graphs) and all(n == 1 for _, n in batch):
+            hidden = self._run_graph(batch)  # every row is a decode, and every row samples
+        else:
+            input_ids, positions, meta, sample_rows = self._prepare(batch)
+            set_context(meta)
+            try:
+                hidden = self.model(input_ids, positions)
+            finally:
+                set_context(None)
+            hidden = hidden[sample_rows]
         if not sampling:
             return [], [], []
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden)
         tokens, logprobs = self.sampler(logits, sampling)
         return sampling, tokens, logprobs
