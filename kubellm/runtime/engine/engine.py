@@ -233,6 +233,11 @@ class LLMEngine:
         return True
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
+
+
 class AsyncLLMEngine:
     """Drives an LLMEngine from one background thread; the asyncio side only enqueues and awaits."""
 
@@ -292,10 +297,17 @@ class AsyncLLMEngine:
         self._wakeup.set()
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -320,8 +332,7 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.last_step_time = time.monotonic()
         except BaseException as e:  # the server reports the engine dead (/health) rather than hanging
             log.exception("engine loop died")

@@ -205,36 +205,51 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     # ------------------------------------------------------------------ running requests
     async def run(requests, request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Merge the engine streams of several requests; record metrics and one log line per request."""
-        queue: asyncio.Queue = asyncio.Queue()
         start = time.monotonic()
 
-        async def pump(i, r):
-            last = None
+        async def merged() -> AsyncIterator[tuple[int, RequestOutput]]:
+            if len(requests) == 1:  # the common case: read the engine stream directly
+                async for out in engine.generate_request(requests[0]):
+                    yield 0, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, r):
+                try:
+                    async for out in engine.generate_request(r):
+                        await queue.put((i, out))
+                except BaseException as e:  # delivered to the consumer, which decides the response
+                    await queue.put((i, e))
+
+            tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
             try:
-                async for out in engine.generate_request(r):
-                    now = time.monotonic()
-                    if last is not None:
-                        metrics.itl.observe(now - last)
-                    last = now
-                    await queue.put((i, out))
-            except BaseException as e:  # delivered to the consumer, which decides the response
-                await queue.put((i, e))
+                finished = 0
+                while finished < len(requests):
+                    i, item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished += item.finished
+                    yield i, item
+            finally:
+                for t in tasks:
+                    t.cancel()
 
         state.in_flight += 1
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         done: set[int] = set()
+        last: dict[int, float] = {}
+        stream = merged()
         try:
-            while len(done) < len(requests):
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for i, item in stream:
+                now = time.monotonic()
+                if i in last:
+                    metrics.itl.observe(now - last[i])
+                last[i] = now
                 if item.finished:
                     done.add(i)
                     finish(item, request, start)
                 yield i, item
         finally:
-            for t in tasks:
-                t.cancel()
+            await stream.aclose()
             state.in_flight -= 1
             for i, r in enumerate(requests):
                 if i not in done:  # client gone or error: the engine aborts it (see generate_request)
