@@ -77,6 +77,8 @@ class Sampler:
             temps = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
             probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
             tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
+        if tokens.is_cuda:  # wait with the GIL released, so the server's event loop runs meanwhile
+            torch.cuda.current_stream(tokens.device).synchronize()
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
