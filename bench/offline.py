@@ -44,7 +44,7 @@ def main() -> None:
     if args.shape:
         from bench.shapes import make_shaped_model
 
-        model = make_shaped_model(os.path.join(args.cache_dir, args.shape), args.shape)
+        model = make_shaped_model(os.path.join(args.cache_dir, f"{args.shape}-wordlevel"), args.shape)
     llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager)
     vocab = llm.engine.vocab_size

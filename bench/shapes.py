@@ -19,12 +19,22 @@ SHAPES = {
 }
 
 
+def word_level_tokenizer(vocab_size: int):
+    """One word per id (`<t123>`), so every id the random model samples decodes to visible text: streamed
+    benchmarks then see one event per token, as with a real tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<t{i}>": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<t0>", eos_token="<t2>", pad_token="<t3>")
+
+
 def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
-    """Write a random model of the given shape (plus our tiny tokenizer: benchmarks use token ids)."""
+    """Write a random model of the given shape, with a word-level tokenizer covering its whole vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-    from kubellm.runtime.model.tiny import build_tokenizer
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
@@ -38,5 +48,5 @@ def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)
-    build_tokenizer().save_pretrained(out_dir)
+    word_level_tokenizer(cfg.vocab_size).save_pretrained(out_dir)
     return out_dir

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -81,9 +82,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qi = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, d]
         ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, d]
         vi = values.transpose(0, 1).repeat_interleave(group, dim=0)
-        # query j sits at position ctx - qlen + j and may see keys 0 … that position
-        causal = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
-        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal, scale=scale)
+        # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal);
+        # as a CausalBias, SDPA keeps its flash/efficient kernels instead of materializing a mask
+        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
+                                                             scale=scale)
         out[start : start + qlen] = o.transpose(0, 1)
         start += qlen
     return out
