@@ -79,13 +79,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]
         keys = _gather(k_cache, meta.block_tables[i : i + 1], ctx)[0]  # [ctx, kvh, d]
         values = _gather(v_cache, meta.block_tables[i : i + 1], ctx)[0]
-        qi = q[start : start + qlen].transpose(0, 1)  # [heads, qlen, d]
-        ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, d]
-        vi = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        # 4-D [1, heads, len, d]: SDPA's fused kernels (and CausalBias dispatch) need a batch dimension
+        qi = q[start : start + qlen].transpose(0, 1)[None]
+        ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+        vi = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal);
         # as a CausalBias, SDPA keeps its flash/efficient kernels instead of materializing a mask
         o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
                                                              scale=scale)
-        out[start : start + qlen] = o.transpose(0, 1)
+        out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out
