@@ -85,8 +85,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         vi = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal);
         # as a CausalBias, SDPA keeps its flash/efficient kernels instead of materializing a mask
-        o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
-                                                             scale=scale)
+        if qlen == ctx:  # nothing cached before this chunk: plain causal, the flash kernel
+            o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
+                                                                 scale=scale)
         out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out
