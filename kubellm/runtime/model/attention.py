@@ -13,6 +13,9 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 
+DENSE_MASK_LIMIT = 1 << 20  # query × key elements up to which a prefill chunk uses an explicit mask
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens] flat cache slot of each new token
@@ -83,9 +86,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qi = q[start : start + qlen].transpose(0, 1)[None]
         ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         vi = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-        # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal);
-        # as a CausalBias, SDPA keeps its flash/efficient kernels instead of materializing a mask
-        if qlen == ctx:  # nothing cached before this chunk: plain causal, the flash kernel
+        # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal).
+        # Measured on an H100 (bench/RESULTS.md): a small chunk is fastest with a dense mask; a large one
+        # must not materialize it (8k × 8k) and goes to the fused kernels through is_causal / a CausalBias.
+        if qlen * ctx <= DENSE_MASK_LIMIT:
+            mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
+            o = torch.nn.functional.scaled_dot_product_attention(qi[0], ki[0], vi[0], attn_mask=mask, scale=scale)[None]
+        elif qlen == ctx:
             o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         else:
             o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
