@@ -6,11 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
-
-from tests.support.server import free_port
+from tests.support.server import free_port, read_log, wait_http_ok
 
 
 class OperatorProcess:
@@ -28,21 +25,11 @@ class OperatorProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.cli", "operator", f"--liveness={self.health}",
                                       f"--metrics-port={self.metrics_port}"],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            try:
-                if httpx.get(self.health, timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"operator not live:\n{self.logs()[-3000:]}")
+        wait_http_ok("kubellm operator", self.health, self.proc, self.log_path, 60)
+        return self
 
     def logs(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        return read_log(self.log_path)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -12,6 +12,26 @@ import time
 import httpx
 
 
+def wait_http_ok(what: str, url: str, proc: subprocess.Popen, log_path: str, timeout: float) -> None:
+    """Poll url until it answers 200; fail early (with the log's tail) if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}:\n{read_log(log_path)[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout}s:\n{read_log(log_path)[-3000:]}")
+
+
+def read_log(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode(errors="replace")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,21 +50,11 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kubellm serve exited {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready:\n{self.logs()[-3000:]}")
+        wait_http_ok("kubellm serve", self.url + "/ready", self.proc, self.log_path, timeout)
+        return self
 
     def logs(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
+        return read_log(self.log_path)
 
     def metric(self, name: str) -> float:
         """The value of one unlabelled-or-single-series metric from /metrics."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
+from dataclasses import fields
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubellm.runtime.config import EngineConfig
+
+_ENGINE = {f.name: f.default for f in fields(EngineConfig) if f.name != "model"}  # one place for the engine's defaults
 
 
 class ServerConfig(BaseSettings):
@@ -24,27 +27,25 @@ class ServerConfig(BaseSettings):
     max_body_bytes: int = Field(8 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
     log_requests: bool = True
-    # engine options (see EngineConfig)
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
-    preemption_mode: str = "recompute"
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 1 << 30
-    enforce_eager: bool = False
-    seed: int = 0
-
-    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "enable_prefix_caching", "scheduling_policy", "preemption_mode", "gpu_memory_utilization",
-                     "cpu_kv_cache_bytes", "enforce_eager", "seed")
+    # engine options: EngineConfig's names and defaults
+    dtype: str = _ENGINE["dtype"]
+    device: str = _ENGINE["device"]
+    max_model_len: int | None = _ENGINE["max_model_len"]
+    max_num_seqs: int = _ENGINE["max_num_seqs"]
+    max_num_batched_tokens: int = _ENGINE["max_num_batched_tokens"]
+    block_size: int = _ENGINE["block_size"]
+    enable_prefix_caching: bool = _ENGINE["enable_prefix_caching"]
+    scheduling_policy: str = _ENGINE["scheduling_policy"]
+    preemption_mode: str = _ENGINE["preemption_mode"]
+    gpu_memory_utilization: float = _ENGINE["gpu_memory_utilization"]
+    cpu_kv_cache_bytes: int = _ENGINE["cpu_kv_cache_bytes"]
+    enforce_eager: bool = _ENGINE["enforce_eager"]
+    seed: int = _ENGINE["seed"]
 
     def engine_options(self) -> dict:
-        return {name: getattr(self, name) for name in self.ENGINE_FIELDS}
+        """The settings that are EngineConfig's (model included; the served name is resolved separately)."""
+        shared = {"model"} | set(_ENGINE) & set(type(self).model_fields) - {"served_model_name"}
+        return {name: getattr(self, name) for name in shared}
 
     @property
     def model_name(self) -> str:

@@ -74,7 +74,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(config: ServerConfig) -> int:
     setup_logging()
-    engine_config = EngineConfig(model=config.model, served_model_name=config.model_name,
+    engine_config = EngineConfig(served_model_name=config.model_name,
                                  queue_timeout_s=2 * config.max_queue_time_s if config.max_queue_time_s else None,
                                  **config.engine_options())
     engine = AsyncLLMEngine(LLMEngine(engine_config))
