@@ -11,10 +11,11 @@ from tests.support.server import free_port, read_log, wait_http_ok
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig):
+    def __init__(self, kubeconfig, *extra_args: str):
         self.kubeconfig = str(kubeconfig)
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
-        self.log_path = f"/tmp/kubellm-operator-{os.getpid()}.log"
+        self.log_path = f"/tmp/kubellm-operator-{os.getpid()}-{id(self)}.log"
         self.metrics_port = free_port()
 
     def start(self) -> "OperatorProcess":
@@ -23,7 +24,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBELLM_RUNTIME_IMAGE": "example.invalid/kubellm:test"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.cli", "operator", f"--liveness={self.health}",
-                                      f"--metrics-port={self.metrics_port}"],
+                                      f"--metrics-port={self.metrics_port}", *self.extra_args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         wait_http_ok("kubellm operator", self.health, self.proc, self.log_path, 60)
         return self
