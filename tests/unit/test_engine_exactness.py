@@ -59,3 +59,17 @@ def test_string_prompts_and_text_match_hf_tokenizer(tiny_model):
     assert out.outputs[0].token_ids == expected
     assert out.outputs[0].text == tok.decode(expected, skip_special_tokens=True)
     assert out.outputs[0].finish_reason == "length"
+
+
+def test_large_prefill_chunks_match_hf(tiny_model):
+    """Chunks too big for an explicit mask take SDPA's fused paths: plain causal (nothing cached before the
+    chunk) and a bottom-right causal bias (after a prefix-cache hit). Both must stay exact."""
+    long_prompt = random_prompts(seed=21, lengths=[1100])[0]
+    shares_prefix = long_prompt[:512] + random_prompts(seed=22, lengths=[1000])[0]
+    expected = hf_greedy(tiny_model, [long_prompt, shares_prefix], 8)
+    llm = LLM(tiny_model, max_num_batched_tokens=2048, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = llm.generate([long_prompt], params)[0]  # 1100 × 1100 query×key: is_causal
+    second = llm.generate([shares_prefix], params)[0]  # 1000 new × 1512 keys after a 512-token hit
+    assert second.num_cached_tokens == 512
+    assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == expected
