@@ -57,7 +57,7 @@ def main() -> None:
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     assert generated == sum(out_lens)
     runner = llm.engine.runner
-    print(f"| engine | model | device | requests | output tokens | time (s) | output tok/s | total tok/s | preemptions |")
+    print("| engine | model | device | requests | output tokens | time (s) | output tok/s | total tok/s | preemptions |")
     print("|---|---|---|---|---|---|---|---|---|")
     total = generated + sum(map(len, prompts))
     print(f"| kubellm | {args.shape or os.path.basename(model)} ({runner.info.dtype}) | {runner.device} | "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.scheduler import Scheduler
-from kubellm.runtime.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
+from kubellm.runtime.engine.sequence import RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
 from kubellm.runtime.model.runner import ModelRunner
 from kubellm.runtime.sampling_params import SamplingParams
@@ -65,6 +65,7 @@ class LLMEngine:
         self.config = config
         info = read_model_info(config.model, config.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self._backend = self.tokenizer.backend_tokenizer  # the Rust tokenizer, for batched decodes
         shape = info.shape
         max_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
         if shape.sliding_window:  # keep attention exact: never exceed the window we do not implement
@@ -167,8 +168,16 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.mark_computed(seq)
         for seq, token, lp in zip(sampled, tokens, logprobs):
-            self._append(seq, token, lp, now)
+            seq.append_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if lp is not None:
+                seq.logprobs.append(lp)
             touched[seq.request_id] = None
+        self.stats.generation_tokens += len(sampled)
+        text_before = self._detokenize([s for s in sampled if s.params.detokenize])
+        for seq, token in zip(sampled, tokens):
+            self._check_finished(seq, token, text_before.get(seq.seq_id, 0))
             if seq.is_finished:
                 self.scheduler.remove(seq)
         results = []
@@ -182,21 +191,13 @@ class LLMEngine:
                 self.stats.finished_requests += 1
         return results
 
-    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None, now: float) -> None:
-        seq.append_token(token)
-        self.stats.generation_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if lp is not None:
-            seq.logprobs.append(lp)
+    def _check_finished(self, seq: Sequence, token: int, text_before: int) -> None:
         p = seq.params
-        if p.detokenize:
-            self._detokenize(seq)
         if not p.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, "stop")
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif p.stop and p.detokenize and self._check_stop_strings(seq):
+        elif p.stop and p.detokenize and self._check_stop_strings(seq, text_before):
             return
         elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
             self._finish(seq, "length")
@@ -211,19 +212,35 @@ class LLMEngine:
         if not seq.is_finished:
             seq.finish(reason, stop_reason)
 
-    def _detokenize(self, seq: Sequence) -> None:
-        """Append the newly complete text (vLLM's incremental detokenization with prefix/read offsets)."""
-        skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full = self.tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.text += full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids)
+    def _decode_batch(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        """Many decodes in one call to the Rust tokenizer (the Python wrapper costs more than the decode)."""
+        texts = self._backend.decode_batch(ids, skip_special_tokens=skip_special_tokens)
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            texts = [self.tokenizer.clean_up_tokenization(t) for t in texts]
+        return texts
+
+    def _detokenize(self, seqs: list[Sequence]) -> dict[int, int]:
+        """Append each sequence's newly complete text (vLLM's incremental detokenization with prefix/read
+        offsets), batched over the step; returns each sequence's text length before."""
+        before = {s.seq_id: len(s.text) for s in seqs}
+        for skip in (True, False):
+            group = [s for s in seqs if s.params.skip_special_tokens is skip]
+            if not group:
+                continue
+            prefixes = self._decode_batch([s.token_ids[s.prefix_offset : s.read_offset] for s in group], skip)
+            fulls = self._decode_batch([s.token_ids[s.prefix_offset :] for s in group], skip)
+            for seq, prefix, full in zip(group, prefixes, fulls):
+                if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                    seq.text += full[len(prefix) :]
+                    seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids)
+        return before
 
     @staticmethod
-    def _check_stop_strings(seq: Sequence) -> bool:
-        """Cut the text at the earliest stop string (not returned) and finish; True if one was found."""
-        found = [(seq.text.find(s), s) for s in seq.params.stop]
+    def _check_stop_strings(seq: Sequence, text_before: int = 0) -> bool:
+        """Cut the text at the earliest stop string (not returned) and finish; True if one was found.
+        Only the new text (plus room for a stop string straddling it) is searched."""
+        start = max(text_before - max(len(s) for s in seq.params.stop) + 1, 0)
+        found = [(seq.text.find(s, start), s) for s in seq.params.stop]
         found = [(i, s) for i, s in found if i >= 0]
         if not found:
             return False
