@@ -186,3 +186,13 @@ def test_operator_restart_converges_without_duplicates(operator, namespace):
     for name in ("first", "second"):
         kids = children(namespace, name)
         assert [len(kids[k]) for k in ("Deployment", "Service", "HorizontalPodAutoscaler")] == [1, 1, 1]
+
+
+def test_kubectl_scale_uses_the_scale_subresource(operator, namespace, kubectl):
+    create_isvc(namespace, "scalable", {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}})
+    wait_ready(namespace, "scalable")
+    kubectl("scale", "kisvc", "scalable", "-n", namespace, "--replicas=3")
+    assert get_isvc(namespace, "scalable")["spec"]["replicas"] == 3
+    wait_for("3 ready replicas", lambda: get_isvc(namespace, "scalable")["status"]["readyReplicas"] == 3, timeout=60)
+    assert client.AppsV1Api().read_namespaced_deployment("scalable", namespace).spec.replicas == 3
+    assert len(children(namespace, "scalable")["PodDisruptionBudget"]) == 1  # more than one replica now

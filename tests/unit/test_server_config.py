@@ -1,0 +1,27 @@
+"""`kubellm serve` settings come from flags or KUBELLM_* environment variables, validated by pydantic."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from kubellm.cli import main
+from kubellm.runtime.server.config import ServerConfig
+
+
+def test_environment_variables_configure_the_server(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBELLM_MAX_NUM_SEQS", "12")
+    monkeypatch.setenv("KUBELLM_API_KEYS", '["k1", "k2"]')
+    monkeypatch.setenv("KUBELLM_RATE_LIMIT_RPM", "30")
+    c = ServerConfig(model=str(tmp_path))
+    assert (c.max_num_seqs, c.api_keys, c.rate_limit_rpm) == (12, ["k1", "k2"], 30.0)
+    assert c.engine_options()["max_num_seqs"] == 12 and c.model_name == tmp_path.name
+
+
+def test_flags_win_over_the_environment_and_bad_values_are_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KUBELLM_MAX_NUM_SEQS", "12")
+    assert ServerConfig(model=str(tmp_path), max_num_seqs=3).max_num_seqs == 3
+    with pytest.raises(ValidationError):
+        ServerConfig(model=str(tmp_path), port=70000)
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
