@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.conftest import KEY
+from tests.support.kube import wait_for
 from tests.support.server import ServerProcess
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -130,7 +131,8 @@ def test_full_queue_is_429_not_a_timeout(tiny_model):
         threads = [threading.Thread(target=post, args=(s, "/v1/completions", long, {})) for _ in range(2)]
         for t in threads:
             t.start()
-            time.sleep(0.3)  # one running, one waiting
+        wait_for("one running, one waiting", lambda: s.metric("kubellm_num_requests_running") == 1
+                 and s.metric("kubellm_num_requests_waiting") == 1, timeout=30)
         r = post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers={})
         assert_error(r, 429, contains="waiting")
         assert "retry-after" in r.headers

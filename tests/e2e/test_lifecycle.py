@@ -52,7 +52,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
     result = {}
 
     def in_flight():
-        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 400}, timeout=120)
+        # long enough (~1,200 tokens) that the drain is still going while the test probes the server
+        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 1200}, timeout=120)
         result["status"], result["body"] = r.status_code, r.json()
 
     t = threading.Thread(target=in_flight)
@@ -65,7 +66,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
     assert httpx.get(s.url + "/health").status_code == 200  # alive while draining
     t.join(timeout=120)
     assert result["status"] == 200
-    assert result["body"]["usage"]["completion_tokens"] == 400
+    assert result["body"]["usage"]["completion_tokens"] == 1200
     assert s.proc.wait(timeout=30) == 0
     assert '"event": "drained"' in s.logs()
     s.stop()
