@@ -114,3 +114,11 @@ def test_request_id_is_echoed(server):
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     assert r.json()["id"] == "cmpl-abc-123"
     assert '"request_id": "abc-123"' in server.logs()
+
+
+def test_echo_prepends_the_prompt(client):
+    plain = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+    echoed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, echo=True,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    assert echoed == "Hello there" + plain

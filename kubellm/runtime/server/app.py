@@ -391,7 +391,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         params = sampling_params(req, req.max_tokens, req.logprobs)
         requests = make_requests(req.prompts(), params, req.priority, req.max_tokens)
         rid, n = f"cmpl-{request.state.request_id}", req.n
-        echo = [r.prompt if r.prompt is not None else tokenizer.decode(r.prompt_token_ids) for r in requests]
+        echo = [(r.prompt if r.prompt is not None else tokenizer.decode(r.prompt_token_ids)) if req.echo else ""
+                for r in requests]
 
         if req.stream:
             async def events():
@@ -404,7 +405,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                             raise timeout_error()
                         idx = i * n + c.index
                         start = sent.get(idx)
-                        prefix = echo[i] if (req.echo and start is None) else ""
+                        prefix = echo[i] if start is None else ""
                         start = start or 0
                         delta = c.text[start:]
                         if not delta and not prefix and c.finish_reason is None:
@@ -441,7 +442,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 if c.finish_reason == "timeout" and not c.token_ids:
                     raise timeout_error()
                 lps = completion_logprobs(c.logprobs, 0) if req.logprobs is not None and c.logprobs else None
-                choices.append(p.CompletionChoice(index=i * n + c.index, text=(echo[i] if req.echo else "") + c.text,
+                choices.append(p.CompletionChoice(index=i * n + c.index, text=echo[i] + c.text,
                                                   logprobs=lps, finish_reason=c.finish_reason,
                                                   stop_reason=c.stop_reason))
         return p.CompletionResponse(id=rid, created=int(time.time()), model=model_name, choices=choices,
