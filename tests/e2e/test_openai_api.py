@@ -122,3 +122,11 @@ def test_echo_prepends_the_prompt(client):
     echoed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, echo=True,
                                        extra_body={"ignore_eos": True}).choices[0].text
     assert echoed == "Hello there" + plain
+
+
+def test_max_tokens_defaults_to_what_the_context_leaves(server):
+    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"prompt": [5] * 200, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 256 - 200  # the server runs with --max-model-len 256
+    assert r.json()["choices"][0]["finish_reason"] == "length"
