@@ -7,7 +7,6 @@ import yaml
 
 from kubellm.operator.spec import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION, InferenceServiceSpec
 
-CRD_PATH = "crds/inferenceservices.kubellm.io.yaml"
 _COPY = ("type", "description", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems",
          "maxItems", "x-kubernetes-validations", "format")
 

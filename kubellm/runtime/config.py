@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -30,7 +30,6 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
     seed: int = 0
     served_model_name: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):

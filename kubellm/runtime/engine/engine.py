@@ -55,7 +55,6 @@ class Request:
 class EngineStats:
     prompt_tokens: int = 0  # computed prompt tokens (prefix-cache hits excluded)
     generation_tokens: int = 0
-    finished_requests: int = 0
 
 
 class LLMEngine:
@@ -188,7 +187,6 @@ class LLMEngine:
             results.append(req.output())
             if req.finished:
                 del self.requests[request_id]
-                self.stats.finished_requests += 1
         return results
 
     def _check_finished(self, seq: Sequence, token: int, text_before: int) -> None:
@@ -266,7 +264,6 @@ class AsyncLLMEngine:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kubellm-engine", daemon=True)
         self.error: BaseException | None = None
-        self.last_step_time = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
@@ -347,10 +344,8 @@ class AsyncLLMEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
-                    self.last_step_time = time.monotonic()
                     continue
                 self._deliver_all([(out.request_id, out) for out in self.engine.step()])
-                self.last_step_time = time.monotonic()
         except BaseException as e:  # the server reports the engine dead (/health) rather than hanging
             log.exception("engine loop died")
             self.error = e

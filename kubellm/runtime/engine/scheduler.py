@@ -23,10 +23,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     timed_out: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
 
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
@@ -44,9 +40,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of whatever queue holds it and release its blocks."""

@@ -115,9 +115,6 @@ class Sequence:
         """Lower sorts first: higher priority (smaller number), then earlier arrival."""
         return (self.priority, self.arrival_time, self.seq_id)
 
-    def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
-        return (num_tokens + block_size - 1) // block_size
-
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 

@@ -19,7 +19,9 @@ log = logging.getLogger("kubellm.runner")
 
 
 def pick_device(name: str) -> torch.device:
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -66,10 +68,11 @@ class ModelRunner:
     def _kv_budget_blocks(self) -> int:
         if self.device.type != "cuda":
             return max(self.config.cpu_kv_cache_bytes // self.block_bytes, 1)
-        # peak activation memory of the largest step, measured on a dummy forward without a cache
+        # peak activation memory of the largest step, measured on a dummy forward through the MLPs (the
+        # fused attention kernels add little); what is left of the budget holds KV blocks
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        n = min(self.config.max_num_batched_tokens, 4096)
+        n = self.config.max_num_batched_tokens
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             hidden = self.model.model.embed_tokens(ids)
