@@ -247,6 +247,8 @@ def start_cluster(work_dir: str | os.PathLike, gpu_nodes: dict[str, int] | None 
 
     cluster = LocalCluster(bin_dir(), work_dir)
     atexit.register(cluster.stop)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a killed test run still stops the cluster
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     try:
         cluster.start()
