@@ -45,3 +45,24 @@ def test_peered_replicas_register_and_serve(cluster, operator, kubectl, namespac
         for r in replicas:
             r.stop()
         operator.start()
+
+
+def test_an_operator_limited_to_namespaces_ignores_the_others(cluster, operator, namespace):
+    from kubernetes.client import CoreV1Api
+
+    other = f"{namespace}-other"
+    CoreV1Api().create_namespace({"metadata": {"name": other}})
+    operator.kill()
+    scoped = OperatorProcess(cluster.kubeconfig, f"--namespace={namespace}")
+    try:
+        scoped.start()
+        create_isvc(namespace, "mine", {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}})
+        create_isvc(other, "not-mine", {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}})
+        wait_ready(namespace, "mine")
+        assert not client.AppsV1Api().list_namespaced_deployment(other).items
+        assert "status" not in client.CustomObjectsApi().get_namespaced_custom_object(
+            "kubellm.io", "v1alpha1", other, "inferenceservices", "not-mine")
+    finally:
+        scoped.stop()
+        operator.start()
+        CoreV1Api().delete_namespace(other)
