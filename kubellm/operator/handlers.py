@@ -105,6 +105,16 @@ def reconcile(body, namespace, name, **_):
     log.info("%s/%s: applied %s", namespace, name, ", ".join(changed))
 
 
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def delete_children(body, namespace, name, **_):
+    # kopf already holds a finalizer for the status timer; use it to remove the children at once
+    try:
+        deleted = reconciler().delete_children(_snapshot(body))
+    except ApiException as e:
+        raise kopf.TemporaryError(f"deleting children failed: {e.reason}", delay=5) from None
+    log.info("%s/%s: deleted %s", namespace, name, ", ".join(deleted) or "nothing (already gone)")
+
+
 # ------------------------------------------------------------------ observed state
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, sharp=False)
 def refresh_status(body, namespace, name, status, patch, deployment_index: kopf.Index, hpa_index: kopf.Index,

@@ -10,6 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from kubellm.operator.render import render
+from kubellm.operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("kubellm.operator")
 FIELD_MANAGER = "kubellm-operator"
@@ -39,7 +40,9 @@ def is_subset(desired, live) -> bool:
 
 class Reconciler:
     def __init__(self, api_client: client.ApiClient | None = None):
-        self.dynamic = DynamicClient(api_client or client.ApiClient())
+        api_client = api_client or client.ApiClient()
+        self.dynamic = DynamicClient(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
         self._resources: dict[str, object] = {}
 
     def _resource(self, kind: str):
@@ -86,6 +89,22 @@ class Reconciler:
                 changed.append(f"-{kind}")
         return changed
 
+    def owner_exists(self, isvc: dict) -> bool:
+        """Is this very InferenceService (same uid) still there? Our cache of it may lag its deletion."""
+        meta = isvc["metadata"]
+        try:
+            live = self.custom.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return live["metadata"]["uid"] == meta["uid"] and not live["metadata"].get("deletionTimestamp")
+
+    def delete_children(self, isvc: dict) -> list[str]:
+        """Delete every child now, rather than waiting for the garbage collector (which may not know a
+        freshly installed CRD yet, or may be lagging)."""
+        return [kind for kind in CHILD_KINDS if self._delete_if_ours(kind, isvc)]
+
     def repair(self, isvc: dict, kind: str) -> bool:
         """Restore one child if it was deleted or edited by hand; True when something was repaired."""
         desired = next((c for c in render(isvc) if c["kind"] == kind), None)
@@ -95,6 +114,8 @@ class Reconciler:
         live = self.read(kind, meta["name"], meta["namespace"])
         if live is not None and is_subset(desired["spec"], live.get("spec")) and is_subset(
                 desired["metadata"]["labels"], live["metadata"].get("labels")):
+            return False
+        if not self.owner_exists(isvc):  # the garbage collector is removing it: do not resurrect children
             return False
         try:
             self.apply(desired)
