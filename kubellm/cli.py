@@ -21,12 +21,12 @@ def _serve(args: argparse.Namespace) -> int:
     from kubellm.runtime.server.config import ServerConfig
     from kubellm.runtime.server.serve import serve
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config") and v is not None}
     if "api_key" in given:
         given["api_keys"] = given.pop("api_key")
     try:
-        config = ServerConfig(**given)
-    except ValidationError as e:
+        config = ServerConfig.load(given, args.config)
+    except (ValidationError, ValueError, OSError) as e:
         print(f"kubellm serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     return serve(config)
@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve a model over the OpenAI API (settings also from KUBELLM_* env)")
     s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
+    s.add_argument("--config", help="YAML file of settings (same names as the flags, with _ or -)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--served-model-name")

@@ -25,3 +25,15 @@ def test_flags_win_over_the_environment_and_bad_values_are_refused(monkeypatch, 
         ServerConfig(model=str(tmp_path), port=70000)
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "invalid settings" in capsys.readouterr().err
+
+
+def test_yaml_file_under_env_under_flags(monkeypatch, tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("max-num-seqs: 7\nrate_limit_rpm: 10\ndrain_timeout_s: 5\n")
+    assert ServerConfig.load({"model": str(tmp_path)}, str(cfg)).max_num_seqs == 7
+    monkeypatch.setenv("KUBELLM_MAX_NUM_SEQS", "9")
+    c = ServerConfig.load({"model": str(tmp_path), "drain_timeout_s": 1.0}, str(cfg))
+    assert (c.max_num_seqs, c.rate_limit_rpm, c.drain_timeout_s) == (9, 10.0, 1.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_num_seqz: 3\n")
+    assert main(["serve", str(tmp_path), "--config", str(bad)]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +47,22 @@ class ServerConfig(BaseSettings):
         """The settings that are EngineConfig's (model included; the served name is resolved separately)."""
         shared = {"model"} | set(_ENGINE) & set(type(self).model_fields) - {"served_model_name"}
         return {name: getattr(self, name) for name in shared}
+
+    @classmethod
+    def load(cls, flags: dict, yaml_path: str | None = None) -> "ServerConfig":
+        """Flags win over KUBELLM_* environment variables, which win over the YAML file, then defaults."""
+        values: dict = {}
+        if yaml_path:
+            import yaml
+
+            with open(yaml_path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_path}: expected a mapping of settings")
+            prefix = cls.model_config.get("env_prefix", "")
+            values = {k.replace("-", "_"): v for k, v in loaded.items()}
+            values = {k: v for k, v in values.items() if f"{prefix}{k}".upper() not in os.environ}
+        return cls(**{**values, **flags})
 
     @property
     def model_name(self) -> str:
