@@ -202,9 +202,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         if seq.params.detokenize and seq.read_offset < len(seq.token_ids):  # flush a trailing partial character
-            seq.text += self.tokenizer.decode(
-                seq.token_ids[seq.read_offset :], skip_special_tokens=seq.params.skip_special_tokens
-            )
+            seq.text += self._decode_batch([seq.token_ids[seq.read_offset :]], seq.params.skip_special_tokens)[0]
         if reason == "stop" and stop_reason is None and seq.params.detokenize and seq.params.stop:
             self._check_stop_strings(seq)
         if not seq.is_finished:
