@@ -3,6 +3,8 @@ U[100,1024], random token ids, EOS ignored, seed 0.
 
     python bench/offline.py --model DIR            # any model dir
     python bench/offline.py --shape qwen3-0.6b     # a random bf16 model of that shape (made once)
+    python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb   # the issue-6 table, one run
+    python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--baselines", nargs="*", default=[], choices=["hf-static", "hf-cb", "hf-cb-eager"],
+                    help="also run HF transformers on the same model and workload, after kubellm")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many engine steps from the middle of the run and print where time goes")
     args = ap.parse_args()
 
     from kubellm.runtime import LLM, SamplingParams
@@ -51,18 +57,90 @@ def main() -> None:
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, detokenize=False))  # warm-up
+    if args.profile_steps:
+        profile(llm, prompts, params, args.profile_steps)
+        return
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     assert generated == sum(out_lens)
     runner = llm.engine.runner
-    print("| engine | model | device | requests | output tokens | time (s) | output tok/s | total tok/s | preemptions |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    total = generated + sum(map(len, prompts))
-    print(f"| kubellm | {args.shape or os.path.basename(model)} ({runner.info.dtype}) | {runner.device} | "
-          f"{len(prompts)} | {generated} | {elapsed:.2f} | {generated / elapsed:,.0f} | {total / elapsed:,.0f} | "
-          f"{llm.engine.scheduler.num_preemptions} |")
+    name = f"{args.shape or os.path.basename(model)} ({runner.info.dtype})"
+    rows = [("kubellm", generated, elapsed, llm.engine.scheduler.num_preemptions)]
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_bytes_per_token = runner.block_bytes // runner.block_size
+    device, dtype = str(runner.device), runner.info.dtype
+    del llm, runner, outs
+    free_device_memory()
+
+    from bench import hf_baselines as hf
+
+    for base in args.baselines:
+        if base == "hf-static":
+            rows.append(("HF generate, static batches of 64", *hf.hf_static(model, args.dtype, prompts, out_lens), ""))
+        else:
+            eager = base == "hf-cb-eager"
+            label = "HF continuous batching (paged sdpa" + (")" if eager else ", CUDA graphs)")
+            rows.append((label, *hf.hf_continuous(model, args.dtype, prompts, out_lens, not eager), ""))
+        free_device_memory()
+
+    bandwidth = hf.copy_bandwidth()
+    floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_bytes_per_token, bandwidth,
+                                      args.max_num_seqs)
+    floor = sum(out_lens) / floor_s if floor_s == floor_s else float("nan")
+    hf_cb = next((r for r in rows if r[0].startswith("HF continuous")), None)
+    total_prompt = sum(map(len, prompts))
+    print(f"model {name}, device {device}, {len(prompts)} requests, {total_prompt} prompt tokens, "
+          f"{sum(out_lens)} output tokens requested")
+    print("| engine | output tokens | time (s) | output tok/s | total tok/s | vs HF CB | of floor | preemptions |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, tokens, seconds, preemptions in rows:
+        rate = tokens / seconds
+        vs_cb = f"{rate / (hf_cb[1] / hf_cb[2]):.1f}x" if hf_cb else "-"
+        of_floor = f"{rate / floor:.0%}" if floor == floor else "-"
+        print(f"| {label} | {tokens} | {seconds:.2f} | {rate:,.0f} | {(tokens + total_prompt) / seconds:,.0f} | "
+              f"{vs_cb} | {of_floor} | {preemptions} |")
+    if floor == floor:
+        print(f"decode floor: {floor:,.0f} tok/s ({floor_s:.2f} s) = weights {weight_bytes / 1e9:.2f} GB + live KV "
+              f"({kv_bytes_per_token} B/token) per step at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth, "
+              f"{dtype}")
+
+
+def free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def profile(llm, prompts, params, steps: int) -> None:
+    """Run the workload, profiling `steps` engine steps once the batch is full, and print the kernels and the
+    share of wall time the GPU was busy (the rest is per-step CPU work the GPU waits for)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    engine = llm.engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add(engine.make_request(f"p{i}", p, sp))
+    for _ in range(64):  # past the first prefills: a steady mixed batch
+        engine.step_requests()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step_requests()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if torch.cuda.is_available() else 0
+    print(f"{steps} steps in {wall:.3f} s ({wall / steps * 1e3:.2f} ms/step); device busy {busy:.3f} s "
+          f"({busy / wall:.0%} of wall)")
 
 
 if __name__ == "__main__":

@@ -33,14 +33,18 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
         if r.status_code != 200:
             result.setdefault("errors", []).append(r.status_code)
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices"):
-                stamps.append(time.perf_counter())
-            elif event.get("usage"):
-                result.setdefault("tokens", []).append(event["usage"]["completion_tokens"])
+        buffer = b""
+        async for chunk in r.aiter_bytes():  # SSE lines end at \n only (aiter_lines also splits at U+2028 …)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("choices"):
+                    stamps.append(time.perf_counter())
+                elif event.get("usage"):
+                    result.setdefault("tokens", []).append(event["usage"]["completion_tokens"])
     end = time.perf_counter()
     if not stamps:
         return

@@ -35,7 +35,7 @@ class LLM:
             self.engine.add(req)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+            for req in self.engine.step_requests():
+                if req.finished:
+                    done[req.request_id] = req.output()
         return [done[rid] for rid in ids]

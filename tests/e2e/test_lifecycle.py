@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import httpx
@@ -44,6 +46,45 @@ def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_model):
         assert s.metric("kubellm_kv_cache_usage_ratio") == 0
         assert s.metric("kubellm_generation_tokens_total") < 1500
     finally:
+        s.stop()
+
+
+def engine_process(server: ServerProcess) -> int:
+    """The engine-core child of a `kubellm serve` process."""
+    pid = server.proc.pid
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):  # children are listed under the thread that started them
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return child
+    raise AssertionError(f"no engine process among {children}")
+
+
+def test_engine_process_death_is_reported_not_hung(tiny_model):
+    s = ServerProcess(tiny_model).wait_ready()
+    result = {}
+
+    def in_flight():
+        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False}, timeout=60)
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=in_flight)
+    try:
+        t.start()
+        wait_for("a running request", lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10)
+        os.kill(engine_process(s), signal.SIGKILL)
+        t.join(30)
+        assert result["status"] == 503, result
+        assert "engine process exited" in result["body"]["error"]["message"]
+        assert httpx.get(s.url + "/health").status_code == 503  # liveness fails: Kubernetes restarts the pod
+        assert httpx.get(s.url + "/ready").status_code == 503
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        t.join(60)
         s.stop()
 
 

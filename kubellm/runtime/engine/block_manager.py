@@ -2,6 +2,9 @@
 
 Free blocks keep their hash until they are handed out again (lazy eviction); the free list is ordered
 oldest-released first, so the prefix cache evicts least recently used blocks first.
+
+A sequence's block table only ever grows; releasing or moving its blocks assigns a new list. The runner
+relies on this to send only new blocks to the device each step.
 """
 
 from __future__ import annotations
@@ -85,12 +88,17 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i, h in enumerate(self._hashes(seq, seq.num_computed_tokens // bs)):
+        full = seq.num_computed_tokens // bs
+        if full <= seq.num_published_blocks:  # most steps: no block filled up
+            return
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_published_blocks, full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None and h not in self.hash_to_block:
-                block.hash = h
+            if block.hash is None and hashes[i] not in self.hash_to_block:
+                block.hash = hashes[i]
                 block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-                self.hash_to_block[h] = block.block_id
+                self.hash_to_block[hashes[i]] = block.block_id
+        seq.num_published_blocks = full
 
     # ------------------------------------------------------------------ allocation
     def _take_free_block(self) -> int:
@@ -139,6 +147,7 @@ class BlockManager:
                 if block.hash is None:  # nothing worth keeping: reuse it before cached blocks
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
+        seq.num_published_blocks = 0
         self.cpu_free.extend(seq.cpu_block_table)
         seq.cpu_block_table = []
 
@@ -164,6 +173,7 @@ class BlockManager:
         self.cpu_free.extend(seq.cpu_block_table)
         seq.cpu_block_table = []
         seq.block_table = gpu_blocks
+        seq.num_published_blocks = 0
         self.mark_computed(seq)
         return mapping
 

@@ -1,26 +1,18 @@
-"""LLMEngine (synchronous: add_request / abort_request / step) and AsyncLLMEngine (the same engine driven
-by a background thread, with one asyncio stream per request, for the HTTP server).
-"""
+"""LLMEngine: add_request / abort_request / step over the scheduler, the model runner and incremental
+detokenization. Synchronous; the server drives it from its own process (async_engine.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.scheduler import Scheduler
-from kubellm.runtime.engine.sequence import RequestOutput, Sequence
+from kubellm.runtime.engine.sequence import RequestDelta, RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
 from kubellm.runtime.model.runner import ModelRunner
 from kubellm.runtime.sampling_params import SamplingParams
-
-log = logging.getLogger("kubellm.engine")
 
 
 @dataclass
@@ -47,14 +39,51 @@ class Request:
             num_cached_tokens=first.num_cached_tokens,
             arrival_time=self.arrival_time,
             first_scheduled_time=first.first_scheduled_time,
-            first_token_time=min((s.first_token_time for s in self.seqs if s.first_token_time), default=None),
+            first_token_time=self.first_token_time,
         )
+
+    def delta(self) -> RequestDelta:
+        first = self.seqs[0]
+        return RequestDelta(self.request_id, [s.take_delta() for s in self.seqs], self.finished,
+                            first.num_cached_tokens, first.first_scheduled_time, self.first_token_time)
+
+    @property
+    def first_token_time(self) -> float | None:
+        return min((s.first_token_time for s in self.seqs if s.first_token_time), default=None)
 
 
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0  # computed prompt tokens (prefix-cache hits excluded)
     generation_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's gauges and counters at one instant: what metrics and load shedding read."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    oldest_waiting_arrival: float | None = None  # time.monotonic() of the longest-waiting unscheduled request
+
+
+def check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Refuse a prompt the engine could never run, with a message for the user."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if max_model_len - len(ids) < 1:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens, but this model's context holds {max_model_len} "
+            f"(prompt plus at least one generated token)"
+        )
 
 
 class LLMEngine:
@@ -99,16 +128,8 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        check_prompt(ids, self.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but this model's context holds {self.max_model_len} "
-                f"(prompt plus at least one generated token)"
-            )
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = Request(request_id, text, ids, params, arrival_time=arrival)
@@ -149,14 +170,21 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self.scheduler.swapped)
 
-    def oldest_waiting_age(self) -> float:
-        """Seconds the longest-waiting never-scheduled request has waited (0 if none); safe from any thread."""
-        arrivals = [s.arrival_time for s in list(self.scheduler.waiting) if s.first_scheduled_time is None]
-        return time.monotonic() - min(arrivals) if arrivals else 0.0
+    def snapshot(self) -> EngineSnapshot:
+        bm = self.block_manager
+        arrivals = [s.arrival_time for s in self.scheduler.waiting if s.first_scheduled_time is None]
+        return EngineSnapshot(self.num_running, self.num_waiting, bm.usage, bm.prefix_cache_queries,
+                              bm.prefix_cache_hits, self.scheduler.num_preemptions, self.stats.prompt_tokens,
+                              self.stats.generation_tokens, min(arrivals, default=None))
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and report every request that changed."""
+        return [req.output() for req in self.step_requests()]
+
+    def step_requests(self) -> list[Request]:
+        """One step; the requests that changed (finished ones are no longer tracked afterwards). Callers
+        that need only deltas or final outputs use this and skip copying every output every step."""
         out = self.scheduler.schedule()
         sampled, tokens, logprobs = self.runner.execute(out)
         touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
@@ -184,7 +212,7 @@ class LLMEngine:
             req = self.requests.get(request_id)
             if req is None:
                 continue
-            results.append(req.output())
+            results.append(req)
             if req.finished:
                 del self.requests[request_id]
         return results
@@ -245,107 +273,3 @@ class LLMEngine:
         seq.finish("stop", stop)
         return True
 
-
-def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
-    for stream, item in batch:
-        stream.put_nowait(item)
-
-
-class AsyncLLMEngine:
-    """Drives an LLMEngine from one background thread; the asyncio side only enqueues and awaits."""
-
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", request_id)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kubellm-engine", daemon=True)
-        self.error: BaseException | None = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        self._stopping.set()
-        self._wakeup.set()
-        self._thread.join(timeout=10)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
-    ) -> AsyncIterator[RequestOutput]:
-        return self.generate_request(self.engine.make_request(request_id, prompt, params, priority))
-
-    async def generate_request(self, req: Request) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; leaving early (client gone, task cancelled) aborts it."""
-        if not self.alive:
-            raise RuntimeError("the engine is not running")
-        request_id = req.request_id
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", req))
-        self._wakeup.set()
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wakeup.set()
-
-    def _deliver(self, request_id: str, item) -> None:
-        self._deliver_all([(request_id, item)])
-
-    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
-        """Hand a step's outputs to their streams: one wake-up per event loop, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
-        for request_id, item in items:
-            target = self._streams.get(request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], item))
-        for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                try:
-                    self.engine.add(payload)
-                except ValueError as e:
-                    self._deliver(payload.request_id, e)
-            else:
-                self.engine.abort_request(payload)
-
-    def _loop(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                self._drain_inbox()
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait(timeout=1.0)
-                    self._wakeup.clear()
-                    continue
-                self._deliver_all([(out.request_id, out) for out in self.engine.step()])
-        except BaseException as e:  # the server reports the engine dead (/health) rather than hanging
-            log.exception("engine loop died")
-            self.error = e
-            for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"engine failure: {e}"))

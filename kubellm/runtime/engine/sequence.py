@@ -48,6 +48,44 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
+    def apply(self, delta: "RequestDelta") -> None:
+        """Fold in what the engine produced since the last delta (the server side of the process split)."""
+        for d in delta.outputs:
+            c = self.outputs[d.index]
+            c.token_ids.extend(d.token_ids)
+            c.text += d.text
+            if d.logprobs:
+                c.logprobs.extend(d.logprobs)
+            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        self.finished = delta.finished
+        self.num_cached_tokens = delta.num_cached_tokens
+        self.first_scheduled_time = delta.first_scheduled_time
+        self.first_token_time = delta.first_token_time
+
+
+@dataclass(slots=True)
+class CompletionDelta:
+    """What one sequence produced since its previous delta."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    """A request's progress in one step, small enough to send to the server process every step."""
+
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int
+    first_scheduled_time: float | None
+    first_token_time: float | None
+
 
 _seq_counter = itertools.count()
 
@@ -80,6 +118,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.cpu_block_table: list[int] = []  # where its KV sits while swapped out
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
+        self.num_published_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -94,6 +133,8 @@ class Sequence:
         self.text = ""
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
+        # how much of the output the last delta carried
+        self.sent_tokens = self.sent_text = self.sent_logprobs = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -129,6 +170,18 @@ class Sequence:
             return self.text
         hold = max(len(s) for s in self.params.stop) - 1
         return self.text[: max(len(self.text) - hold, 0)] if hold else self.text
+
+    def take_delta(self) -> CompletionDelta:
+        """The output since the previous call. Held-back text (a possible partial stop string) is never sent
+        and then cut: a stop string is found as soon as it is complete, past everything already visible."""
+        text = self.visible_text()
+        start = self.num_prompt_tokens + self.sent_tokens
+        delta = CompletionDelta(self.index, self.token_ids[start:], text[self.sent_text :],
+                                self.logprobs[self.sent_logprobs :] if self.logprobs is not None else None,
+                                self.finish_reason, self.stop_reason)
+        self.sent_tokens, self.sent_text = self.num_output_tokens, len(text)
+        self.sent_logprobs = len(self.logprobs) if self.logprobs is not None else 0
+        return delta
 
     def to_completion(self) -> CompletionOutput:
         return CompletionOutput(

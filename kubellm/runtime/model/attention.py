@@ -24,6 +24,7 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence (1 for decodes)
     context_lens_list: list[int]
     num_decodes: int  # the first num_decodes sequences are single-token decodes
+    max_decode_context: int | None = None  # bound on decode contexts; None: read it from context_lens_list
 
 
 _CONTEXT: AttentionMetadata | None = None
@@ -64,8 +65,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if nd and q.is_cuda and k_cache.shape[-1] & (k_cache.shape[-1] - 1) == 0:
         from kubellm.runtime.model.triton_attention import paged_decode_attention
 
+        bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
         out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
-                                          scale)
+                                          scale, bound)
     elif nd:
         max_len = max(meta.context_lens_list[:nd])
         keys = _gather(k_cache, meta.block_tables[:nd], max_len)  # [nd, L, kvh, d]

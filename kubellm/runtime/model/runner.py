@@ -18,6 +18,39 @@ from kubellm.runtime.model.sampler import Sampler
 log = logging.getLogger("kubellm.runner")
 
 
+class HostBlockTables:
+    """The block tables of the current batch, row by row, in a host buffer kept across steps.
+
+    Block tables only grow (the block manager assigns a new list when it resets one), so a sequence found
+    in the same row as last step only has its new blocks written: a few writes per step instead of
+    rebuilding a [batch, blocks] table (milliseconds at 256 sequences). Entries past a row's length are
+    stale but never read: every read is bounded by the sequence's context length. fill() returns a fresh
+    contiguous copy, so the buffer may change while a device copy from the last step is still queued.
+    """
+
+    def __init__(self, rows: int, cols: int):
+        self.tensor = torch.zeros(rows, cols, dtype=torch.long)
+        self.array = self.tensor.numpy()
+        self.owner: list[list[int] | None] = [None] * rows  # the block_table list each row mirrors
+        self.written = [0] * rows
+
+    def fill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Rows 0 … len(seqs)-1 hold these sequences' tables; returns that [len(seqs), widest] view."""
+        width = 1
+        for row, seq in enumerate(seqs):
+            table, n = seq.block_table, len(seq.block_table)
+            if self.owner[row] is table:
+                done = self.written[row]
+                if n > done:
+                    self.array[row, done:n] = table[done:]
+            else:
+                self.array[row, :n] = table
+                self.owner[row] = table
+            self.written[row] = n
+            width = max(width, n)
+        return self.tensor[: len(seqs), :width].clone()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,6 +89,8 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
         self.max_model_len = max_model_len
+        self.host_tables = HostBlockTables(max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) //
+                                           self.block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and not config.enforce_eager and shape.head_dim & (shape.head_dim - 1) == 0:
             self._capture_decode_graphs()
@@ -101,8 +136,9 @@ class ModelRunner:
         pool = None
         with torch.inference_mode():
             for bs in reversed(sizes):  # largest first: the others reuse its memory pool
+                # a replay may see any context up to the model's length: size the decode split for that
                 meta = AttentionMetadata(self.g_slots[:bs], self.g_tables[:bs], self.g_context[:bs], [1] * bs,
-                                         [1] * bs, bs)
+                                         [1] * bs, bs, max_decode_context=self.max_model_len)
                 set_context(meta)
                 self.model(self.g_input[:bs], self.g_positions[:bs])  # warm-up: Triton compiles outside capture
                 torch.cuda.synchronize()
@@ -119,24 +155,24 @@ class ModelRunner:
         n = len(batch)
         bs = next(size for size in sorted(self.graphs) if size >= n)
         graph, hidden = self.graphs[bs]
-        width = max(len(s.block_table) for s, _ in batch)
-        ids, pos, slots, ctx, tables = [], [], [], [], []
+        ids, pos, slots, ctx = [], [], [], []
         for seq, _ in batch:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
             pos.append(p)
             slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
             ctx.append(p + 1)
-            tables.append(seq.block_table + [self.scratch_block] * (width - len(seq.block_table)))
+        tables = self.host_tables.fill([seq for seq, _ in batch])
+        # padded rows (n … bs-1) attend to one token through whatever table their row holds and write
+        # their K/V to the scratch block; their outputs are dropped
         pad = bs - n
-        tables += [[self.scratch_block] * width] * pad
         dev = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad,
                             ctx + [1] * pad]).to(self.device)
         self.g_input[:bs].copy_(dev[0])
         self.g_positions[:bs].copy_(dev[1])
         self.g_slots[:bs].copy_(dev[2])
         self.g_context[:bs].copy_(dev[3])
-        self.g_tables[:bs, :width].copy_(torch.tensor(tables).to(self.device))
+        self.g_tables[:n, : tables.shape[1]].copy_(tables.to(self.device))
         graph.replay()
         return hidden[:n]
 
@@ -168,12 +204,10 @@ class ModelRunner:
             context_lens.append(start + n)
             if start + n == len(seq):  # the prompt (or recompute) is complete: this step yields a token
                 sample_rows.append(len(input_ids) - 1)
-        width = max(len(s.block_table) for s, _ in batch)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in batch]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            block_tables=self.host_tables.fill([s for s, _ in batch]).to(dev),
             context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
             query_lens=query_lens,
             context_lens_list=context_lens,

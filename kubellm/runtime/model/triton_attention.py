@@ -1,6 +1,8 @@
 """Triton paged decode attention for the CUDA path: one program per (sequence, KV head) reads the sequence's
 KV blocks straight from the paged cache (no gather), serving all query heads of its GQA group with an
-online softmax. fp32 runs with IEEE dot products, so the GPU path stays exact against HF in fp32.
+online softmax. When a batch has too few programs to fill the GPU (few long sequences), each context is
+split into partitions run in parallel and merged by a second kernel (vLLM's paged attention v2).
+fp32 runs with IEEE dot products, so the GPU path stays exact against HF in fp32.
 """
 
 from __future__ import annotations
@@ -10,72 +12,142 @@ import triton
 import triton.language as tl
 
 TOKENS_PER_STEP = 64  # KV tokens per loop iteration (several cache blocks)
+PARTITION_TOKENS = 512  # KV tokens per program when a long context is split
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale,
     stride_q_seq, stride_q_head,
     stride_c_block, stride_c_tok, stride_c_head,
     stride_bt_seq,
     stride_o_seq, stride_o_head,
+    num_parts, NUM_HEADS: tl.constexpr, SPLIT: tl.constexpr, PART_TOKENS: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, IEEE: tl.constexpr,
 ):
+    """One program: one sequence, one KV head (all its query heads), one partition of the context. With one
+    partition it writes the output; otherwise the unnormalized accumulator and (max, sum) for the reduce."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    part = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    offs_g = tl.arange(0, GROUP_PAD)
+    begin = part * PART_TOKENS
+    if begin < ctx:  # partitions past the context (CUDA graphs size the grid for the longest) do nothing
+        end = tl.minimum(ctx, begin + PART_TOKENS)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        g_mask = offs_g < GROUP
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
+                    mask=g_mask[:, None], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        offs_t = tl.arange(0, TOKENS)
+        for start in range(begin, end, TOKENS):
+            pos = start + offs_t
+            valid = pos < end
+            block_ids = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=valid, other=0)
+            base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
+            k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        if not SPLIT:
+            tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :],
+                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+        else:
+            row = (seq * NUM_HEADS + heads) * num_parts + part  # [GROUP_PAD] rows of the partial buffers
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+            tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _reduce_partitions_kernel(
+    part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr, stride_o_seq, stride_o_head, num_parts,
+    NUM_HEADS: tl.constexpr, PART_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program per (sequence, query head): rescale every used partition to the global max and sum,
+    CHUNK partitions at a time (the grid may be sized for far longer contexts than this one)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    used = tl.cdiv(tl.load(context_lens_ptr + seq), PART_TOKENS)
+    first = (seq * NUM_HEADS + head) * num_parts
+    offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
-    g_mask = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    offs_t = tl.arange(0, TOKENS)
-    for start in range(0, ctx, TOKENS):
-        pos = start + offs_t
-        valid = pos < ctx
-        block_ids = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=valid, other=0)
-        base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
-        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    m_max = tl.full([CHUNK], float("-inf"), tl.float32)
+    for c in range(0, used, CHUNK):
+        live = c + offs_c < used
+        m_max = tl.maximum(m_max, tl.load(part_ml_ptr + (first + c + offs_c) * 2, mask=live, other=float("-inf")))
+    m_all = tl.max(m_max, 0)
+    total = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c in range(0, used, CHUNK):
+        rows = first + c + offs_c
+        live = c + offs_c < used
+        m = tl.load(part_ml_ptr + rows * 2, mask=live, other=float("-inf"))
+        w = tl.where(live, tl.exp(m - m_all), 0.0)
+        total += w * tl.load(part_ml_ptr + rows * 2 + 1, mask=live, other=0.0)
+        part = tl.load(part_acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+        acc += tl.sum(part * w[:, None], 0)
+    out = acc / tl.sum(total, 0)
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_partitions(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
+                   part_tokens: int = PARTITION_TOKENS) -> int:
+    """Split contexts only when there are too few (sequence, KV head) programs to fill the GPU. (Triton's CPU
+    interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
+    parts = triton.cdiv(max_context_len, part_tokens)
+    if device.type != "cuda":
+        return max(parts, 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return parts if parts > 1 and seqs * kv_heads < 2 * sms else 1
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim]."""
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           max_context_len: int, part_tokens: int = PARTITION_TOKENS) -> torch.Tensor:
+    """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
+    max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split."""
     seqs, heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
+    parts = num_partitions(seqs, kv_heads, max_context_len, q.device, part_tokens)
     out = torch.empty_like(q)
-    _paged_decode_kernel[(seqs, kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+    if parts > 1:
+        part_acc = torch.empty(seqs * heads * parts, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(seqs * heads * parts, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _paged_decode_kernel[(seqs, kv_heads, parts)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml, scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+        parts, NUM_HEADS=heads, SPLIT=parts > 1, PART_TOKENS=part_tokens if parts > 1 else 1 << 30,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TOKENS=TOKENS_PER_STEP, IEEE=q.dtype == torch.float32,
     )
+    if parts > 1:
+        _reduce_partitions_kernel[(seqs, heads)](
+            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), parts,
+            NUM_HEADS=heads, PART_TOKENS=part_tokens, HEAD_DIM=head_dim, CHUNK=16,
+        )
     return out

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubellm.runtime.engine.engine import AsyncLLMEngine
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from kubellm.runtime.engine.sequence import RequestOutput, TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server import protocol as p
@@ -75,11 +75,10 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 
 def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
-    core = engine.engine
-    tokenizer = core.tokenizer
+    tokenizer = engine.tokenizer
     model_name = config.model_name
     state = ServerState()
-    metrics = ServerMetrics(core, model_name)
+    metrics = ServerMetrics(engine, model_name)
     keys = ApiKeys(config.api_keys, config.api_key_file)
     limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_burst)
     created = int(time.time())
@@ -87,12 +86,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        await asyncio.to_thread(engine.start)  # spawns the engine process and waits for the model
         warmup = SamplingParams(max_tokens=1, detokenize=False)
         async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], warmup):
             pass
         state.ready = True
-        log.info(json.dumps({"event": "ready", "model": model_name, "max_model_len": core.max_model_len}))
+        log.info(json.dumps({"event": "ready", "model": model_name, "max_model_len": engine.max_model_len}))
         yield
         engine.shutdown()
 
@@ -157,10 +156,10 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"{loc}: {msg}" if loc else msg, param=loc) from None
         if req.model is not None and req.model != model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
-        if core.num_waiting >= config.max_waiting_requests:
+        if engine.num_waiting >= config.max_waiting_requests:
             metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, "too many requests are waiting; retry later", "overloaded", headers=_retry_after(2))
-        age = core.oldest_waiting_age()
+        age = engine.oldest_waiting_age()
         if config.max_queue_time_s is not None and age > config.max_queue_time_s:
             metrics.rejected.labels("queue_time").inc()
             raise ApiError(429, "the queue is too slow right now; retry later", "overloaded", headers=_retry_after(age))
@@ -184,7 +183,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, str(e)) from None
 
     def check_context(prompt_len: int, max_tokens: int | None) -> None:
-        limit = core.max_model_len
+        limit = engine.max_model_len
         if prompt_len + (max_tokens or 1) > limit:
             raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the messages, "
@@ -195,7 +194,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         out = []
         for prompt in prompts:
             try:
-                r = core.make_request(f"req-{uuid.uuid4().hex}", prompt, params, priority)
+                r = engine.make_request(f"req-{uuid.uuid4().hex}", prompt, params, priority)
             except ValueError as e:
                 raise ApiError(400, str(e), param="prompt") from None
             check_context(len(r.prompt_token_ids), max_tokens)
@@ -248,12 +247,14 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                     done.add(i)
                     finish(item, request, start)
                 yield i, item
+        except EngineDeadError as e:
+            raise ApiError(503, str(e), "service_unavailable") from None
         finally:
             await stream.aclose()
             state.in_flight -= 1
             for i, r in enumerate(requests):
                 if i not in done:  # client gone or error: the engine aborts it (see generate_request)
-                    metrics.finished.labels("abort").inc(len(r.seqs))
+                    metrics.finished.labels("abort").inc(r.params.n)
                     if config.log_requests:
                         log.info(json.dumps({"event": "request_aborted", "request_id": request.state.request_id,
                                              "engine_id": r.request_id, "model": model_name,
@@ -381,8 +382,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         header = request.headers.get("authorization", "")
         if not keys.check(header[7:].strip() if header.lower().startswith("bearer ") else None):
             raise ApiError(401, "missing or invalid API key", "authentication_error")
-        card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=core.max_model_len,
-                            vocab_size=core.vocab_size)
+        card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=engine.max_model_len,
+                            vocab_size=engine.vocab_size)
         return p.ModelList(data=[card]).model_dump()
 
     @app.post("/v1/completions")

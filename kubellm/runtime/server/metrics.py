@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0
 
 
 class EngineCollector:
-    """Reads the engine's counters when Prometheus scrapes; nothing on the hot path."""
+    """Reads the engine's latest snapshot (sent with every step) when Prometheus scrapes."""
 
     def __init__(self, engine, model_name: str):
         self.engine = engine
@@ -28,21 +28,20 @@ class EngineCollector:
         return c
 
     def collect(self):
-        e = self.engine
-        running, waiting, usage = e.num_running, e.num_waiting, e.block_manager.usage
+        e = self.engine.snapshot
+        running, waiting, usage = e.num_running, self.engine.num_waiting, e.kv_cache_usage
         for prefix in ("kubellm_", "vllm:"):
             yield self._gauge(f"{prefix}num_requests_running", "Requests in the running batch.", running)
             yield self._gauge(f"{prefix}num_requests_waiting", "Requests waiting (queued or swapped out).", waiting)
         yield self._gauge("kubellm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", usage)
         yield self._gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", usage)
-        bm = e.block_manager
         yield self._counter("kubellm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            bm.prefix_cache_queries)
+                            e.prefix_cache_queries)
         yield self._counter("kubellm_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                            bm.prefix_cache_hits)
-        yield self._counter("kubellm_num_preemptions", "Sequences preempted.", e.scheduler.num_preemptions)
-        yield self._counter("kubellm_prompt_tokens", "Prompt tokens computed.", e.stats.prompt_tokens)
-        yield self._counter("kubellm_generation_tokens", "Tokens generated.", e.stats.generation_tokens)
+                            e.prefix_cache_hits)
+        yield self._counter("kubellm_num_preemptions", "Sequences preempted.", e.num_preemptions)
+        yield self._counter("kubellm_prompt_tokens", "Prompt tokens computed.", e.prompt_tokens)
+        yield self._counter("kubellm_generation_tokens", "Tokens generated.", e.generation_tokens)
 
 
 class ServerMetrics:

@@ -12,7 +12,7 @@ import time
 import uvicorn
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.engine.engine import AsyncLLMEngine, LLMEngine
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine
 from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
 
@@ -77,7 +77,7 @@ def serve(config: ServerConfig) -> int:
     engine_config = EngineConfig(served_model_name=config.model_name,
                                  queue_timeout_s=2 * config.max_queue_time_s if config.max_queue_time_s else None,
                                  **config.engine_options())
-    engine = AsyncLLMEngine(LLMEngine(engine_config))
+    engine = AsyncLLMEngine(engine_config)
     app = create_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0))

@@ -1,0 +1,299 @@
+"""AsyncLLMEngine: the engine core runs in its own process (as in vLLM V1), so the model loop never shares a
+GIL with the HTTP server. The server side tokenizes and validates, sends requests and aborts down a pipe,
+and receives one message per engine step: every changed request's delta plus a snapshot of the gauges.
+
+    server process                                      engine-core process
+    make_request → sender thread ──[add|abort]──►  run_engine_core: LLMEngine.step() loop
+    streams ◄── reader thread ◄──[deltas, snapshot]──┘  (scheduling, model, detokenization)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_prompt
+from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
+from kubellm.runtime.sampling_params import SamplingParams
+
+log = logging.getLogger("kubellm.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process is gone; the server reports it (503, /health) and Kubernetes restarts the pod."""
+
+
+@dataclass(slots=True)
+class Submission:
+    """A validated request on its way to the engine process."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    max_model_len: int
+    vocab_size: int
+    num_gpu_blocks: int
+    device: str
+
+
+@dataclass(slots=True)
+class StepMessage:
+    deltas: list[RequestDelta]
+    errors: list[tuple[str, str]]  # (request_id, why the engine refused it)
+    snapshot: EngineSnapshot
+    num_added: int  # submissions taken in so far (errors included)
+
+
+# ---------------------------------------------------------------------- the engine-core process
+def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection) -> None:
+    """Entry point of the engine process: load, report ready, then step while there is work. Signals are
+    the server's business (it drains first); the pipe closing means the server is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine = LLMEngine(config)
+    except BaseException:
+        outbox.send(("failed", traceback.format_exc()))
+        return
+    outbox.send(("ready", EngineInfo(engine.max_model_len, engine.vocab_size, engine.runner.num_gpu_blocks,
+                                     str(engine.runner.device))))
+    num_added = 0
+    try:
+        while True:
+            if not engine.has_unfinished_requests():
+                inbox.poll(None)  # idle: sleep until the server sends something
+            errors = []
+            while inbox.poll():
+                for kind, payload in inbox.recv():
+                    if kind == "add":
+                        num_added += 1
+                        try:
+                            engine.add(engine.make_request(payload.request_id, payload.prompt_token_ids,
+                                                           payload.params, payload.priority, payload.arrival_time))
+                        except ValueError as e:
+                            errors.append((payload.request_id, str(e)))
+                    elif kind == "abort":
+                        engine.abort_request(payload)
+                    else:  # "stop"
+                        return
+            deltas = [req.delta() for req in engine.step_requests()] if engine.has_unfinished_requests() else []
+            outbox.send(StepMessage(deltas, errors, engine.snapshot(), num_added))
+    except (EOFError, OSError, BrokenPipeError):  # the server process is gone
+        return
+    except BaseException:
+        outbox.send(("dead", traceback.format_exc()))
+
+
+# ---------------------------------------------------------------------- the server side
+class _Stream:
+    """Deltas for one request, appended on its event loop; the consumer takes all that piled up at once."""
+
+    __slots__ = ("loop", "items", "event")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[RequestDelta | BaseException] = []
+        self.event = asyncio.Event()
+
+
+def _put_all(batch: list[tuple[_Stream, RequestDelta | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.items.append(item)
+        stream.event.set()
+
+
+class AsyncLLMEngine:
+    """The server's handle on the engine process: start, generate (an async stream per request), abort,
+    the latest snapshot for metrics and load shedding, shutdown."""
+
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.info: EngineInfo | None = None
+        self.snapshot = EngineSnapshot()
+        self.error: BaseException | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_sent = 0  # submissions sent; the engine reports how many it has taken
+        self._num_taken = 0
+        self._process: multiprocessing.Process | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Spawn the engine process and wait until the model is loaded (blocking: call before serving)."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
+        inbox_r, inbox_w = ctx.Pipe(duplex=False)
+        outbox_r, outbox_w = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=run_engine_core, args=(self.config, inbox_r, outbox_w),
+                                    name="kubellm-engine-core", daemon=True)
+        self._process.start()
+        inbox_r.close()
+        outbox_w.close()
+        try:
+            kind, payload = outbox_r.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while loading (code {self._process.exitcode})") from None
+        if kind != "ready":
+            raise RuntimeError(f"the engine process failed to load the model:\n{payload}")
+        self.info = payload
+        threading.Thread(target=self._send_loop, args=(inbox_w,), name="kubellm-engine-send", daemon=True).start()
+        threading.Thread(target=self._receive_loop, args=(outbox_r,), name="kubellm-engine-receive",
+                         daemon=True).start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._process is None:
+            return
+        self._stopping = True
+        self._outgoing.put(("stop", None))
+        self._outgoing.put(None)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self.error is None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    @property
+    def num_waiting(self) -> int:
+        """Waiting in the engine, plus what was sent since its last step beyond the free batch slots: a burst
+        between two steps counts at once, and requests that will run at once do not count."""
+        snap, pending = self.snapshot, self._num_sent - self._num_taken
+        if snap.num_waiting:
+            return snap.num_waiting + pending
+        return max(0, pending - max(0, self.config.max_num_seqs - snap.num_running))
+
+    def oldest_waiting_age(self) -> float:
+        arrival = self.snapshot.oldest_waiting_arrival
+        return time.monotonic() - arrival if arrival is not None else 0.0
+
+    # ------------------------------------------------------------------ requests
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     priority: int = 0) -> Submission:
+        """Tokenize and validate here, so a bad request is refused without a round trip."""
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        check_prompt(ids, self.vocab_size, self.max_model_len)
+        return Submission(request_id, text, ids, params, priority, time.monotonic())
+
+    def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+        return self.generate_request(self.make_request(request_id, prompt, params, priority))
+
+    async def generate_request(self, sub: Submission) -> AsyncIterator[RequestOutput]:
+        """Stream the request's output so far, once per batch of deltas; leaving early (client gone, task
+        cancelled) aborts it in the engine."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[sub.request_id] = stream
+        self._num_sent += 1
+        self._outgoing.put(("add", sub))
+        logprobs = sub.params.logprobs is not None
+        out = RequestOutput(sub.request_id, sub.prompt, sub.prompt_token_ids,
+                            [CompletionOutput(i, "", [], None, [] if logprobs else None) for i in range(sub.params.n)],
+                            False, arrival_time=sub.arrival_time)
+        try:
+            while not out.finished:
+                await stream.event.wait()
+                stream.event.clear()
+                items, stream.items = stream.items, []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    out.apply(item)
+                yield out
+        finally:
+            self._streams.pop(sub.request_id, None)
+            if not out.finished:
+                self.abort(sub.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._outgoing.put(("abort", request_id))
+
+    # ------------------------------------------------------------------ the two pipe threads
+    def _send_loop(self, conn: Connection) -> None:
+        """Batch whatever piled up into one message, so a burst of requests costs one pipe write."""
+        while True:
+            batch = [self._outgoing.get()]
+            while True:
+                try:
+                    batch.append(self._outgoing.get_nowait())
+                except queue.Empty:
+                    break
+            end = None in batch
+            batch = [m for m in batch if m is not None]
+            try:
+                if batch:
+                    conn.send(batch)
+            except (OSError, BrokenPipeError):
+                return
+            if end:
+                conn.close()
+                return
+
+    def _receive_loop(self, conn: Connection) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                if not self._stopping:
+                    self._process.join(5)
+                    self._fail(EngineDeadError(f"the engine process exited (code {self._process.exitcode})"))
+                return
+            if not isinstance(msg, StepMessage):  # ("dead", traceback)
+                log.error("engine loop died:\n%s", msg[1])
+                self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
+                return
+            self.snapshot, self._num_taken = msg.snapshot, msg.num_added
+            items: list[tuple[str, RequestDelta | BaseException]] = [(d.request_id, d) for d in msg.deltas]
+            items += [(rid, ValueError(why)) for rid, why in msg.errors]
+            self._deliver(items)
+
+    def _deliver(self, items: list[tuple[str, RequestDelta | BaseException]]) -> None:
+        """Hand a step's deltas to their streams: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self._deliver([(request_id, error) for request_id in list(self._streams)])
