@@ -89,7 +89,8 @@ def main() -> None:
     floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_bytes_per_token, bandwidth,
                                       args.max_num_seqs)
     floor = sum(out_lens) / floor_s if floor_s == floor_s else float("nan")
-    hf_cb = next((r for r in rows if r[0].startswith("HF continuous")), None)
+    continuous = [r for r in rows if r[0].startswith("HF continuous")]
+    hf_cb = next((r for r in continuous if "CUDA graphs" in r[0]), continuous[0] if continuous else None)
     total_prompt = sum(map(len, prompts))
     print(f"model {name}, device {device}, {len(prompts)} requests, {total_prompt} prompt tokens, "
           f"{sum(out_lens)} output tokens requested")

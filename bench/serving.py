@@ -103,6 +103,25 @@ def start_server(args) -> subprocess.Popen:
     raise SystemExit("server did not become ready; see /tmp/kubellm-bench-serve.log")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(pid: int) -> dict[str, int]:
+    """The HTTP server process and its engine-core child."""
+    found = {"server": pid}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"spawn_main" in c.read():
+                        found["engine"] = child
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url")
@@ -120,13 +139,17 @@ def main() -> None:
     if not args.concurrency and not args.request_rate:
         ap.error("give --concurrency or --request-rate")
     proc = None
+    cpu_used: dict[str, float] = {}
     if args.model:
         args.url = f"http://127.0.0.1:{args.port}"
         proc = start_server(args)
     try:
         vocab = args.vocab or httpx.get(args.url + "/v1/models").json()["data"][0].get("vocab_size") or 500
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+        procs = server_processes(proc.pid) if proc else {}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in procs.items()}
         r = asyncio.run(run(args, prompts, out_lens))
+        cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in procs.items()}
     finally:
         if proc:
             proc.terminate()
@@ -143,6 +166,8 @@ def main() -> None:
           f"{ms(r.get('itl', []), 50)}/{ms(r.get('itl', []), 99)} |")
     if r.get("tpot"):
         print(f"(mean TPOT {statistics.mean(r['tpot']) * 1000:.1f} ms)")
+    for name, seconds in cpu_used.items():  # what each process spends per streamed token, whatever the device
+        print(f"{name} process: {seconds:.1f} CPU s = {seconds / max(tokens, 1) * 1e6:.0f} CPU µs per output token")
 
 
 if __name__ == "__main__":

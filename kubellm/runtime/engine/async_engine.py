@@ -1,10 +1,13 @@
 """AsyncLLMEngine: the engine core runs in its own process (as in vLLM V1), so the model loop never shares a
 GIL with the HTTP server. The server side tokenizes and validates, sends requests and aborts down a pipe,
 and receives one message per engine step: every changed request's delta plus a snapshot of the gauges.
+The server side also detokenizes (batched over the step, in the reader thread), except for requests with
+stop strings: finishing those depends on the text, so the engine detokenizes them itself.
 
     server process                                      engine-core process
     make_request → sender thread ──[add|abort]──►  run_engine_core: LLMEngine.step() loop
-    streams ◄── reader thread ◄──[deltas, snapshot]──┘  (scheduling, model, detokenization)
+    streams ◄── reader thread ◄──[deltas, snapshot]──┘  (scheduling, model, sampling)
+              (detokenization)
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
 from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
 from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_prompt
 from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
@@ -128,6 +132,9 @@ class AsyncLLMEngine:
 
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        # requests this side detokenizes: request_id → (skip_special_tokens, one state per output)
+        self._decoding: dict[str, tuple[bool, list[DecodeState]]] = {}
         self.info: EngineInfo | None = None
         self.snapshot = EngineSnapshot()
         self.error: BaseException | None = None
@@ -218,9 +225,14 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop())
         self._streams[sub.request_id] = stream
+        params = sub.params
+        if params.detokenize and not params.stop:
+            self._decoding[sub.request_id] = (params.skip_special_tokens,
+                                              [DecodeState.after_prompt(sub.prompt_token_ids) for _ in range(params.n)])
+            sub = replace(sub, params=replace(params, detokenize=False))
         self._num_sent += 1
         self._outgoing.put(("add", sub))
-        logprobs = sub.params.logprobs is not None
+        logprobs = params.logprobs is not None
         out = RequestOutput(sub.request_id, sub.prompt, sub.prompt_token_ids,
                             [CompletionOutput(i, "", [], None, [] if logprobs else None) for i in range(sub.params.n)],
                             False, arrival_time=sub.arrival_time)
@@ -236,6 +248,7 @@ class AsyncLLMEngine:
                 yield out
         finally:
             self._streams.pop(sub.request_id, None)
+            self._decoding.pop(sub.request_id, None)
             if not out.finished:
                 self.abort(sub.request_id)
 
@@ -277,9 +290,38 @@ class AsyncLLMEngine:
                 self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
                 return
             self.snapshot, self._num_taken = msg.snapshot, msg.num_added
-            items: list[tuple[str, RequestDelta | BaseException]] = [(d.request_id, d) for d in msg.deltas]
+            deltas = self._add_text(msg.deltas) if self._decoding else msg.deltas
+            items: list[tuple[str, RequestDelta | BaseException]] = [(d[0], d) for d in deltas]
             items += [(rid, ValueError(why)) for rid, why in msg.errors]
             self._deliver(items)
+
+    def _add_text(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
+        """Detokenize the step's new tokens of the requests this side decodes: two batched calls per step."""
+        pending = []  # (delta position, output position, state, skip)
+        for i, (request_id, _, _, _, _, outs) in enumerate(deltas):
+            decoding = self._decoding.get(request_id)
+            if decoding is None:
+                continue
+            skip, states = decoding
+            for j, (index, token_ids, *_) in enumerate(outs):
+                states[index].token_ids.extend(token_ids)
+                pending.append((i, j, states[index], skip))
+        if not pending:
+            return deltas
+        before = [len(state.text) for _, _, state, _ in pending]
+        self.detokenizer.advance([state for _, _, state, _ in pending], [skip for *_, skip in pending])
+        deltas = list(deltas)
+        for (i, j, state, skip), start in zip(pending, before):
+            request_id, finished, cached, scheduled, first, outs = deltas[i]
+            index, token_ids, _, logprobs, finish_reason, stop_reason = outs[j]
+            if finish_reason is not None:
+                self.detokenizer.flush(state, skip)
+            outs = list(outs)
+            outs[j] = (index, token_ids, state.text[start:], logprobs, finish_reason, stop_reason)
+            deltas[i] = (request_id, finished, cached, scheduled, first, outs)
+            if finished:
+                self._decoding.pop(request_id, None)
+        return deltas
 
     def _deliver(self, items: list[tuple[str, RequestDelta | BaseException]]) -> None:
         """Hand a step's deltas to their streams: one wake-up per event loop, not one per request."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
+from kubellm.runtime.engine.detokenizer import Detokenizer
 from kubellm.runtime.engine.scheduler import Scheduler
 from kubellm.runtime.engine.sequence import RequestDelta, RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
@@ -44,8 +45,12 @@ class Request:
 
     def delta(self) -> RequestDelta:
         first = self.seqs[0]
-        return RequestDelta(self.request_id, [s.take_delta() for s in self.seqs], self.finished,
-                            first.num_cached_tokens, first.first_scheduled_time, self.first_token_time)
+        if len(self.seqs) == 1:  # the common case, without the generator expressions (runs every step)
+            finished, first_token_time = first.is_finished, first.first_token_time
+        else:
+            finished, first_token_time = self.finished, self.first_token_time
+        return (self.request_id, finished, first.num_cached_tokens, first.first_scheduled_time, first_token_time,
+                [s.take_delta() for s in self.seqs])
 
     @property
     def first_token_time(self) -> float | None:
@@ -93,7 +98,7 @@ class LLMEngine:
         self.config = config
         info = read_model_info(config.model, config.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self._backend = self.tokenizer.backend_tokenizer  # the Rust tokenizer, for batched decodes
+        self.detokenizer = Detokenizer(self.tokenizer)
         shape = info.shape
         max_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
         if shape.sliding_window:  # keep attention exact: never exceed the window we do not implement
@@ -229,34 +234,18 @@ class LLMEngine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
-        if seq.params.detokenize and seq.read_offset < len(seq.token_ids):  # flush a trailing partial character
-            seq.text += self._decode_batch([seq.token_ids[seq.read_offset :]], seq.params.skip_special_tokens)[0]
+        if seq.params.detokenize:
+            self.detokenizer.flush(seq, seq.params.skip_special_tokens)
         if reason == "stop" and stop_reason is None and seq.params.detokenize and seq.params.stop:
             self._check_stop_strings(seq)
         if not seq.is_finished:
             seq.finish(reason, stop_reason)
 
-    def _decode_batch(self, ids: list[list[int]], skip_special_tokens: bool) -> list[str]:
-        """Many decodes in one call to the Rust tokenizer (the Python wrapper costs more than the decode)."""
-        texts = self._backend.decode_batch(ids, skip_special_tokens=skip_special_tokens)
-        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
-            texts = [self.tokenizer.clean_up_tokenization(t) for t in texts]
-        return texts
-
     def _detokenize(self, seqs: list[Sequence]) -> dict[int, int]:
-        """Append each sequence's newly complete text (vLLM's incremental detokenization with prefix/read
-        offsets), batched over the step; returns each sequence's text length before."""
+        """Append each sequence's newly complete text, batched over the step; returns each sequence's text
+        length before."""
         before = {s.seq_id: len(s.text) for s in seqs}
-        for skip in (True, False):
-            group = [s for s in seqs if s.params.skip_special_tokens is skip]
-            if not group:
-                continue
-            prefixes = self._decode_batch([s.token_ids[s.prefix_offset : s.read_offset] for s in group], skip)
-            fulls = self._decode_batch([s.token_ids[s.prefix_offset :] for s in group], skip)
-            for seq, prefix, full in zip(group, prefixes, fulls):
-                if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                    seq.text += full[len(prefix) :]
-                    seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids)
+        self.detokenizer.advance(seqs, [s.params.skip_special_tokens for s in seqs])
         return before
 
     @staticmethod

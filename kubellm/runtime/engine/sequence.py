@@ -48,43 +48,24 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 
-    def apply(self, delta: "RequestDelta") -> None:
+    def apply(self, delta: RequestDelta) -> None:
         """Fold in what the engine produced since the last delta (the server side of the process split)."""
-        for d in delta.outputs:
-            c = self.outputs[d.index]
-            c.token_ids.extend(d.token_ids)
-            c.text += d.text
-            if d.logprobs:
-                c.logprobs.extend(d.logprobs)
-            c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-        self.finished = delta.finished
-        self.num_cached_tokens = delta.num_cached_tokens
-        self.first_scheduled_time = delta.first_scheduled_time
-        self.first_token_time = delta.first_token_time
+        request_id, self.finished, self.num_cached_tokens, self.first_scheduled_time, self.first_token_time, outs = delta
+        for index, token_ids, text, logprobs, finish_reason, stop_reason in outs:
+            c = self.outputs[index]
+            c.token_ids.extend(token_ids)
+            c.text += text
+            if logprobs:
+                c.logprobs.extend(logprobs)
+            c.finish_reason, c.stop_reason = finish_reason, stop_reason
 
 
-@dataclass(slots=True)
-class CompletionDelta:
-    """What one sequence produced since its previous delta."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
-    stop_reason: str | int | None
-
-
-@dataclass(slots=True)
-class RequestDelta:
-    """A request's progress in one step, small enough to send to the server process every step."""
-
-    request_id: str
-    outputs: list[CompletionDelta]
-    finished: bool
-    num_cached_tokens: int
-    first_scheduled_time: float | None
-    first_token_time: float | None
+# What the engine process sends each step, as plain tuples: they pickle ~10x faster than dataclasses or named
+# tuples (0.08 vs 0.8 ms for 256 requests), and this is paid every step.
+# (index, new token ids, new text, new logprobs, finish_reason, stop_reason)
+CompletionDelta = tuple[int, list[int], str, "list[TokenLogprob] | None", "str | None", "str | int | None"]
+# (request_id, finished, num_cached_tokens, first_scheduled_time, first_token_time, completion deltas)
+RequestDelta = tuple[str, bool, int, "float | None", "float | None", list[CompletionDelta]]
 
 
 _seq_counter = itertools.count()
@@ -173,14 +154,16 @@ class Sequence:
 
     def take_delta(self) -> CompletionDelta:
         """The output since the previous call. Held-back text (a possible partial stop string) is never sent
-        and then cut: a stop string is found as soon as it is complete, past everything already visible."""
-        text = self.visible_text()
-        start = self.num_prompt_tokens + self.sent_tokens
-        delta = CompletionDelta(self.index, self.token_ids[start:], text[self.sent_text :],
-                                self.logprobs[self.sent_logprobs :] if self.logprobs is not None else None,
-                                self.finish_reason, self.stop_reason)
-        self.sent_tokens, self.sent_text = self.num_output_tokens, len(text)
-        self.sent_logprobs = len(self.logprobs) if self.logprobs is not None else 0
+        and then cut: a stop string is found as soon as it is complete, past everything already visible.
+        Runs for every sequence every step, so it avoids property calls."""
+        text = self.visible_text() if self.params.stop else self.text
+        logprobs = self.logprobs
+        delta = (self.index, self.token_ids[self.num_prompt_tokens + self.sent_tokens :], text[self.sent_text :],
+                 None if logprobs is None else logprobs[self.sent_logprobs :], self.finish_reason, self.stop_reason)
+        self.sent_tokens = len(self.token_ids) - self.num_prompt_tokens
+        self.sent_text = len(text)
+        if logprobs is not None:
+            self.sent_logprobs = len(logprobs)
         return delta
 
     def to_completion(self) -> CompletionOutput:
