@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 3 and 6, in parts that each fit one 10-minute device call:
+#   bash bench/gpu_suite.sh check     # CUDA exactness vs HF (4 archs x 2 preemption modes) + Triton kernels
+#   bash bench/gpu_suite.sh qwen      # offline Qwen3-0.6B shape + HF static + HF continuous batching + floor
+#   bash bench/gpu_suite.sh llama     # the same table for the Llama-3.2-1B shape
+#   bash bench/gpu_suite.sh long      # 32 x 8k-token prompts, 256 output tokens (kubellm + HF CB eager)
+#   bash bench/gpu_suite.sh serving   # kubellm serve: 256 streams, then Poisson rates 4/16/32 per second
+#   bash bench/gpu_suite.sh profile   # where a steady decode step's time goes
+# The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
+# wheels, gitignored) and they are installed under /tmp/pylib first. Output goes to stdout and $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .wheels ] || [ -d .wheels-server ]; then
+  pip install -q --no-deps --target /tmp/pylib .wheels/*.whl .wheels-server/*.whl 2>/dev/null || true
+fi
+export PYTHONPATH="/tmp/pylib:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT="${OUT:-/tmp/gpu-suite}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
+PART="${1:?part: check | qwen | llama | long | serving | profile}"
+case "$PART" in
+  check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_attention.py -k "cuda or triton" ;;
+  qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb ;;
+  llama) run python bench/offline.py --shape llama-3.2-1b --baselines hf-cb ;;
+  long) run python bench/offline.py --shape qwen3-0.6b --num-requests 32 --input-len 8192 8192 --output-len 256 256 --baselines hf-cb-eager ;;
+  serving)
+    python bench/offline.py --shape qwen3-0.6b >/dev/null  # makes the model once
+    MODEL=~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel
+    run python bench/serving.py --model "$MODEL" --concurrency 256
+    for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done ;;
+  profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50 ;;
+  *) echo "unknown part $PART" >&2; exit 2 ;;
+esac

@@ -1,0 +1,74 @@
+"""Host (CPU) work per engine step, with the model replaced by a stand-in that samples random tokens at once:
+what every GPU step pays on top of its kernels unless it is overlapped. 256 running decodes by default.
+
+    python bench/host_overhead.py --model DIR [--num-seqs 256] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+
+    from bench.offline import workload
+    from kubellm.runtime import LLM, SamplingParams
+
+    llm = LLM(args.model, max_num_seqs=args.num_seqs, num_gpu_blocks=args.num_seqs * 200)
+    engine, runner = llm.engine, llm.engine.runner
+    rng = random.Random(0)
+    timings = {"schedule": 0.0, "batch prep": 0.0}
+    schedule = engine.scheduler.schedule
+
+    def timed_schedule():
+        start = time.perf_counter()
+        out = schedule()
+        timings["schedule"] += time.perf_counter() - start
+        return out
+
+    def stand_in_execute(out):
+        """The runner's host-side part of a decode step (block tables), then random tokens."""
+        start = time.perf_counter()
+        runner.host_tables.fill([seq for seq, _ in out.scheduled])
+        sampling = [seq for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
+        timings["batch prep"] += time.perf_counter() - start
+        return sampling, [rng.randrange(engine.vocab_size) for _ in sampling], [None] * len(sampling)
+
+    engine.scheduler.schedule = timed_schedule
+    runner.execute = stand_in_execute
+    prompts, _ = workload(args.num_seqs, 100, 1024, 1, 1, engine.vocab_size, 0)
+    for i, prompt in enumerate(prompts):  # outputs long enough that nobody finishes while measured
+        params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True, detokenize=False)
+        engine.add(engine.make_request(f"r{i}", prompt, params))
+    for _ in range(50):  # prefills done: a steady batch of decodes
+        engine.step_requests()
+    timings = dict.fromkeys(timings, 0.0)
+    deltas = 0.0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        changed = engine.step_requests()
+        t = time.perf_counter()
+        pickle.dumps([req.delta() for req in changed], protocol=pickle.HIGHEST_PROTOCOL)  # what serving adds
+        deltas += time.perf_counter() - t
+    total = (time.perf_counter() - start) / args.steps * 1e3
+    per = {k: v / args.steps * 1e3 for k, v in timings.items()}
+    rest = total - sum(per.values()) - deltas / args.steps * 1e3
+    print(f"{engine.num_running} running decodes, {args.steps} steps: {total:.2f} ms/step = scheduler "
+          f"{per['schedule']:.2f} + batch prep {per['batch prep']:.2f} + token bookkeeping {rest:.2f} + "
+          f"deltas and pickling (serving only) {deltas / args.steps * 1e3:.2f}")
+
+
+if __name__ == "__main__":
+    main()
