@@ -47,6 +47,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
+    s.add_argument("--engine-stall-timeout-s", type=float,
+                   help="/health fails when the engine process has not reported for this long (default 120)")
     for flag, kind in (("--dtype", str), ("--device", str), ("--max-model-len", int), ("--max-num-seqs", int),
                        ("--max-num-batched-tokens", int), ("--block-size", int), ("--scheduling-policy", str),
                        ("--preemption-mode", str), ("--gpu-memory-utilization", float),

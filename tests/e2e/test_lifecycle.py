@@ -1,11 +1,12 @@
 """Client disconnects free their KV blocks at once; SIGTERM drains: in-flight requests finish, new ones get
-503, and the process exits 0."""
+503, and the process exits 0; a dead or stuck engine process is reported (503, /health), never hung on."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
 import httpx
 
@@ -85,6 +86,22 @@ def test_engine_process_death_is_reported_not_hung(tiny_model):
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
     finally:
         t.join(60)
+        s.stop()
+
+
+def test_a_stuck_engine_fails_the_liveness_check(tiny_model):
+    s = ServerProcess(tiny_model, "--engine-stall-timeout-s", "3").wait_ready()
+    engine = engine_process(s)
+    try:
+        time.sleep(4)  # idle longer than the timeout: heartbeats keep it healthy
+        assert httpx.get(s.url + "/health").status_code == 200
+        os.kill(engine, signal.SIGSTOP)  # what a hung kernel looks like from outside
+        wait_for("/health 503", lambda: httpx.get(s.url + "/health").status_code == 503, timeout=15)
+        assert "has not reported" in httpx.get(s.url + "/health").json()["error"]["message"]
+        os.kill(engine, signal.SIGCONT)
+        wait_for("/health 200 again", lambda: httpx.get(s.url + "/health").status_code == 200, timeout=15)
+    finally:
+        os.kill(engine, signal.SIGCONT)
         s.stop()
 
 

@@ -32,6 +32,8 @@ from kubellm.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("kubellm.engine")
 
+HEARTBEAT_S = 1.0  # an idle engine process still reports this often, so the server can tell idle from stuck
+
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; the server reports it (503, /health) and Kubernetes restarts the pod."""
@@ -82,7 +84,7 @@ def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection)
     try:
         while True:
             if not engine.has_unfinished_requests():
-                inbox.poll(None)  # idle: sleep until the server sends something
+                inbox.poll(HEARTBEAT_S)  # idle: sleep until the server sends something, or report anyway
             errors = []
             while inbox.poll():
                 for kind, payload in inbox.recv():
@@ -144,6 +146,7 @@ class AsyncLLMEngine:
         self._num_taken = 0
         self._process: multiprocessing.Process | None = None
         self._stopping = False
+        self.last_report = time.monotonic()  # when the engine process last sent a step or a heartbeat
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -163,6 +166,7 @@ class AsyncLLMEngine:
         if kind != "ready":
             raise RuntimeError(f"the engine process failed to load the model:\n{payload}")
         self.info = payload
+        self.last_report = time.monotonic()
         threading.Thread(target=self._send_loop, args=(inbox_w,), name="kubellm-engine-send", daemon=True).start()
         threading.Thread(target=self._receive_loop, args=(outbox_r,), name="kubellm-engine-receive",
                          daemon=True).start()
@@ -181,6 +185,10 @@ class AsyncLLMEngine:
     @property
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive() and self.error is None
+
+    def silent_for(self) -> float:
+        """Seconds since the engine process last reported (every step, and every second when idle)."""
+        return time.monotonic() - self.last_report
 
     @property
     def max_model_len(self) -> int:
@@ -289,6 +297,7 @@ class AsyncLLMEngine:
                 log.error("engine loop died:\n%s", msg[1])
                 self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
                 return
+            self.last_report = time.monotonic()
             self.snapshot, self._num_taken = msg.snapshot, msg.num_added
             deltas = self._add_text(msg.deltas) if self._decoding else msg.deltas
             items: list[tuple[str, RequestDelta | BaseException]] = [(d[0], d) for d in deltas]

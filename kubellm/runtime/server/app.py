@@ -363,6 +363,10 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def health():
         if not engine.alive:
             return ApiError(503, f"engine loop is not running: {engine.error!r}", "service_unavailable").response()
+        silent = engine.silent_for()
+        if silent > config.engine_stall_timeout_s:
+            return ApiError(503, f"the engine has not reported for {silent:.0f} s (stuck)",
+                            "service_unavailable").response()
         return {"status": "ok"}
 
     @app.get("/ready")

@@ -27,6 +27,9 @@ class ServerConfig(BaseSettings):
     max_queue_time_s: float | None = Field(30.0, gt=0)  # oldest waiting request older than this: 429
     max_body_bytes: int = Field(8 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # the engine process reports every step and every second when idle; silence this long means it is stuck
+    # (a hung kernel, a deadlock): /health fails so that Kubernetes restarts the pod
+    engine_stall_timeout_s: float = Field(120.0, gt=0)
     log_requests: bool = True
     # engine options: EngineConfig's names and defaults
     dtype: str = _ENGINE["dtype"]
