@@ -7,7 +7,8 @@
 #   bash bench/gpu_suite.sh serving   # kubellm serve: 256 streams, then Poisson rates 4/16/32 per second
 #   bash bench/gpu_suite.sh profile   # where a steady decode step's time goes
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
-# wheels, gitignored) and they are installed under /tmp/pylib first. Output goes to stdout and $OUT.
+# wheels, gitignored; bench/fetch_gpu_wheels.sh makes them) and they are installed under /tmp/pylib first.
+# Output goes to stdout and $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .wheels ] || [ -d .wheels-server ]; then
@@ -26,8 +27,8 @@ case "$PART" in
   llama) run python bench/offline.py --shape llama-3.2-1b --baselines hf-cb ;;
   long) run python bench/offline.py --shape qwen3-0.6b --num-requests 32 --input-len 8192 8192 --output-len 256 256 --baselines hf-cb-eager ;;
   serving)
-    python bench/offline.py --shape qwen3-0.6b >/dev/null  # makes the model once
-    MODEL=~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel
+    MODEL=$(python -c "import os; from bench.shapes import make_shaped_model as m
+print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel'), 'qwen3-0.6b'))")
     run python bench/serving.py --model "$MODEL" --concurrency 256
     for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done ;;
   profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50 ;;

@@ -261,4 +261,3 @@ class LLMEngine:
         seq.text = seq.text[:index]
         seq.finish("stop", stop)
         return True
-

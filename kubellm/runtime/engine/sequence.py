@@ -50,7 +50,7 @@ class RequestOutput:
 
     def apply(self, delta: RequestDelta) -> None:
         """Fold in what the engine produced since the last delta (the server side of the process split)."""
-        request_id, self.finished, self.num_cached_tokens, self.first_scheduled_time, self.first_token_time, outs = delta
+        _, self.finished, self.num_cached_tokens, self.first_scheduled_time, self.first_token_time, outs = delta
         for index, token_ids, text, logprobs, finish_reason, stop_reason in outs:
             c = self.outputs[index]
             c.token_ids.extend(token_ids)
