@@ -120,6 +120,10 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix_blocks: list[int] = ()) -> bool:
         """Give seq blocks for num_new_tokens more tokens (after any prefix hit). All or nothing."""
+        if not prefix_blocks and seq.block_table:  # a running sequence: most steps fit its last block
+            total = seq.num_computed_tokens + num_new_tokens
+            if (total + self.block_size - 1) // self.block_size <= len(seq.block_table):
+                return True
         reused = sum(1 for b in prefix_blocks if self.blocks[b].ref_count == 0)
         num_computed = seq.num_computed_tokens + len(prefix_blocks) * self.block_size
         needed = self.blocks_for(num_computed + num_new_tokens) - len(seq.block_table) - len(prefix_blocks)

@@ -25,9 +25,18 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     arrival_time: float = 0.0
 
+    # read for every request every step: the one-sequence case skips the generator expressions
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
+
+    @property
+    def first_token_time(self) -> float | None:
+        seqs = self.seqs
+        if len(seqs) == 1:
+            return seqs[0].first_token_time
+        return min((s.first_token_time for s in seqs if s.first_token_time), default=None)
 
     def output(self) -> RequestOutput:
         first = self.seqs[0]
@@ -45,16 +54,8 @@ class Request:
 
     def delta(self) -> RequestDelta:
         first = self.seqs[0]
-        if len(self.seqs) == 1:  # the common case, without the generator expressions (runs every step)
-            finished, first_token_time = first.is_finished, first.first_token_time
-        else:
-            finished, first_token_time = self.finished, self.first_token_time
-        return (self.request_id, finished, first.num_cached_tokens, first.first_scheduled_time, first_token_time,
-                [s.take_delta() for s in self.seqs])
-
-    @property
-    def first_token_time(self) -> float | None:
-        return min((s.first_token_time for s in self.seqs if s.first_token_time), default=None)
+        return (self.request_id, self.finished, first.num_cached_tokens, first.first_scheduled_time,
+                self.first_token_time, [s.take_delta() for s in self.seqs])
 
 
 @dataclass
