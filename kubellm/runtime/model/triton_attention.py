@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 TOKENS_PER_STEP = 64  # KV tokens per loop iteration (several cache blocks)
-PARTITION_TOKENS = 512  # KV tokens per program when a long context is split
+PARTITION_TOKENS = 512  # KV tokens per program when a long context is split (at least)
+MAX_PARTITIONS = 16  # per context: under CUDA graphs the grid covers the model's whole length, mostly idle
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def _paged_decode_kernel(
     stride_c_block, stride_c_tok, stride_c_head,
     stride_bt_seq,
     stride_o_seq, stride_o_head,
-    num_parts, NUM_HEADS: tl.constexpr, SPLIT: tl.constexpr, PART_TOKENS: tl.constexpr,
+    num_parts, part_tokens, NUM_HEADS: tl.constexpr, SPLIT: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -32,9 +33,9 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
-    begin = part * PART_TOKENS
+    begin = part * part_tokens
     if begin < ctx:  # partitions past the context (CUDA graphs size the grid for the longest) do nothing
-        end = tl.minimum(ctx, begin + PART_TOKENS)
+        end = tl.minimum(ctx, begin + part_tokens)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         g_mask = offs_g < GROUP
@@ -79,14 +80,14 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _reduce_partitions_kernel(
-    part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr, stride_o_seq, stride_o_head, num_parts,
-    NUM_HEADS: tl.constexpr, PART_TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+    part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr, stride_o_seq, stride_o_head, num_parts, part_tokens,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One program per (sequence, query head): rescale every used partition to the global max and sum,
     CHUNK partitions at a time (the grid may be sized for far longer contexts than this one)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    used = tl.cdiv(tl.load(context_lens_ptr + seq), PART_TOKENS)
+    used = tl.cdiv(tl.load(context_lens_ptr + seq), part_tokens)
     first = (seq * NUM_HEADS + head) * num_parts
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -109,15 +110,20 @@ def _reduce_partitions_kernel(
     tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def num_partitions(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
-                   part_tokens: int = PARTITION_TOKENS) -> int:
-    """Split contexts only when there are too few (sequence, KV head) programs to fill the GPU. (Triton's CPU
-    interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
-    parts = triton.cdiv(max_context_len, part_tokens)
-    if device.type != "cuda":
-        return max(parts, 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return parts if parts > 1 and seqs * kv_heads < 2 * sms else 1
+def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
+               part_tokens: int = PARTITION_TOKENS) -> tuple[int, int]:
+    """(partitions, tokens per partition). Contexts are split only when there are too few (sequence, KV
+    head) programs to fill the GPU, into at most MAX_PARTITIONS of at least part_tokens tokens. (Triton's
+    CPU interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
+    parts = min(triton.cdiv(max_context_len, part_tokens), MAX_PARTITIONS)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if seqs * kv_heads >= 2 * sms:
+            parts = 1
+    if parts <= 1:
+        return 1, 1 << 30
+    per = triton.cdiv(triton.cdiv(max_context_len, parts), TOKENS_PER_STEP) * TOKENS_PER_STEP
+    return triton.cdiv(max_context_len, per), per
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -128,7 +134,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     seqs, heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
-    parts = num_partitions(seqs, kv_heads, max_context_len, q.device, part_tokens)
+    parts, per_part = split_plan(seqs, kv_heads, max_context_len, q.device, part_tokens)
     out = torch.empty_like(q)
     if parts > 1:
         part_acc = torch.empty(seqs * heads * parts, head_dim, dtype=torch.float32, device=q.device)
@@ -141,13 +147,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        parts, NUM_HEADS=heads, SPLIT=parts > 1, PART_TOKENS=part_tokens if parts > 1 else 1 << 30,
+        parts, per_part, NUM_HEADS=heads, SPLIT=parts > 1,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         TOKENS=TOKENS_PER_STEP, IEEE=q.dtype == torch.float32,
     )
     if parts > 1:
         _reduce_partitions_kernel[(seqs, heads)](
-            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), parts,
-            NUM_HEADS=heads, PART_TOKENS=part_tokens, HEAD_DIM=head_dim, CHUNK=16,
+            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), parts, per_part,
+            NUM_HEADS=heads, HEAD_DIM=head_dim, CHUNK=16,
         )
     return out
