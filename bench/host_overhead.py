@@ -1,5 +1,6 @@
 """Host (CPU) work per engine step, with the model replaced by a stand-in that samples random tokens at once:
-what every GPU step pays on top of its kernels unless it is overlapped. 256 running decodes by default.
+what every GPU step costs the host. Without async scheduling the GPU waits for all of it; with it (the
+default), the next decode step is queued first and this work overlaps it. 256 running decodes by default.
 
     python bench/host_overhead.py --model DIR [--num-seqs 256] [--steps 300]
 """
@@ -26,7 +27,7 @@ def main() -> None:
     from bench.offline import workload
     from kubellm.runtime import LLM, SamplingParams
 
-    llm = LLM(args.model, max_num_seqs=args.num_seqs, num_gpu_blocks=args.num_seqs * 200)
+    llm = LLM(args.model, max_num_seqs=args.num_seqs, num_gpu_blocks=args.num_seqs * 200, async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
     rng = random.Random(0)
     timings = {"schedule": 0.0, "batch prep": 0.0}
@@ -38,16 +39,19 @@ def main() -> None:
         timings["schedule"] += time.perf_counter() - start
         return out
 
-    def stand_in_execute(out):
-        """The runner's host-side part of a decode step (block tables), then random tokens."""
+    def stand_in_launch(out):
+        """The runner's host-side part of a decode step (block tables); the tokens come at collect."""
         start = time.perf_counter()
         runner.host_tables.fill([seq for seq, _ in out.scheduled])
         sampling = [seq for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
         timings["batch prep"] += time.perf_counter() - start
+        return sampling
+
+    def stand_in_collect(sampling):
         return sampling, [rng.randrange(engine.vocab_size) for _ in sampling], [None] * len(sampling)
 
     engine.scheduler.schedule = timed_schedule
-    runner.execute = stand_in_execute
+    runner.launch, runner.collect = stand_in_launch, stand_in_collect
     prompts, _ = workload(args.num_seqs, 100, 1024, 1, 1, engine.vocab_size, 0)
     for i, prompt in enumerate(prompts):  # outputs long enough that nobody finishes while measured
         params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True, detokenize=False)

@@ -28,6 +28,7 @@ class EngineConfig:
     num_cpu_blocks: int | None = None  # override the swap pool size
     queue_timeout_s: float | None = None  # a request waiting longer finishes with reason "timeout"
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
+    async_scheduling: bool = True  # launch the next decode step before the host has this one's tokens
     seed: int = 0
     served_model_name: str | None = None
 

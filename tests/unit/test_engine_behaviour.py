@@ -182,3 +182,63 @@ def test_abort_frees_blocks(tiny_model):
 def test_unknown_engine_option_is_an_error(tiny_model):
     with pytest.raises(TypeError, match="max_num_seq"):
         LLM(tiny_model, max_num_seq=4)
+
+
+def test_async_scheduling_changes_no_output(tiny_model):
+    """Launching the next decode step before the host has this one's tokens is invisible: greedy and seeded
+    outputs, stop strings, stop tokens, n > 1, logprobs and aborts give what the synchronous engine gives,
+    under forced preemption."""
+    prompts = random_prompts(seed=11, lengths=[1, 7, 40, 90, 150, 210, 260, 33])
+    common = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    greedy_ref = LLM(tiny_model, async_scheduling=False).generate(prompts, common)
+    stop_token = greedy_ref[3].outputs[0].token_ids[10]  # a token that really occurs: some requests end on it
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=1, max_tokens=35, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=25, stop=["e", "a"], ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token], ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=20, logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=4, top_k=5, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, top_p=0.9, max_tokens=33, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=6, max_tokens=40),  # EOS may end it
+    ]
+
+    def run(async_scheduling: bool):
+        engine = LLMEngine.from_kwargs(tiny_model, max_num_batched_tokens=64, num_gpu_blocks=30,
+                                       async_scheduling=async_scheduling)
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(f"r{i}", prompt, p)
+        engine.add_request("gone", prompts[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        finished, steps = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                                                 [(lp.token_id, round(lp.logprob, 5)) for lp in c.logprobs or []])
+                                                for c in out.outputs]
+            steps += 1
+            if steps == 30:
+                engine.abort_request("gone")
+        engine.block_manager.check_invariants([])
+        return finished, engine
+
+    sync, sync_engine = run(False)
+    ahead, engine = run(True)
+    assert engine.num_steps_ahead > 10 and engine.scheduler.num_preemptions > 0
+    assert ahead == sync
+    # rows computed ahead for sequences that had ended are dropped, not counted
+    assert engine.stats.generation_tokens == sync_engine.stats.generation_tokens
+    assert sync["r3"][0][2] == "stop" and sync["r3"][0][3] == stop_token  # the stop token really ended one
+    assert greedy_ref[0].outputs[0].token_ids[:30] == sync["r0"][0][0]
+
+
+def test_a_new_request_is_scheduled_at_the_next_step_after_idle(tiny_model):
+    """A step launched ahead for sequences that have all ended is dropped, not run in a new request's place."""
+    engine = LLMEngine.from_kwargs(tiny_model)
+    # ends on its first token, which nothing can foresee: the step launched ahead for it is left over
+    engine.add_request("stops", [4, 5], SamplingParams(temperature=0, max_tokens=50, stop_token_ids=list(range(512))))
+    engine.step()
+    assert not engine.has_unfinished_requests() and engine.num_steps_ahead == 1
+    engine.add_request("next", [6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 0

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.detokenizer import Detokenizer
-from kubellm.runtime.engine.scheduler import Scheduler
+from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import RequestDelta, RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
-from kubellm.runtime.model.runner import ModelRunner
+from kubellm.runtime.model.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.sampling_params import SamplingParams
 
 
@@ -115,6 +115,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self._ahead: tuple[SchedulerOutput, LaunchedStep] | None = None  # a step launched before its turn
+        self.num_steps_ahead = 0
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
@@ -190,12 +192,29 @@ class LLMEngine:
 
     def step_requests(self) -> list[Request]:
         """One step; the requests that changed (finished ones are no longer tracked afterwards). Callers
-        that need only deltas or final outputs use this and skip copying every output every step."""
-        out = self.scheduler.schedule()
-        sampled, tokens, logprobs = self.runner.execute(out)
+        that need only deltas or final outputs use this and skip copying every output every step.
+
+        With async scheduling, the next decode step is launched before this step's tokens reach the host,
+        so the device never waits for the host's bookkeeping (see _launch_ahead)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not all(seq.is_finished for seq, _ in ahead[0].scheduled):
+            out, launched = ahead
+        else:  # nothing launched ahead, or everything it ran has ended since (then it is dropped)
+            out = self.scheduler.schedule()
+            launched = self.runner.launch(out)
+        if self.config.async_scheduling:
+            self._ahead = self._launch_ahead(out, launched)
+        sampled, tokens, logprobs = self.runner.collect(launched)
+        if self._ahead is not None or any(s.is_finished for s in sampled):
+            # a step launched ahead also ran rows whose sequence has ended since (its length, an abort, a
+            # stop): their results are dropped
+            live = [i for i, s in enumerate(sampled) if not s.is_finished]
+            sampled, tokens, logprobs = [sampled[i] for i in live], [tokens[i] for i in live], [logprobs[i] for i in live]
         touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
         now = time.monotonic()
         for seq, n in out.scheduled:
+            if seq.is_finished:
+                continue
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
@@ -222,6 +241,37 @@ class LLMEngine:
             if req.finished:
                 del self.requests[request_id]
         return results
+
+    def _launch_ahead(self, out: SchedulerOutput, launched: LaunchedStep) -> tuple[SchedulerOutput, LaunchedStep] | None:
+        """Launch the step after `launched` now, while it runs, when the scheduler could only repeat it: every
+        row sampled (so each continues with one decode), nobody waiting or swapped out, no penalties (they
+        need the token being sampled). Rows of sequences that end with the running step's token (their
+        length) compute nothing; any that end otherwise (EOS, a stop string, an abort) are dropped when
+        collected. Blocks freed meanwhile are reused only by steps queued later on the same stream."""
+        sch = self.scheduler
+        seqs = launched.sampling
+        if not seqs or len(seqs) != len(out.scheduled) or sch.waiting or sch.swapped:
+            return None
+        keep = [i for i, s in enumerate(seqs) if not s.is_finished]
+        if not keep or any(seqs[i].params.has_penalties for i in keep):
+            return None
+        in_flight = {id(seq): n for seq, n in out.scheduled}  # tokens the running step computes per sequence
+        positions: list[int | None] = []
+        for i in keep:
+            seq = seqs[i]
+            n = in_flight[id(seq)]
+            ends = seq.num_output_tokens + 1 >= seq.max_tokens or len(seq) + 1 >= self.max_model_len
+            if ends:
+                positions.append(None)
+            elif self.block_manager.allocate(seq, n + 1):
+                positions.append(seq.num_computed_tokens + n)
+            else:  # out of blocks: the scheduler decides (preemption) next step
+                return None
+        if all(p is None for p in positions):  # every sequence ends with the running step
+            return None
+        ahead = self.runner.launch_ahead(launched, keep, positions)
+        self.num_steps_ahead += 1
+        return SchedulerOutput(scheduled=[(seqs[i], 1) for i in keep]), ahead
 
     def _check_finished(self, seq: Sequence, token: int, text_before: int) -> None:
         p = seq.params

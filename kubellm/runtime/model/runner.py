@@ -5,6 +5,7 @@ into input tensors and attention metadata, runs the forward, and samples.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,15 @@ from kubellm.runtime.model.loader import ModelInfo, load_model
 from kubellm.runtime.model.sampler import Sampler
 
 log = logging.getLogger("kubellm.runner")
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: one sampled token per sequence in `sampling`, still on the device."""
+
+    sampling: list[Sequence]
+    tokens: torch.Tensor | None  # [len(sampling)]
+    logits: torch.Tensor | None  # the raw logits, kept only when a sequence asked for logprobs
 
 
 class HostBlockTables:
@@ -151,27 +161,45 @@ class ModelRunner:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", sizes)
 
-    def _run_graph(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        n = len(batch)
+    def _decode_rows(self, seqs: list[Sequence], positions: list[int | None]) -> tuple[list, list, list]:
+        """(positions, cache slots, context lengths) of one-token rows. A None position is a row that computes
+        nothing useful: it attends to one token and writes its K/V to the scratch block."""
+        bs = self.block_size
+        pos, slots, ctx = [], [], []
+        for seq, p in zip(seqs, positions):
+            if p is None:
+                pos.append(0)
+                slots.append(self.scratch_block * bs)
+                ctx.append(1)
+            else:
+                pos.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+                ctx.append(p + 1)
+        return pos, slots, ctx
+
+    def _run_graph(self, seqs: list[Sequence], positions: list[int | None],
+                   input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Replay the smallest captured decode graph that fits; input ids from the host, or already on the
+        device (a step launched before the previous one's tokens reached the host)."""
+        n = len(seqs)
         bs = next(size for size in sorted(self.graphs) if size >= n)
         graph, hidden = self.graphs[bs]
-        ids, pos, slots, ctx = [], [], [], []
-        for seq, _ in batch:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size)
-            ctx.append(p + 1)
-        tables = self.host_tables.fill([seq for seq, _ in batch])
+        pos, slots, ctx = self._decode_rows(seqs, positions)
+        tables = self.host_tables.fill(seqs)
         # padded rows (n … bs-1) attend to one token through whatever table their row holds and write
         # their K/V to the scratch block; their outputs are dropped
         pad = bs - n
-        dev = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad,
-                            ctx + [1] * pad]).to(self.device)
-        self.g_input[:bs].copy_(dev[0])
-        self.g_positions[:bs].copy_(dev[1])
-        self.g_slots[:bs].copy_(dev[2])
-        self.g_context[:bs].copy_(dev[3])
+        rows = [pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad, ctx + [1] * pad]
+        if isinstance(input_ids, list):
+            rows.append(input_ids + [0] * pad)
+        dev = torch.tensor(rows).to(self.device)
+        self.g_positions[:bs].copy_(dev[0])
+        self.g_slots[:bs].copy_(dev[1])
+        self.g_context[:bs].copy_(dev[2])
+        if isinstance(input_ids, list):
+            self.g_input[:bs].copy_(dev[3])
+        else:
+            self.g_input[:n].copy_(input_ids)
         self.g_tables[:n, : tables.shape[1]].copy_(tables.to(self.device))
         graph.replay()
         return hidden[:n]
@@ -185,7 +213,8 @@ class ModelRunner:
         if src.device != s.device:
             s = s.to(src.device)
         dst_index = d.to(dst.device)
-        dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=True)
+        # to the host: a blocking copy, since the host indexes the result at once; to the device: queued
+        dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=dst.device.type != "cpu")
 
     # ------------------------------------------------------------------ a step
     def _prepare(self, batch: list[tuple[Sequence, int]]):
@@ -223,25 +252,63 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
         """Run one scheduled step; returns the sequences that produced a token, the tokens and logprobs."""
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue one scheduled step on the device, sampling included; nothing waits for it here."""
         self._copy_blocks(out.swap_out, self.kv_cache, self.cpu_cache)
         self._copy_blocks(out.swap_in, self.cpu_cache, self.kv_cache)
         if not out.scheduled:
-            return [], [], []
+            return LaunchedStep([], None, None)
         # decodes first: attention handles them as one padded batch
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
         if self.graphs and len(sampling) == len(batch) <= max(self.graphs) and all(n == 1 for _, n in batch):
-            hidden = self._run_graph(batch)  # every row is a decode, and every row samples
+            positions = [seq.num_computed_tokens for seq in sampling]  # every row is a decode that samples
+            hidden = self._run_graph(sampling, positions, [seq.token_ids[p] for seq, p in zip(sampling, positions)])
         else:
             input_ids, positions, meta, sample_rows = self._prepare(batch)
-            set_context(meta)
-            try:
-                hidden = self.model(input_ids, positions)
-            finally:
-                set_context(None)
-            hidden = hidden[sample_rows]
+            hidden = self._forward(input_ids, positions, meta)[sample_rows]
+        return self._sample(hidden, sampling)
+
+    @torch.inference_mode()
+    def launch_ahead(self, prev: LaunchedStep, keep: list[int], positions: list[int | None]) -> LaunchedStep:
+        """Queue the next decode step of rows `keep` of `prev` before prev's tokens reach the host: each row's
+        input is its token from prev, taken on the device, at the given position (None: the sequence ends
+        with prev's token; the row computes nothing useful)."""
+        seqs = [prev.sampling[i] for i in keep]
+        ids = prev.tokens
+        if len(keep) != len(prev.sampling):
+            ids = ids.index_select(0, torch.tensor(keep, dtype=torch.long, device=ids.device))
+        if self.graphs and len(seqs) <= max(self.graphs):
+            hidden = self._run_graph(seqs, positions, ids)
+        else:
+            pos, slots, ctx = self._decode_rows(seqs, positions)
+            dev = self.device
+            meta = AttentionMetadata(torch.tensor(slots, device=dev), self.host_tables.fill(seqs).to(dev),
+                                     torch.tensor(ctx, device=dev), [1] * len(seqs), ctx, len(seqs))
+            hidden = self._forward(ids, torch.tensor(pos, device=dev), meta)
+        return self._sample(hidden, seqs)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        set_context(meta)
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            set_context(None)
+
+    def _sample(self, hidden: torch.Tensor, sampling: list[Sequence]) -> LaunchedStep:
         if not sampling:
-            return [], [], []
+            return LaunchedStep([], None, None)
         logits = self.model.compute_logits(hidden)
-        tokens, logprobs = self.sampler(logits, sampling)
-        return sampling, tokens, logprobs
+        wanted = any(s.params.logprobs is not None for s in sampling)  # else free the logits at once
+        return LaunchedStep(sampling, self.sampler.sample(logits, sampling), logits if wanted else None)
+
+    @torch.inference_mode()
+    def collect(self, step: LaunchedStep) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Wait for a launched step; its sampled sequences, their tokens and logprobs, on the host."""
+        if not step.sampling:
+            return [], [], []
+        tokens, logprobs = self.sampler.to_host(step.tokens, step.logits, step.sampling)
+        return step.sampling, tokens, logprobs

@@ -66,7 +66,11 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [len(seqs), vocab] fp32 → one token per sequence, plus logprobs where asked."""
-        raw = logits
+        return self.to_host(self.sample(logits, seqs), logits, seqs)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Queue the sampling of one token per row; the tokens stay on the device."""
         if any(s.params.has_penalties for s in seqs):
             logits = _apply_penalties(logits.clone(), seqs)
         tokens = logits.argmax(dim=-1)
@@ -77,7 +81,13 @@ class Sampler:
             temps = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
             probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
             tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
-        if tokens.is_cuda:  # wait with the GIL released, so the server's event loop runs meanwhile
+        return tokens
+
+    @torch.inference_mode()
+    def to_host(self, tokens: torch.Tensor, raw: torch.Tensor,
+                seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for sampled tokens; logprobs (from the raw logits) where asked."""
+        if tokens.is_cuda:  # wait with the GIL released, so other threads run meanwhile
             torch.cuda.current_stream(tokens.device).synchronize()
         token_list = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
