@@ -23,7 +23,8 @@ run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights"
 PART="${1:?part: check | qwen | llama | long | serving | profile}"
 case "$PART" in
   check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_attention.py -k "cuda or triton" ;;
-  qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb ;;
+  qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb
+        run python bench/offline.py --shape qwen3-0.6b --no-async-scheduling ;;  # what the overlap buys
   llama) run python bench/offline.py --shape llama-3.2-1b --baselines hf-cb ;;
   long) run python bench/offline.py --shape qwen3-0.6b --num-requests 32 --input-len 8192 8192 --output-len 256 256 --baselines hf-cb-eager ;;
   serving)

@@ -56,6 +56,8 @@ def _add_serve(sub) -> None:
         s.add_argument(flag, type=kind)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--enforce-eager", action="store_true", default=None)
+    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch the next decode step before the host has this one's tokens (default on)")
     s.set_defaults(func=_serve)
 
 

@@ -44,6 +44,7 @@ class ServerConfig(BaseSettings):
     gpu_memory_utilization: float = _ENGINE["gpu_memory_utilization"]
     cpu_kv_cache_bytes: int = _ENGINE["cpu_kv_cache_bytes"]
     enforce_eager: bool = _ENGINE["enforce_eager"]
+    async_scheduling: bool = _ENGINE["async_scheduling"]
     seed: int = _ENGINE["seed"]
 
     def engine_options(self) -> dict:
