@@ -209,7 +209,7 @@ class LLMEngine:
             # a step launched ahead also ran rows whose sequence has ended since (its length, an abort, a
             # stop): their results are dropped
             live = [i for i, s in enumerate(sampled) if not s.is_finished]
-            sampled, tokens, logprobs = [sampled[i] for i in live], [tokens[i] for i in live], [logprobs[i] for i in live]
+            sampled, tokens, logprobs = ([x[i] for i in live] for x in (sampled, tokens, logprobs))
         touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
         now = time.monotonic()
         for seq, n in out.scheduled:
@@ -242,7 +242,8 @@ class LLMEngine:
                 del self.requests[request_id]
         return results
 
-    def _launch_ahead(self, out: SchedulerOutput, launched: LaunchedStep) -> tuple[SchedulerOutput, LaunchedStep] | None:
+    def _launch_ahead(self, out: SchedulerOutput,
+                      launched: LaunchedStep) -> tuple[SchedulerOutput, LaunchedStep] | None:
         """Launch the step after `launched` now, while it runs, when the scheduler could only repeat it: every
         row sampled (so each continues with one decode), nobody waiting or swapped out, no penalties (they
         need the token being sampled). Rows of sequences that end with the running step's token (their
