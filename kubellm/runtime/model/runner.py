@@ -14,18 +14,17 @@ from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
 from kubellm.runtime.model.loader import ModelInfo, load_model
-from kubellm.runtime.model.sampler import Sampler
+from kubellm.runtime.model.sampler import SampledTokens, Sampler, to_device
 
 log = logging.getLogger("kubellm.runner")
 
 
 @dataclass
 class LaunchedStep:
-    """A step queued on the device: one sampled token per sequence in `sampling`, still on the device."""
+    """A step queued on the device: one sampled token per sequence in `sampling`."""
 
     sampling: list[Sequence]
-    tokens: torch.Tensor | None  # [len(sampling)]
-    logits: torch.Tensor | None  # the raw logits, kept only when a sequence asked for logprobs
+    sampled: SampledTokens | None
 
 
 class HostBlockTables:
@@ -192,7 +191,7 @@ class ModelRunner:
         rows = [pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad, ctx + [1] * pad]
         if isinstance(input_ids, list):
             rows.append(input_ids + [0] * pad)
-        dev = torch.tensor(rows).to(self.device)
+        dev = to_device(rows, self.device)
         self.g_positions[:bs].copy_(dev[0])
         self.g_slots[:bs].copy_(dev[1])
         self.g_context[:bs].copy_(dev[2])
@@ -200,7 +199,7 @@ class ModelRunner:
             self.g_input[:bs].copy_(dev[3])
         else:
             self.g_input[:n].copy_(input_ids)
-        self.g_tables[:n, : tables.shape[1]].copy_(tables.to(self.device))
+        self.g_tables[:n, : tables.shape[1]].copy_(self._table_to_device(tables))
         graph.replay()
         return hidden[:n]
 
@@ -260,7 +259,7 @@ class ModelRunner:
         self._copy_blocks(out.swap_out, self.kv_cache, self.cpu_cache)
         self._copy_blocks(out.swap_in, self.cpu_cache, self.kv_cache)
         if not out.scheduled:
-            return LaunchedStep([], None, None)
+            return LaunchedStep([], None)
         # decodes first: attention handles them as one padded batch
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
@@ -278,18 +277,23 @@ class ModelRunner:
         input is its token from prev, taken on the device, at the given position (None: the sequence ends
         with prev's token; the row computes nothing useful)."""
         seqs = [prev.sampling[i] for i in keep]
-        ids = prev.tokens
+        ids = prev.sampled.tokens
         if len(keep) != len(prev.sampling):
-            ids = ids.index_select(0, torch.tensor(keep, dtype=torch.long, device=ids.device))
+            ids = ids.index_select(0, to_device(keep, self.device))
         if self.graphs and len(seqs) <= max(self.graphs):
             hidden = self._run_graph(seqs, positions, ids)
         else:
             pos, slots, ctx = self._decode_rows(seqs, positions)
-            dev = self.device
-            meta = AttentionMetadata(torch.tensor(slots, device=dev), self.host_tables.fill(seqs).to(dev),
-                                     torch.tensor(ctx, device=dev), [1] * len(seqs), ctx, len(seqs))
-            hidden = self._forward(ids, torch.tensor(pos, device=dev), meta)
+            tables = self._table_to_device(self.host_tables.fill(seqs))
+            meta = AttentionMetadata(to_device(slots, self.device), tables, to_device(ctx, self.device),
+                                     [1] * len(seqs), ctx, len(seqs))
+            hidden = self._forward(ids, to_device(pos, self.device), meta)
         return self._sample(hidden, seqs)
+
+    def _table_to_device(self, tables: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tables
+        return tables.pin_memory().to(self.device, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         set_context(meta)
@@ -300,15 +304,13 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, sampling: list[Sequence]) -> LaunchedStep:
         if not sampling:
-            return LaunchedStep([], None, None)
-        logits = self.model.compute_logits(hidden)
-        wanted = any(s.params.logprobs is not None for s in sampling)  # else free the logits at once
-        return LaunchedStep(sampling, self.sampler.sample(logits, sampling), logits if wanted else None)
+            return LaunchedStep([], None)
+        return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling))
 
     @torch.inference_mode()
     def collect(self, step: LaunchedStep) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
         """Wait for a launched step; its sampled sequences, their tokens and logprobs, on the host."""
         if not step.sampling:
             return [], [], []
-        tokens, logprobs = self.sampler.to_host(step.tokens, step.logits, step.sampling)
+        tokens, logprobs = self.sampler.to_host(step.sampled, step.sampling)
         return step.sampling, tokens, logprobs

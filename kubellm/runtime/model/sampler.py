@@ -6,9 +6,28 @@ output does not depend on what else is in the batch; the others share the engine
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list on the device without waiting for the device: through pinned memory, queued on the
+    stream. (A plain copy waits for everything queued before it, which would stall a step launched ahead.)"""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+@dataclass
+class SampledTokens:
+    """Tokens sampled on the device, and their copy on its way to the host (ready once `ready` is)."""
+
+    tokens: torch.Tensor  # on the device: a step launched ahead reads its inputs here
+    host: torch.Tensor
+    logprobs: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, chosen, top values, top ids
+    ready: torch.cuda.Event | None
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -34,16 +53,16 @@ def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     min_p = [s.params.min_p for s in seqs]
     if any(min_p):
         probs = torch.softmax(x, dim=-1)
-        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        floor = to_device(min_p, device, torch.float32)[:, None] * probs.max(dim=-1, keepdim=True).values
         x = x.masked_fill(probs < floor, float("-inf"))
     top_k = [s.params.top_k or vocab for s in seqs]
     top_p = [s.params.top_p for s in seqs]
     if min(top_k) < vocab or min(top_p) < 1.0:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         ranks = torch.arange(vocab, device=device)[None, :]
-        drop = ranks >= torch.tensor(top_k, device=device)[:, None]
+        drop = ranks >= to_device(top_k, device)[:, None]
         probs = torch.softmax(sorted_x, dim=-1)
-        drop |= (torch.cumsum(probs, dim=-1) - probs) > torch.tensor(top_p, device=device)[:, None]
+        drop |= (torch.cumsum(probs, dim=-1) - probs) > to_device(top_p, device, torch.float32)[:, None]
         drop[:, 0] = False
         x = x.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
     return x
@@ -66,38 +85,48 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [len(seqs), vocab] fp32 → one token per sequence, plus logprobs where asked."""
-        return self.to_host(self.sample(logits, seqs), logits, seqs)
+        return self.to_host(self.sample(logits, seqs), seqs)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Queue the sampling of one token per row; the tokens stay on the device."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """Queue the sampling of one token per row (and the logprobs asked for), and their copy to the host;
+        nothing here waits for the device."""
+        raw = logits
         if any(s.params.has_penalties for s in seqs):
             logits = _apply_penalties(logits.clone(), seqs)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             picked = [seqs[i] for i in rows]
-            index = torch.tensor(rows, device=logits.device)
-            temps = torch.tensor([s.params.temperature for s in picked], device=logits.device)[:, None]
+            index = to_device(rows, logits.device)
+            temps = to_device([s.params.temperature for s in picked], logits.device, torch.float32)[:, None]
             probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
             tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
-        return tokens
-
-    @torch.inference_mode()
-    def to_host(self, tokens: torch.Tensor, raw: torch.Tensor,
-                seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Wait for sampled tokens; logprobs (from the raw logits) where asked."""
-        if tokens.is_cuda:  # wait with the GIL released, so other threads run meanwhile
-            torch.cuda.current_stream(tokens.device).synchronize()
-        token_list = tokens.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        logprobs = None
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wanted:
             lp = torch.log_softmax(raw[wanted], dim=-1)
             k = max(seqs[i].params.logprobs for i in wanted)
             top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
-            chosen = lp.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1).tolist()
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            chosen = lp.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1)
+            logprobs = (wanted, *(t.to("cpu", non_blocking=True) for t in (chosen, top_vals, top_ids)))
+        if not tokens.is_cuda:
+            return SampledTokens(tokens, tokens, logprobs, None)
+        host = tokens.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+        ready = torch.cuda.Event()
+        ready.record()
+        return SampledTokens(tokens, host, logprobs, ready)
+
+    @staticmethod
+    def to_host(sampled: SampledTokens, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for these tokens only (not for steps queued after them), with the GIL released."""
+        if sampled.ready is not None:
+            sampled.ready.synchronize()
+        token_list = sampled.host.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if sampled.logprobs is not None:
+            wanted, chosen, top_vals, top_ids = sampled.logprobs
+            chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
             for j, i in enumerate(wanted):
                 n = seqs[i].params.logprobs
                 logprobs[i] = TokenLogprob(token_list[i], chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
