@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
-from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_prompt
+from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_prompt, tokenize_prompt
 from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -215,10 +215,7 @@ class AsyncLLMEngine:
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                      priority: int = 0) -> Submission:
         """Tokenize and validate here, so a bad request is refused without a round trip."""
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            text, ids = None, [int(t) for t in prompt]
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
         check_prompt(ids, self.vocab_size, self.max_model_len)
         return Submission(request_id, text, ids, params, priority, time.monotonic())
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+PROMPT_CONTEXT = 5  # prompt tokens decoded with the first generated ones (a leading space, a merged byte)
+
 
 class TextStream(Protocol):
     """What incremental detokenization reads and advances (a Sequence, or the server's DecodeState)."""
@@ -29,9 +31,7 @@ class DecodeState:
 
     @classmethod
     def after_prompt(cls, prompt_token_ids: list[int]) -> "DecodeState":
-        # the prompt's last tokens give the first generated token its context (a leading space, a merged
-        # byte); the same window a Sequence starts with
-        tail = list(prompt_token_ids[-5:])
+        tail = list(prompt_token_ids[-PROMPT_CONTEXT:])
         return cls(tail, 0, len(tail))
 
 

@@ -79,6 +79,13 @@ class EngineSnapshot:
     oldest_waiting_arrival: float | None = None  # time.monotonic() of the longest-waiting unscheduled request
 
 
+def tokenize_prompt(tokenizer, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    """(text, token ids) of a prompt given as text or as token ids."""
+    if isinstance(prompt, str):
+        return prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    return None, [int(t) for t in prompt]
+
+
 def check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
     """Refuse a prompt the engine could never run, with a message for the user."""
     if not ids:
@@ -132,10 +139,7 @@ class LLMEngine:
         arrival_time: float | None = None,
     ) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            text, ids = None, [int(t) for t in prompt]
+        text, ids = tokenize_prompt(self.tokenizer, prompt)
         check_prompt(ids, self.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kubellm.runtime.engine.detokenizer import PROMPT_CONTEXT
 from kubellm.runtime.sampling_params import SamplingParams
 
 
@@ -112,7 +113,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         # incremental detokenization state (vLLM's prefix/read offsets)
         self.text = ""
-        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
+        self.prefix_offset = max(self.num_prompt_tokens - PROMPT_CONTEXT, 0)
         self.read_offset = self.num_prompt_tokens
         # how much of the output the last delta carried
         self.sent_tokens = self.sent_text = self.sent_logprobs = 0

@@ -199,7 +199,7 @@ class ModelRunner:
             self.g_input[:bs].copy_(dev[3])
         else:
             self.g_input[:n].copy_(input_ids)
-        self.g_tables[:n, : tables.shape[1]].copy_(self._table_to_device(tables))
+        self.g_tables[:n, : tables.shape[1]].copy_(to_device(tables, self.device))
         graph.replay()
         return hidden[:n]
 
@@ -284,16 +284,11 @@ class ModelRunner:
             hidden = self._run_graph(seqs, positions, ids)
         else:
             pos, slots, ctx = self._decode_rows(seqs, positions)
-            tables = self._table_to_device(self.host_tables.fill(seqs))
+            tables = to_device(self.host_tables.fill(seqs), self.device)
             meta = AttentionMetadata(to_device(slots, self.device), tables, to_device(ctx, self.device),
                                      [1] * len(seqs), ctx, len(seqs))
             hidden = self._forward(ids, to_device(pos, self.device), meta)
         return self._sample(hidden, seqs)
-
-    def _table_to_device(self, tables: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return tables
-        return tables.pin_memory().to(self.device, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         set_context(meta)

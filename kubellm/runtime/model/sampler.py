@@ -13,10 +13,10 @@ import torch
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
 
 
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A host list on the device without waiting for the device: through pinned memory, queued on the
+def to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values on the device without waiting for the device: through pinned memory, queued on the
     stream. (A plain copy waits for everything queued before it, which would stall a step launched ahead.)"""
-    t = torch.tensor(values, dtype=dtype)
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
