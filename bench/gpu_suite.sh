@@ -22,7 +22,7 @@ python -c "import torch, transformers, triton; print('torch', torch.__version__,
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
 PART="${1:?part: check | qwen | llama | long | serving | profile}"
 case "$PART" in
-  check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_attention.py -k "cuda or triton" ;;
+  check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton" ;;
   qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb
         run python bench/offline.py --shape qwen3-0.6b --no-async-scheduling ;;  # what the overlap buys
   llama) run python bench/offline.py --shape llama-3.2-1b --baselines hf-cb ;;

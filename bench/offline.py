@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                    help="torch: the unfused path (no CUDA graphs), to see what the Triton kernels buy")
     ap.add_argument("--baselines", nargs="*", default=[], choices=["hf-static", "hf-cb", "hf-cb-eager"],
                     help="also run HF transformers on the same model and workload, after kubellm")
     ap.add_argument("--profile-steps", type=int, default=0,
@@ -54,7 +56,7 @@ def main() -> None:
         model = make_shaped_model(os.path.join(args.cache_dir, f"{args.shape}-wordlevel"), args.shape)
     llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, kernels=args.kernels)
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]

@@ -52,7 +52,7 @@ def _add_serve(sub) -> None:
     for flag, kind in (("--dtype", str), ("--device", str), ("--max-model-len", int), ("--max-num-seqs", int),
                        ("--max-num-batched-tokens", int), ("--block-size", int), ("--scheduling-policy", str),
                        ("--preemption-mode", str), ("--gpu-memory-utilization", float),
-                       ("--cpu-kv-cache-bytes", int), ("--seed", int)):
+                       ("--cpu-kv-cache-bytes", int), ("--seed", int), ("--kernels", str)):
         s.add_argument(flag, type=kind)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--enforce-eager", action="store_true", default=None)

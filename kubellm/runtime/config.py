@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
+KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 @dataclass(slots=True)
@@ -29,6 +30,7 @@ class EngineConfig:
     queue_timeout_s: float | None = None  # a request waiting longer finishes with reason "timeout"
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
     async_scheduling: bool = True  # launch the next decode step before the host has this one's tokens
+    kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton": see model/kernels.py
     seed: int = 0
     served_model_name: str | None = None
 
@@ -39,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

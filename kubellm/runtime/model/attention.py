@@ -1,5 +1,6 @@
 """Paged attention: the per-step metadata (a module-global context, so the model's forward takes only
-tensors), the exact torch implementation (CPU, and prefill everywhere) and, on CUDA, the Triton decode kernel.
+tensors), the exact torch implementation (the CPU path) and the dispatch to the Triton decode and prefill
+kernels (the CUDA path, see kernels.py).
 
 A batch holds decode tokens first (one per sequence), then prefill chunks. Every layer writes the whole
 batch's K/V into the cache before any sequence reads it.
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
+
+from kubellm.runtime.model.kernels import use_triton
 
 
 DENSE_MASK_LIMIT = 1 << 20  # query × key elements up to which a prefill chunk uses an explicit mask
@@ -25,6 +28,7 @@ class AttentionMetadata:
     context_lens_list: list[int]
     num_decodes: int  # the first num_decodes sequences are single-token decodes
     max_decode_context: int | None = None  # bound on decode contexts; None: read it from context_lens_list
+    prefill_tiles: tuple[torch.Tensor, torch.Tensor] | None = None  # the Triton prefill kernel's work list
 
 
 _CONTEXT: AttentionMetadata | None = None
@@ -53,6 +57,15 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
     return x.flatten(1, 2)[:, :length]
 
 
+def _prefill_tiles(meta: AttentionMetadata, dtype: torch.dtype, device: torch.device):
+    from kubellm.runtime.model.sampler import to_device
+    from kubellm.runtime.model.triton_attention import prefill_block_m, prefill_tiles
+
+    nd = meta.num_decodes
+    seq_info, tiles = prefill_tiles(meta.query_lens[nd:], meta.context_lens_list[nd:], prefill_block_m(dtype))
+    return to_device(seq_info, device), to_device(tiles, device)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [tokens, heads, head_dim] → [tokens, heads, head_dim], reading K/V from the paged cache."""
     meta = get_context()
@@ -62,7 +75,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    if nd and q.is_cuda and k_cache.shape[-1] & (k_cache.shape[-1] - 1) == 0:
+    triton = use_triton()
+    if nd and triton:
         from kubellm.runtime.model.triton_attention import paged_decode_attention
 
         bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
@@ -79,6 +93,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out[:nd] = torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(nd, heads, head_dim)
 
+    if triton and len(meta.query_lens) > nd:
+        from kubellm.runtime.model.triton_attention import paged_prefill_attention
+
+        if meta.prefill_tiles is None:  # built by the first layer, reused by the others
+            meta.prefill_tiles = _prefill_tiles(meta, q.dtype, q.device)
+        out[nd:] = paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles,
+                                           scale)
+        return out
     start = nd
     for i in range(nd, len(meta.query_lens)):
         qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kubellm.runtime.model.attention import get_context, paged_attention, write_kv
+from kubellm.runtime.model.kernels import use_triton
 from kubellm.runtime.model.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -75,7 +76,22 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # views into the runner's KV tensor
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if use_triton():  # one kernel: q/k norm, rotary, K/V into the cache
+            from kubellm.runtime.model.triton_ops import qkv_rope_write
+
+            q = qkv_rope_write(qkv, positions, self.rotary.cos, self.rotary.sin,
+                               self.q_norm.weight if self.qk_norm else None,
+                               self.k_norm.weight if self.qk_norm else None,
+                               self.q_norm.eps if self.qk_norm else 0.0, self.k_cache, self.v_cache,
+                               get_context().slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = self._rope_write(positions, qkv)
+        o = paged_attention(q, self.k_cache, self.v_cache, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+    def _rope_write(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -83,8 +99,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         write_kv(k, v, self.k_cache, self.v_cache, get_context().slot_mapping)
-        o = paged_attention(q, self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return q
 
 
 class MLP(nn.Module):
@@ -105,9 +120,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) → (this layer's MLP output, the residual stream before it): HF's
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))` with each add done inside the next norm, where the
+        CUDA path fuses it."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -119,10 +143,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):

@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, packed linear layers, SiLU-and-mul.
+"""Building blocks of the decoder: RMSNorm, rotary embedding, packed linear layers, SiLU-and-mul (each with a
+fused Triton kernel for the CUDA path in triton_ops.py).
 
 Each computes exactly what HF transformers computes (same dtype casts, same order) so that fp32 greedy
 output matches token for token.
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.runtime.model.kernels import use_triton
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
@@ -17,7 +20,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual: (norm(x + residual), x + residual), the sum HF's decoder layer adds
+        before its next norm. The Triton kernel updates `residual` in place."""
+        if use_triton():
+            from kubellm.runtime.model.triton_ops import rms_norm
+
+            out, residual = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -81,5 +97,9 @@ class MergedLinear(nn.Module):
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if use_triton():
+        from kubellm.runtime.model import triton_ops
+
+        return triton_ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -12,6 +12,7 @@ import torch
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.model import kernels
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
 from kubellm.runtime.model.loader import ModelInfo, load_model
 from kubellm.runtime.model.sampler import SampledTokens, Sampler, to_device
@@ -77,6 +78,7 @@ class ModelRunner:
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
         self.model = load_model(config.model, info, self.device, max_model_len)
         self.sampler = Sampler(self.device, config.seed)
         shape = info.shape
@@ -101,12 +103,12 @@ class ModelRunner:
         self.host_tables = HostBlockTables(max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) //
                                            self.block_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not config.enforce_eager and shape.head_dim & (shape.head_dim - 1) == 0:
+        if self.device.type == "cuda" and not config.enforce_eager and triton:  # graphs need fixed-shape kernels
             self._capture_decode_graphs()
         log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s",
+            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels",
             self.num_gpu_blocks, self.block_size, self.num_gpu_blocks * self.block_bytes / 2**20,
-            self.num_cpu_blocks, self.device, info.dtype,
+            self.num_cpu_blocks, self.device, info.dtype, "Triton" if triton else "torch",
         )
 
     def _kv_budget_blocks(self) -> int:

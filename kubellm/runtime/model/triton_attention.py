@@ -157,3 +157,105 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             NUM_HEADS=heads, HEAD_DIM=head_dim, CHUNK=16,
         )
     return out
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_info_ptr, tiles_ptr, out_ptr, scale,
+    stride_q_tok, stride_q_head,
+    stride_c_block, stride_c_tok, stride_c_head,
+    stride_bt_seq,
+    stride_o_tok, stride_o_head,
+    num_seqs, num_tiles,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program: BLOCK_M consecutive queries of one prefill chunk, one query head. The chunk's queries sit
+    at the end of its context (earlier tokens are prefix-cached or earlier chunks, already in the cache, and
+    this chunk's K/V were written before the call): query j of a chunk of q_len in a context of ctx tokens
+    is at position ctx - q_len + j and sees keys 0 … that position."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(tiles_ptr + tile)
+    first = tl.load(tiles_ptr + num_tiles + tile)  # the tile's first query, within its chunk
+    q_start = tl.load(seq_info_ptr + seq)
+    q_len = tl.load(seq_info_ptr + num_seqs + seq)
+    ctx = tl.load(seq_info_ptr + 2 * num_seqs + seq)
+    kv_head = head // GROUP
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    q_pos = ctx - q_len + offs_m
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_M)  # keys past the tile's last query are masked anyway
+    for start in range(0, hi, BLOCK_N):
+        pos = start + offs_n
+        valid = pos < hi
+        block_ids = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=valid, other=0)
+        base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
+        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        # every query sees key 0, so each row has a finite max after the first iteration (no NaN from -inf - -inf)
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def prefill_block_m(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 64  # fp32 tiles are twice the bytes: keep them within shared memory
+
+
+def prefill_tiles(query_lens: list[int], context_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """Host metadata of one batch's prefill chunks, as two flat lists for one device copy each:
+    seq_info = query starts (in the packed queries), query lengths, context lengths; tiles = each program's
+    chunk index, then its first query within the chunk."""
+    starts, start, tile_seqs, tile_firsts = [], 0, [], []
+    for i, n in enumerate(query_lens):
+        starts.append(start)
+        start += n
+        for first in range(0, n, block_m):
+            tile_seqs.append(i)
+            tile_firsts.append(first)
+    return starts + list(query_lens) + list(context_lens), tile_seqs + tile_firsts
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_info: torch.Tensor, tiles: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
+    block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…) on the device."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_seqs, num_tiles = block_tables.shape[0], tiles.shape[0] // 2
+    block_m = prefill_block_m(q.dtype)
+    out = torch.empty_like(q)
+    _paged_prefill_kernel[(num_tiles, heads)](
+        q, k_cache, v_cache, block_tables, seq_info, tiles, out, scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_seqs, num_tiles,
+        GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_m, IEEE=q.dtype == torch.float32,
+    )
+    return out

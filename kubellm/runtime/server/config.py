@@ -45,6 +45,7 @@ class ServerConfig(BaseSettings):
     cpu_kv_cache_bytes: int = _ENGINE["cpu_kv_cache_bytes"]
     enforce_eager: bool = _ENGINE["enforce_eager"]
     async_scheduling: bool = _ENGINE["async_scheduling"]
+    kernels: str = _ENGINE["kernels"]
     seed: int = _ENGINE["seed"]
 
     def engine_options(self) -> dict:

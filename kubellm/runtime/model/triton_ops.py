@@ -1,0 +1,141 @@
+"""Fused Triton kernels for the elementwise parts of a decoder layer on the CUDA path.
+
+Unfused, each of these is several kernels (casts, a reduction, multiplies, a concat, an index_copy); under
+CUDA graphs a decode step is ~30 such small kernels per layer, microseconds each, while the step's floor is
+a few milliseconds of weight and KV reads. Fused, each is one kernel reading its input once:
+
+- rms_norm: RMSNorm, optionally with the residual add before it (the residual is returned updated);
+- silu_and_mul: SiLU(gate) * up over the packed gate/up projection;
+- qkv_rope_write: splits the packed q/k/v projection, applies Qwen3's per-head q/k RMSNorm when present and
+  the rotary embedding, writes K and V into the paged cache at their slots and returns Q.
+
+Each rounds to the model's dtype where HF's torch code does (the residual sum, the normalized activations
+before the weight, each product of the rotary embedding), so bf16 results equal the torch path's and
+fp32 results differ only by the order of a sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)  # HF adds in the dtype
+        tl.store(res_out_ptr + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: [rows, hidden]. Returns (normalized, the updated residual x + residual — written in place into
+    `residual` — or None when no residual was given)."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    res = residual if residual is not None else x
+    _rms_norm_kernel[(rows,)](x, res, weight, out, res, x.stride(0), res.stride(0), out.stride(0), n, eps,
+                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out, residual
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    g = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gate_up_ptr + row * stride_in + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [rows, 2 * n] (gate, then up) → [rows, n]."""
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
+                                                        BLOCK=block)
+    return out
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """x (fp32) rounded to the model's dtype and back: where HF's torch code keeps a value in the dtype."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _qkv_rope_write_kernel(
+    qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slots_ptr,
+    q_out_ptr, k_cache_ptr, v_cache_ptr, eps,
+    stride_qkv, stride_q_tok, stride_q_head, stride_c_slot, stride_c_head, stride_rope,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
+):
+    """One program: one token, one head of q (head < NUM_HEADS) or one KV head (then its V too)."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    dtype = q_out_ptr.dtype.element_ty
+    half: tl.constexpr = HEAD_DIM // 2
+    offs = tl.arange(0, half)
+    is_q = head < NUM_HEADS
+    src = qkv_ptr + tok * stride_qkv + head * HEAD_DIM  # q heads, then k heads, then v heads
+    x1 = tl.load(src + offs).to(tl.float32)
+    x2 = tl.load(src + half + offs).to(tl.float32)
+    if QK_NORM:  # Qwen3: RMSNorm over each head before the rotation
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
+        w1 = tl.where(is_q, tl.load(q_norm_ptr + offs), tl.load(k_norm_ptr + offs)).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(q_norm_ptr + half + offs), tl.load(k_norm_ptr + half + offs)).to(tl.float32)
+        x1 = _round(_round(x1 * rstd, dtype) * w1, dtype)
+        x2 = _round(_round(x2 * rstd, dtype) * w2, dtype)
+    pos = tl.load(positions_ptr + tok)
+    cos = _round(tl.load(cos_ptr + pos * stride_rope + offs), dtype)  # both halves of the table are equal
+    sin = _round(tl.load(sin_ptr + pos * stride_rope + offs), dtype)
+    # HF: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1)
+    y1 = (_round(x1 * cos, dtype) + _round(-x2 * sin, dtype)).to(dtype)
+    y2 = (_round(x2 * cos, dtype) + _round(x1 * sin, dtype)).to(dtype)
+    if is_q:
+        dst = q_out_ptr + tok * stride_q_tok + head * stride_q_head
+        tl.store(dst + offs, y1)
+        tl.store(dst + half + offs, y2)
+    else:
+        kv_head = head - NUM_HEADS
+        slot = tl.load(slots_ptr + tok)
+        k_dst = k_cache_ptr + slot * stride_c_slot + kv_head * stride_c_head
+        tl.store(k_dst + offs, y1)
+        tl.store(k_dst + half + offs, y2)
+        v_src = qkv_ptr + tok * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
+        v_dst = v_cache_ptr + slot * stride_c_slot + kv_head * stride_c_head
+        tl.store(v_dst + offs, tl.load(v_src + offs))
+        tl.store(v_dst + half + offs, tl.load(v_src + half + offs))
+
+
+def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv: [tokens, (heads + 2 kv_heads) * head_dim]; cos/sin: [positions, head_dim] fp32; caches: [blocks,
+    block_size, kv_heads, head_dim]. Writes rotated K and V at `slots`, returns rotated Q [tokens, heads, dim]."""
+    tokens = qkv.shape[0]
+    q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    norm_w = q_norm if q_norm is not None else q  # unused when QK_NORM is off
+    _qkv_rope_write_kernel[(tokens, num_heads + num_kv_heads)](
+        qkv, positions, cos, sin, norm_w, k_norm if k_norm is not None else norm_w, slots,
+        q, k_cache, v_cache, eps,
+        qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
+    )
+    return q
