@@ -57,32 +57,40 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
     return x.flatten(1, 2)[:, :length]
 
 
-def _prefill_tiles(meta: AttentionMetadata, dtype: torch.dtype, device: torch.device):
+def _triton_paged_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """The CUDA path: one kernel for the decodes, one for all prefill chunks, each writing its rows of out."""
+    from kubellm.runtime.model import triton_attention as T
     from kubellm.runtime.model.sampler import to_device
-    from kubellm.runtime.model.triton_attention import prefill_block_m, prefill_tiles
 
+    out = torch.empty_like(q)
     nd = meta.num_decodes
-    seq_info, tiles = prefill_tiles(meta.query_lens[nd:], meta.context_lens_list[nd:], prefill_block_m(dtype))
-    return to_device(seq_info, device), to_device(tiles, device)
+    if nd:
+        bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
+        T.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale,
+                                 bound, out=out[:nd])
+    if len(meta.query_lens) > nd:
+        if meta.prefill_tiles is None:  # built by the first layer, reused by the others
+            seq_info, tiles = T.prefill_tiles(meta.query_lens[nd:], meta.context_lens_list[nd:],
+                                              T.prefill_block_m(q.dtype))
+            meta.prefill_tiles = to_device(seq_info, q.device), to_device(tiles, q.device)
+        T.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles, scale,
+                                  out=out[nd:])
+    return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [tokens, heads, head_dim] → [tokens, heads, head_dim], reading K/V from the paged cache."""
     meta = get_context()
+    if use_triton():
+        return _triton_paged_attention(meta, q, k_cache, v_cache, scale)
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
-    triton = use_triton()
-    if nd and triton:
-        from kubellm.runtime.model.triton_attention import paged_decode_attention
-
-        bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
-        out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
-                                          scale, bound)
-    elif nd:
+    if nd:
         max_len = max(meta.context_lens_list[:nd])
         keys = _gather(k_cache, meta.block_tables[:nd], max_len)  # [nd, L, kvh, d]
         values = _gather(v_cache, meta.block_tables[:nd], max_len)
@@ -93,14 +101,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out[:nd] = torch.einsum("bkgl,blkd->bkgd", probs, values).reshape(nd, heads, head_dim)
 
-    if triton and len(meta.query_lens) > nd:
-        from kubellm.runtime.model.triton_attention import paged_prefill_attention
-
-        if meta.prefill_tiles is None:  # built by the first layer, reused by the others
-            meta.prefill_tiles = _prefill_tiles(meta, q.dtype, q.device)
-        out[nd:] = paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles,
-                                           scale)
-        return out
     start = nd
     for i in range(nd, len(meta.query_lens)):
         qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kubellm.runtime.config import EngineConfig
@@ -219,36 +220,34 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ a step
     def _prepare(self, batch: list[tuple[Sequence, int]]):
-        bs = self.block_size
+        """Inputs and attention metadata of a mixed batch (decodes first). Per-token values (positions, cache
+        slots) are computed with numpy over the whole batch: an 8k-token prefill step is 8k of each."""
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, sample_rows = [], [], []
+        starts, query_lens, context_lens, sample_rows = [], [], [], []
         for seq, n in batch:
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            starts.append(start)
             query_lens.append(n)
             context_lens.append(start + n)
             if start + n == len(seq):  # the prompt (or recompute) is complete: this step yields a token
                 sample_rows.append(len(input_ids) - 1)
+        tables = self.host_tables.fill([seq for seq, _ in batch])  # also fills host_tables.array's rows
+        qlens = np.array(query_lens)
+        row_of_token = np.repeat(np.arange(len(batch)), qlens)
+        positions = np.arange(len(input_ids)) + np.repeat(np.array(starts) - (np.cumsum(qlens) - qlens), qlens)
+        slots = self.host_tables.array[row_of_token, positions // self.block_size] * self.block_size
+        slots += positions % self.block_size
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=self.host_tables.fill([s for s, _ in batch]).to(dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            slot_mapping=to_device(torch.from_numpy(slots), dev),
+            block_tables=to_device(tables, dev),
+            context_lens=to_device(context_lens, dev),
             query_lens=query_lens,
             context_lens_list=context_lens,
             num_decodes=sum(1 for q in query_lens if q == 1),
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            meta,
-            torch.tensor(sample_rows, dtype=torch.long, device=dev),
-        )
+        return to_device(input_ids, dev), to_device(torch.from_numpy(positions), dev), meta, to_device(sample_rows, dev)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:

@@ -128,14 +128,16 @@ def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.dev
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           max_context_len: int, part_tokens: int = PARTITION_TOKENS) -> torch.Tensor:
+                           max_context_len: int, part_tokens: int = PARTITION_TOKENS,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
-    max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split."""
+    max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split. Written
+    into `out` when given (rows of the whole batch's output: no copy afterwards)."""
     seqs, heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     parts, per_part = split_plan(seqs, kv_heads, max_context_len, q.device, part_tokens)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if parts > 1:
         part_acc = torch.empty(seqs * heads * parts, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(seqs * heads * parts, 2, dtype=torch.float32, device=q.device)
@@ -240,14 +242,14 @@ def prefill_tiles(query_lens: list[int], context_lens: list[int], block_m: int) 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_info: torch.Tensor, tiles: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
     block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…) on the device."""
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs, num_tiles = block_tables.shape[0], tiles.shape[0] // 2
     block_m = prefill_block_m(q.dtype)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     _paged_prefill_kernel[(num_tiles, heads)](
         q, k_cache, v_cache, block_tables, seq_info, tiles, out, scale,
         q.stride(0), q.stride(1),
