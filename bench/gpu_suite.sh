@@ -6,6 +6,8 @@
 #   bash bench/gpu_suite.sh long      # 32 x 8k-token prompts, 256 output tokens (kubellm + HF CB eager)
 #   bash bench/gpu_suite.sh serving   # kubellm serve: 256 streams, then Poisson rates 4/16/32 per second
 #   bash bench/gpu_suite.sh profile   # where a steady decode step's time goes
+#   bash bench/gpu_suite.sh kernels   # Triton kernels: decode bandwidth / prefill TFLOP/s over launch configs,
+#                                     # fused elementwise kernels against torch (to pick defaults)
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
 # wheels, gitignored; bench/fetch_gpu_wheels.sh makes them) and they are installed under /tmp/pylib first.
 # Output goes to stdout and $OUT.
@@ -20,7 +22,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
-PART="${1:?part: check | qwen | llama | long | serving | profile}"
+PART="${1:?part: check | qwen | llama | long | serving | profile | kernels}"
 case "$PART" in
   check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton" ;;
   qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb
@@ -33,5 +35,6 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel')
     run python bench/serving.py --model "$MODEL" --concurrency 256
     for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done ;;
   profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50 ;;
+  kernels) run python bench/kernels.py ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

@@ -111,7 +111,7 @@ def _reduce_partitions_kernel(
 
 
 def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
-               part_tokens: int = PARTITION_TOKENS) -> tuple[int, int]:
+               part_tokens: int = PARTITION_TOKENS, tokens: int = TOKENS_PER_STEP) -> tuple[int, int]:
     """(partitions, tokens per partition). Contexts are split only when there are too few (sequence, KV
     head) programs to fill the GPU, into at most MAX_PARTITIONS of at least part_tokens tokens. (Triton's
     CPU interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
@@ -122,21 +122,23 @@ def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.dev
             parts = 1
     if parts <= 1:
         return 1, 1 << 30
-    per = triton.cdiv(triton.cdiv(max_context_len, parts), TOKENS_PER_STEP) * TOKENS_PER_STEP
+    per = triton.cdiv(triton.cdiv(max_context_len, parts), tokens) * tokens
     return triton.cdiv(max_context_len, per), per
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int, part_tokens: int = PARTITION_TOKENS,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, tokens: int = TOKENS_PER_STEP,
+                           **launch) -> torch.Tensor:
     """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
     max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split. Written
-    into `out` when given (rows of the whole batch's output: no copy afterwards)."""
+    into `out` when given (rows of the whole batch's output: no copy afterwards). `tokens` (KV tokens per loop
+    iteration) and `launch` (num_warps, num_stages) are tuning knobs for bench/kernels.py."""
     seqs, heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
-    parts, per_part = split_plan(seqs, kv_heads, max_context_len, q.device, part_tokens)
+    parts, per_part = split_plan(seqs, kv_heads, max_context_len, q.device, part_tokens, tokens)
     out = torch.empty_like(q) if out is None else out
     if parts > 1:
         part_acc = torch.empty(seqs * heads * parts, head_dim, dtype=torch.float32, device=q.device)
@@ -151,7 +153,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         parts, per_part, NUM_HEADS=heads, SPLIT=parts > 1,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TOKENS=TOKENS_PER_STEP, IEEE=q.dtype == torch.float32,
+        TOKENS=tokens, IEEE=q.dtype == torch.float32, **launch,
     )
     if parts > 1:
         _reduce_partitions_kernel[(seqs, heads)](
@@ -242,13 +244,15 @@ def prefill_tiles(query_lens: list[int], context_lens: list[int], block_m: int) 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_info: torch.Tensor, tiles: torch.Tensor,
-                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, out: torch.Tensor | None = None, block_m: int | None = None,
+                            block_n: int | None = None, **launch) -> torch.Tensor:
     """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
-    block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…) on the device."""
+    block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…, block_m) on the device. block_m,
+    block_n and `launch` (num_warps, num_stages) are tuning knobs for bench/kernels.py."""
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_seqs, num_tiles = block_tables.shape[0], tiles.shape[0] // 2
-    block_m = prefill_block_m(q.dtype)
+    block_m = block_m or prefill_block_m(q.dtype)
     out = torch.empty_like(q) if out is None else out
     _paged_prefill_kernel[(num_tiles, heads)](
         q, k_cache, v_cache, block_tables, seq_info, tiles, out, scale,
@@ -258,6 +262,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         num_seqs, num_tiles,
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_m, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n or block_m, IEEE=q.dtype == torch.float32, **launch,
     )
     return out

@@ -73,12 +73,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """x (fp32) rounded to the model's dtype and back: where HF's torch code keeps a value in the dtype."""
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _qkv_rope_write_kernel(
     qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slots_ptr,
     q_out_ptr, k_cache_ptr, v_cache_ptr, eps,
@@ -88,7 +82,7 @@ def _qkv_rope_write_kernel(
     """One program: one token, one head of q (head < NUM_HEADS) or one KV head (then its V too)."""
     tok = tl.program_id(0)
     head = tl.program_id(1)
-    dtype = q_out_ptr.dtype.element_ty
+    dtype = q_out_ptr.dtype.element_ty  # x.to(dtype).to(tl.float32): rounded where HF keeps a value in the dtype
     half: tl.constexpr = HEAD_DIM // 2
     offs = tl.arange(0, half)
     is_q = head < NUM_HEADS
@@ -99,14 +93,14 @@ def _qkv_rope_write_kernel(
         rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
         w1 = tl.where(is_q, tl.load(q_norm_ptr + offs), tl.load(k_norm_ptr + offs)).to(tl.float32)
         w2 = tl.where(is_q, tl.load(q_norm_ptr + half + offs), tl.load(k_norm_ptr + half + offs)).to(tl.float32)
-        x1 = _round(_round(x1 * rstd, dtype) * w1, dtype)
-        x2 = _round(_round(x2 * rstd, dtype) * w2, dtype)
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     pos = tl.load(positions_ptr + tok)
-    cos = _round(tl.load(cos_ptr + pos * stride_rope + offs), dtype)  # both halves of the table are equal
-    sin = _round(tl.load(sin_ptr + pos * stride_rope + offs), dtype)
+    cos = tl.load(cos_ptr + pos * stride_rope + offs).to(dtype).to(tl.float32)  # the table's halves are equal
+    sin = tl.load(sin_ptr + pos * stride_rope + offs).to(dtype).to(tl.float32)
     # HF: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1)
-    y1 = (_round(x1 * cos, dtype) + _round(-x2 * sin, dtype)).to(dtype)
-    y2 = (_round(x2 * cos, dtype) + _round(x1 * sin, dtype)).to(dtype)
+    y1 = ((x1 * cos).to(dtype).to(tl.float32) + (-x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    y2 = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
     if is_q:
         dst = q_out_ptr + tok * stride_q_tok + head * stride_q_head
         tl.store(dst + offs, y1)
