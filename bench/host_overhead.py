@@ -1,6 +1,7 @@
 """Host (CPU) work per engine step, with the model replaced by a stand-in that samples random tokens at once:
 what every GPU step costs the host. Without async scheduling the GPU waits for all of it; with it (the
-default), the next decode step is queued first and this work overlaps it. 256 running decodes by default.
+default), the next decode step is queued first and this work overlaps it. 256 running decodes by default;
+then the runner's prep of a prefill step and of a mixed step.
 
     python bench/host_overhead.py --model DIR [--num-seqs 256] [--steps 300]
 """
@@ -72,6 +73,33 @@ def main() -> None:
     print(f"{engine.num_running} running decodes, {args.steps} steps: {total:.2f} ms/step = scheduler "
           f"{per['schedule']:.2f} + batch prep {per['batch prep']:.2f} + token bookkeeping {rest:.2f} + "
           f"deltas and pickling (serving only) {deltas / args.steps * 1e3:.2f}")
+    prefill_prep(runner, engine.vocab_size)
+
+
+def prefill_prep(runner, vocab: int) -> None:
+    """The runner's input and metadata prep (positions, cache slots, block tables) for a prefill step of
+    8 × 1024 new tokens and a mixed step of 255 decodes + one 512-token chunk (runs on the model's device)."""
+    import timeit
+
+    from kubellm.runtime import SamplingParams
+    from kubellm.runtime.engine.sequence import Sequence
+
+    rng = random.Random(1)
+    next_block = iter(range(runner.num_gpu_blocks))
+
+    def seq(length: int, computed: int) -> Sequence:
+        s = Sequence("prep", 0, [rng.randrange(vocab) for _ in range(length)], SamplingParams(), 1)
+        s.block_table = [next(next_block) for _ in range((length + runner.block_size - 1) // runner.block_size)]
+        s.num_computed_tokens = computed
+        return s
+
+    batches = {"prefill 8 x 1024 tokens": [(seq(1024, 0), 1024) for _ in range(8)],
+               "mixed 255 decodes + 512-token chunk": [(seq(n, n - 1), 1) for n in
+                                                       (rng.randrange(100, 1500) for _ in range(255))]
+               + [(seq(1024, 512), 512)]}
+    for name, batch in batches.items():
+        ms = timeit.timeit(lambda: runner._prepare(batch), number=50) / 50 * 1e3
+        print(f"batch prep, {name}: {ms:.2f} ms")
 
 
 if __name__ == "__main__":
