@@ -164,6 +164,46 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 @triton.jit
+def _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d, scale, lo, hi,
+                    stride_c_block, stride_c_tok,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax over keys lo … hi-1, BLOCK_N at a time. MASKED: the blocks on the tile's diagonal
+    (causal mask, a partial last block); otherwise every key is visible to every query and nothing is masked."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        if MASKED:
+            valid = pos < hi
+            block_ids = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+        else:
+            block_ids = tl.load(table_ptr + pos // BLOCK_SIZE)
+        base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_offset
+        if MASKED:
+            k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :])
+            v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :])
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if MASKED:
+            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_info_ptr, tiles_ptr, out_ptr, scale,
     stride_q_tok, stride_q_head,
@@ -185,7 +225,6 @@ def _paged_prefill_kernel(
     q_start = tl.load(seq_info_ptr + seq)
     q_len = tl.load(seq_info_ptr + num_seqs + seq)
     ctx = tl.load(seq_info_ptr + 2 * num_seqs + seq)
-    kv_head = head // GROUP
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < q_len
@@ -195,31 +234,18 @@ def _paged_prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_M)  # keys past the tile's last query are masked anyway
-    for start in range(0, hi, BLOCK_N):
-        pos = start + offs_n
-        valid = pos < hi
-        block_ids = tl.load(block_tables_ptr + seq * stride_bt_seq + pos // BLOCK_SIZE, mask=valid, other=0)
-        base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
-        k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        # every query sees key 0, so each row has a finite max after the first iteration (no NaN from -inf - -inf)
-        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    table_ptr = block_tables_ptr + seq * stride_bt_seq
+    kv_offset = (head // GROUP) * stride_c_head
+    # whole key blocks before the tile's first query are seen by every query: no mask; then the diagonal,
+    # up to the tile's last query (every query sees key 0, so no row's max stays -inf: no NaN)
+    unmasked = (ctx - q_len + first) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_M)
+    acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
+                                    scale, 0, unmasked, stride_c_block, stride_c_tok,
+                                    BLOCK_SIZE, BLOCK_N, False, IEEE)
+    acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
+                                    scale, unmasked, hi, stride_c_block, stride_c_tok,
+                                    BLOCK_SIZE, BLOCK_N, True, IEEE)
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
              (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
