@@ -33,7 +33,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)  # HF adds in the dtype
         tl.store(res_out_ptr + row * stride_r + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)  # as HF: torch.rsqrt
     normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
@@ -90,7 +90,7 @@ def _qkv_rope_write_kernel(
     x1 = tl.load(src + offs).to(tl.float32)
     x2 = tl.load(src + half + offs).to(tl.float32)
     if QK_NORM:  # Qwen3: RMSNorm over each head before the rotation
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
+        rstd = tl.math.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
         w1 = tl.where(is_q, tl.load(q_norm_ptr + offs), tl.load(k_norm_ptr + offs)).to(tl.float32)
         w2 = tl.where(is_q, tl.load(q_norm_ptr + half + offs), tl.load(k_norm_ptr + half + offs)).to(tl.float32)
         x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
