@@ -3,7 +3,7 @@
 - paged decode attention: achieved bandwidth (KV bytes read / time) against the device copy bandwidth, over a
   sweep of launch configurations (KV tokens per loop iteration, warps, pipeline stages);
 - paged prefill attention: TFLOP/s over a sweep of tile sizes, against the torch path (SDPA per chunk);
-- the fused elementwise kernels against the torch ops they replace.
+- the fused elementwise kernels and the fused sampler against the torch ops they replace.
 
     python bench/kernels.py                                  # on a GPU: Qwen3-0.6B's attention shapes, bf16
     TRITON_INTERPRET=1 python bench/kernels.py --smoke       # the code paths on a CPU (tiny shapes, 1 run)
@@ -163,6 +163,16 @@ def bench_fused(shape, rows_list, reps, device) -> None:
         ]
         for name, torch_fn, triton_fn in ops:
             print(f"| {rows} | {name} | {timed(torch_fn, reps) * 1e6:.1f} | {timed(triton_fn, reps) * 1e6:.1f} |")
+    rows = rows_list[0]  # sampling: a decode batch, temperature 0.6 (the offline benchmark's)
+    from kubellm.runtime import SamplingParams
+    from kubellm.runtime.model.sampler import Sampler
+
+    sampler = Sampler(device, 0)
+    seqs = [SimpleNamespace(params=SamplingParams(temperature=0.6), index=0, generator=None) for _ in range(rows)]
+    logits = torch.randn(rows, shape.vocab, device=device)
+    temps = torch.full((rows,), 0.6, device=device)
+    print(f"| {rows} | sampling, vocab {shape.vocab} | {timed(lambda: sampler._sample_torch(logits, seqs), reps) * 1e6:.1f}"
+          f" | {timed(lambda: triton_ops.sample(logits, temps, 7), reps) * 1e6:.1f} |")
 
 
 def main() -> None:
@@ -175,14 +185,14 @@ def main() -> None:
     torch.manual_seed(0)
     if args.smoke:
         shape = SimpleNamespace(heads=4, kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128,
-                                dtype=torch.float16, scale=32**-0.5)
+                                vocab=500, dtype=torch.float16, scale=32**-0.5)
         decode_cases, decode_configs = [(4, 100, 100), (2, 300, 1024)], [(32, 4, 2)]
         prefill_cases = [("2 x 40", [40, 40], [40, 90])]
         prefill_configs, rows_list, reps = [(32, 32, 4, 2)], [16], 1
     else:
-        # Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072
+        # Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, vocab 151936
         shape = SimpleNamespace(heads=16, kv_heads=8, head_dim=128, block_size=16, hidden=1024, intermediate=3072,
-                                dtype=torch.bfloat16, scale=128**-0.5)
+                                vocab=151936, dtype=torch.bfloat16, scale=128**-0.5)
         # (seqs, context, bound): bound is what the graphs pass (max_model_len), sizing the long-context split
         decode_cases = [(256, 1024, 4096), (256, 512, 4096), (64, 1024, 4096), (8, 8192, 9216)]
         decode_configs = list(itertools.product([32, 64, 128], [2, 4, 8], [1, 2, 3, 4]))

@@ -208,3 +208,40 @@ def test_model_through_triton_kernels_matches_hf_greedy(tiny_models):
     """Every Triton kernel in one forward (RMSNorm + residual, q/k norm + rotary + cache write, SiLU-and-mul,
     paged prefill and decode attention) on Llama (GQA) and Qwen3 (q/k norm, head_dim 32), fp32."""
     run_script(MODEL, tiny_models["llama"], tiny_models["qwen3"])
+
+
+SAMPLE = textwrap.dedent("""
+    import torch
+    from kubellm.runtime.model.triton_ops import sample
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab, rows = 64, 1200  # (the interpreter runs a program in milliseconds: few rows, one column block)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.full((rows, vocab), float("-inf"))
+    cols = torch.tensor([40, 7, 15, 63])
+    logits[:, cols] = probs.log()
+    for t in (1.0, 0.5):
+        got = sample(logits.to(device), torch.full((rows,), t, device=device), seed=1234).cpu()
+        want = probs ** (1 / t) / (probs ** (1 / t)).sum()
+        freq = torch.stack([(got == c).float().mean() for c in cols])
+        assert (got.unsqueeze(1) == cols).any(1).all(), "sampled a token of probability 0"
+        assert (freq - want).abs().max() < 0.05, (t, freq, want)  # 1200 draws: sd <= 0.015
+        # a row's draw depends on the seed and its row only
+        again = sample(logits[:50].to(device), torch.full((50,), t, device=device), seed=1234).cpu()
+        assert torch.equal(got[:50], again), "the same seed draws the same tokens"
+        other = sample(logits[:50].to(device), torch.full((50,), t, device=device), seed=99).cpu()
+        assert not torch.equal(got[:50], other)
+    vocab = 2500  # more than one 1024-column block per row
+    # greedy rows: the argmax, ties to the lowest index (torch.argmax); mixed with sampled rows in one batch
+    x = torch.randn(6, vocab)
+    x[0, 300] = x[0, 2200] = 50.0
+    temps = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.7, 0.0])
+    got = sample(x.to(device), temps.to(device), seed=5).cpu()
+    greedy = temps == 0
+    assert torch.equal(got[greedy], x.argmax(-1)[greedy]) and got[0] == 300, got
+    print("ok")
+""")
+
+
+def test_fused_sampler_draws_from_softmax_and_greedy_is_argmax():
+    run_script(SAMPLE)

@@ -1,16 +1,20 @@
 """Sampler: penalties → greedy, or temperature → min-p → top-k → top-p → exponential race, batched over rows.
 
 Every sampled row draws one noise vector per token. A seeded sequence draws it from its own generator, so its
-output does not depend on what else is in the batch; the others share the engine's generator.
+output does not depend on what else is in the batch; the others share the engine's generator. On the CUDA
+path a batch of greedy and temperature-only rows (the common case) is sampled by one fused Triton kernel
+(Gumbel-max over the logits in one pass, triton_ops.sample).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.model.kernels import use_triton
 
 
 def to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -68,10 +72,17 @@ def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return x
 
 
+def _temperature_only(p) -> bool:
+    """Rows the fused Triton sampler takes: greedy or temperature only. Filters need a sort; a request's own
+    seed keeps its per-request generator (its draws then do not depend on what it is batched with)."""
+    return p.seed is None and p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.host_rng = random.Random(seed)  # a fresh seed per step for the fused Triton sampler
 
     def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
         noise = torch.empty(len(seqs), vocab, device=self.device).exponential_(generator=self.generator)
@@ -94,14 +105,13 @@ class Sampler:
         raw = logits
         if any(s.params.has_penalties for s in seqs):
             logits = _apply_penalties(logits.clone(), seqs)
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if rows:
-            picked = [seqs[i] for i in rows]
-            index = to_device(rows, logits.device)
-            temps = to_device([s.params.temperature for s in picked], logits.device, torch.float32)[:, None]
-            probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
-            tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
+        if use_triton() and all(_temperature_only(s.params) for s in seqs):
+            from kubellm.runtime.model import triton_ops
+
+            temps = to_device([s.params.temperature for s in seqs], logits.device, torch.float32)
+            tokens = triton_ops.sample(logits, temps, self.host_rng.getrandbits(31))
+        else:
+            tokens = self._sample_torch(logits, seqs)
         logprobs = None
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wanted:
@@ -116,6 +126,19 @@ class Sampler:
         ready = torch.cuda.Event()
         ready.record()
         return SampledTokens(tokens, host, logprobs, ready)
+
+    def _sample_torch(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Greedy rows take the argmax; the others are filtered (min-p, top-k, top-p) and drawn by dividing
+        the probabilities by exponential noise (from the request's own generator when it has a seed)."""
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            picked = [seqs[i] for i in rows]
+            index = to_device(rows, logits.device)
+            temps = to_device([s.params.temperature for s in picked], logits.device, torch.float32)[:, None]
+            probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
+            tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
+        return tokens
 
     @staticmethod
     def to_host(sampled: SampledTokens, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

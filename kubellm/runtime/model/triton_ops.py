@@ -133,3 +133,34 @@ def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
     )
     return q
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, vocab, BLOCK: tl.constexpr):
+    """One program per row: the Gumbel-max trick, argmax(logits / T + Gumbel noise), is a draw from
+    softmax(logits / T); T == 0 is the plain argmax. Ties go to the lowest index, as torch.argmax."""
+    row = tl.program_id(0)
+    t = tl.load(temps_ptr + row)
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        x = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        if t > 0:
+            u = tl.rand(seed, row * vocab + cols)  # uniform [0, 1); u == 0 gives -inf, never picked
+            x = x / t - tl.log(-tl.log(u))
+        better = x > best
+        best = tl.where(better, x, best)
+        best_idx = tl.where(better, cols, best_idx)
+    top = tl.max(best, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_idx, vocab), 0).to(tl.int64))
+
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
+    """One token per row of logits [rows, vocab], in one pass over them (the torch sampler makes ~6: scale,
+    softmax, noise, divide, argmax twice). temperatures: [rows] fp32, 0 = greedy; seed: fresh per call."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    _sample_kernel[(rows,)](logits, logits.stride(0), temperatures, out, seed, vocab, BLOCK=1024)
+    return out
