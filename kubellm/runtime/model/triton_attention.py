@@ -16,7 +16,9 @@ PARTITION_TOKENS = 512  # KV tokens per program when a long context is split (at
 MAX_PARTITIONS = 16  # per context: under CUDA graphs the grid covers the model's whole length, mostly idle
 
 
-@triton.jit
+# integer arguments that change between calls are not specialized on (== 1, divisible by 16): otherwise a
+# new value can trigger a compile in the middle of serving
+@triton.jit(do_not_specialize=["num_parts", "part_tokens"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale,
     stride_q_seq, stride_q_head,
@@ -78,7 +80,7 @@ def _paged_decode_kernel(
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts", "part_tokens"])
 def _reduce_partitions_kernel(
     part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr, stride_o_seq, stride_o_head, num_parts, part_tokens,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
@@ -203,7 +205,7 @@ def _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_info_ptr, tiles_ptr, out_ptr, scale,
     stride_q_tok, stride_q_head,

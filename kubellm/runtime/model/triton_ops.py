@@ -135,7 +135,7 @@ def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     return q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
 def _sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, vocab, BLOCK: tl.constexpr):
     """One program per row: the Gumbel-max trick, argmax(logits / T + Gumbel noise), is a draw from
     softmax(logits / T); T == 0 is the plain argmax. Ties go to the lowest index, as torch.argmax."""
