@@ -173,7 +173,7 @@ OPS = textwrap.dedent("""
 """)
 
 
-def test_fused_triton_ops_match_torch_layers():
+def test_triton_fused_ops_match_torch_layers():
     run_script(OPS)
 
 
@@ -204,7 +204,7 @@ MODEL = textwrap.dedent("""
 """)
 
 
-def test_model_through_triton_kernels_matches_hf_greedy(tiny_models):
+def test_triton_model_matches_hf_greedy(tiny_models):
     """Every Triton kernel in one forward (RMSNorm + residual, q/k norm + rotary + cache write, SiLU-and-mul,
     paged prefill and decode attention) on Llama (GQA) and Qwen3 (q/k norm, head_dim 32), fp32."""
     run_script(MODEL, tiny_models["llama"], tiny_models["qwen3"])
@@ -243,5 +243,5 @@ SAMPLE = textwrap.dedent("""
 """)
 
 
-def test_fused_sampler_draws_from_softmax_and_greedy_is_argmax():
+def test_triton_sampler_draws_from_softmax_and_greedy_is_argmax():
     run_script(SAMPLE)
