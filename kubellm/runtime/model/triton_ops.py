@@ -41,14 +41,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x: [rows, hidden]. Returns (normalized, the updated residual x + residual — written in place into
-    `residual` — or None when no residual was given)."""
-    rows, n = x.shape
-    out = torch.empty_like(x)
-    res = residual if residual is not None else x
-    _rms_norm_kernel[(rows,)](x, res, weight, out, res, x.stride(0), res.stride(0), out.stride(0), n, eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
-    return out, residual
+    """x: [..., hidden], normalized over the last dimension. Returns (normalized, the updated residual
+    x + residual — written in place into `residual` — or None when no residual was given)."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    out = torch.empty_like(rows)
+    res = residual.view(-1, n) if residual is not None else rows
+    _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, res, rows.stride(0), res.stride(0), out.stride(0), n,
+                                       eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out.view(x.shape), residual
 
 
 @triton.jit
