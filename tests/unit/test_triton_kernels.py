@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -56,8 +57,6 @@ DECODE = textwrap.dedent("""
 
 
 def run_script(script: str, *args: str) -> None:
-    import torch
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
@@ -245,3 +244,21 @@ SAMPLE = textwrap.dedent("""
 
 def test_triton_sampler_draws_from_softmax_and_greedy_is_argmax():
     run_script(SAMPLE)
+
+
+def test_kernel_choice_is_validated(tiny_model, monkeypatch):
+    from kubellm.runtime import LLM
+    from kubellm.runtime.model import kernels
+
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        LLM(tiny_model, kernels="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.select("triton", cpu, 64)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        kernels.select("triton", cpu, 96)
+    assert kernels.select("auto", cpu, 64) is False  # the CPU's exact path
+    assert kernels.select("triton", cpu, 64) is True
+    assert kernels.select("torch", cpu, 64) is False

@@ -2,7 +2,8 @@
 (paged decode and prefill attention, RMSNorm with the residual add, q/k norm + rotary + KV-cache write,
 SiLU-and-mul). One choice per process, made by the model runner from EngineConfig.kernels:
 
-- "auto": Triton on CUDA, torch on the CPU;
+- "auto": Triton on CUDA GPUs from Ampere on (compute capability 8.0: bf16 matrix products, the GPUs the
+  kernels were written for), torch elsewhere;
 - "torch": torch everywhere (on CUDA: the unfused path, no CUDA graphs);
 - "triton": Triton everywhere — on the CPU only through Triton's interpreter (TRITON_INTERPRET=1), which
   is how the CPU test suite runs the whole CUDA path of the model.
@@ -10,12 +11,14 @@ SiLU-and-mul). One choice per process, made by the model runner from EngineConfi
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from kubellm.runtime.config import KERNEL_CHOICES
 
+log = logging.getLogger("kubellm.kernels")
 _use_triton = False
 
 
@@ -29,7 +32,11 @@ def select(choice: str, device: torch.device, head_dim: int) -> bool:
             raise ValueError(f"the Triton kernels need a power-of-two head_dim, got {head_dim}")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("kernels='triton' on the CPU runs through Triton's interpreter: set TRITON_INTERPRET=1")
-    _use_triton = choice == "triton" or (choice == "auto" and device.type == "cuda" and pow2)
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    _use_triton = choice == "triton" or (choice == "auto" and ampere and pow2)
+    if choice == "auto" and device.type == "cuda" and not _use_triton:
+        why = "the GPU is older than Ampere" if pow2 else f"head_dim {head_dim} is not a power of two"
+        log.warning("torch kernels on this GPU (no Triton, no CUDA graphs): %s", why)
     return _use_triton
 
 
