@@ -264,7 +264,7 @@ def prefill_tiles(query_lens: list[int], context_lens: list[int], block_m: int) 
     for i, n in enumerate(query_lens):
         starts.append(start)
         start += n
-        for first in range(0, n, block_m):
+        for first in reversed(range(0, n, block_m)):  # the longest (latest) tiles first: a shorter tail
             tile_seqs.append(i)
             tile_firsts.append(first)
     return starts + list(query_lens) + list(context_lens), tile_seqs + tile_firsts

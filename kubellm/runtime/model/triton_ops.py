@@ -47,8 +47,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     rows = x.reshape(-1, n)
     out = torch.empty_like(rows)
     res = residual.view(-1, n) if residual is not None else rows
+    block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, res, rows.stride(0), res.stride(0), out.stride(0), n,
-                                       eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+                                       eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                       num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape), residual
 
 
@@ -132,6 +134,7 @@ def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
         q, k_cache, v_cache, eps,
         qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
+        num_warps=1,  # a program handles one head: head_dim / 2 elements per vector
     )
     return q
 
