@@ -1,9 +1,10 @@
 """Which implementation the model's hot operations run: the exact torch code, or the fused Triton kernels
 (paged decode and prefill attention, RMSNorm with the residual add, q/k norm + rotary + KV-cache write,
-SiLU-and-mul). One choice per process, made by the model runner from EngineConfig.kernels:
+SiLU-and-mul, sampling). One choice per process, made by the model runner from EngineConfig.kernels:
 
 - "auto": Triton on CUDA GPUs from Ampere on (compute capability 8.0: bf16 matrix products, the GPUs the
-  kernels were written for), torch elsewhere;
+  kernels were written for) with triton installed and a power-of-two head_dim; torch elsewhere, with a
+  warning on a GPU saying why;
 - "torch": torch everywhere (on CUDA: the unfused path, no CUDA graphs);
 - "triton": Triton everywhere — on the CPU only through Triton's interpreter (TRITON_INTERPRET=1), which
   is how the CPU test suite runs the whole CUDA path of the model.
@@ -11,6 +12,7 @@ SiLU-and-mul). One choice per process, made by the model runner from EngineConfi
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -32,11 +34,19 @@ def select(choice: str, device: torch.device, head_dim: int) -> bool:
             raise ValueError(f"the Triton kernels need a power-of-two head_dim, got {head_dim}")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("kernels='triton' on the CPU runs through Triton's interpreter: set TRITON_INTERPRET=1")
-    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    _use_triton = choice == "triton" or (choice == "auto" and ampere and pow2)
-    if choice == "auto" and device.type == "cuda" and not _use_triton:
-        why = "the GPU is older than Ampere" if pow2 else f"head_dim {head_dim} is not a power of two"
-        log.warning("torch kernels on this GPU (no Triton, no CUDA graphs): %s", why)
+    if choice != "auto" or device.type != "cuda":
+        _use_triton = choice == "triton"
+        return _use_triton
+    reasons = []
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        reasons.append("the GPU is older than Ampere")
+    if not pow2:
+        reasons.append(f"head_dim {head_dim} is not a power of two")
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed")
+    if reasons:
+        log.warning("torch kernels on this GPU (no Triton, no CUDA graphs): %s", "; ".join(reasons))
+    _use_triton = not reasons
     return _use_triton
 
 
