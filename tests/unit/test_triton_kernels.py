@@ -111,6 +111,7 @@ def test_triton_prefill_kernel_matches_torch_reference():
 
 
 OPS = textwrap.dedent("""
+    import itertools
     import torch
     from types import SimpleNamespace
     from kubellm.runtime.model import triton_ops
@@ -128,7 +129,7 @@ OPS = textwrap.dedent("""
         err = ((got.float().cpu() - ref.float()).abs() / (ref.float().abs() + 1)).max().item()
         assert err <= tol, (what, dtype, err)
 
-    rotary = RotaryEmbedding(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e4}), 32, 300)
+    rope_config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         norm = RMSNorm(96, 1e-6).to(dtype)
         norm.weight.data = torch.randn(96).to(dtype)
@@ -146,8 +147,10 @@ OPS = textwrap.dedent("""
         gate, up = gate_up.chunk(2, dim=-1)
         close(triton_ops.silu_and_mul(dev(gate_up)), torch.nn.functional.silu(gate) * up, dtype, "silu_and_mul")
 
-        heads, kv_heads, head_dim, bs, blocks, tokens = 4, 2, 32, 8, 10, 7
-        for qk_norm in (False, True):
+        bs, blocks, tokens = 8, 10, 7
+        # a tiny shape, and Qwen3-0.6B's heads (16 query, 8 KV, head_dim 128)
+        for (heads, kv_heads, head_dim), qk_norm in itertools.product([(4, 2, 32), (16, 8, 128)], (False, True)):
+            rotary = RotaryEmbedding(rope_config, head_dim, 300)
             qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
             positions = torch.tensor([0, 5, 17, 100, 3, 299, 8])
             slots = torch.randperm(blocks * bs)[:tokens]
@@ -158,7 +161,8 @@ OPS = textwrap.dedent("""
             if qk_norm:
                 q, k = q_norm(q), k_norm(k)
             q, k = rotary(positions, q, k)
-            k_cache, v_cache = torch.zeros(blocks, bs, kv_heads, head_dim, dtype=dtype), torch.zeros(blocks, bs, kv_heads, head_dim, dtype=dtype)
+            k_cache = torch.zeros(blocks, bs, kv_heads, head_dim, dtype=dtype)
+            v_cache = torch.zeros_like(k_cache)
             write_kv(k, v, k_cache, v_cache, slots)
             got_k, got_v = dev(torch.zeros_like(k_cache)), dev(torch.zeros_like(v_cache))
             got_q = triton_ops.qkv_rope_write(dev(qkv), dev(positions), dev(rotary.cos), dev(rotary.sin),
