@@ -30,7 +30,7 @@ class EngineConfig:
     queue_timeout_s: float | None = None  # a request waiting longer finishes with reason "timeout"
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
     async_scheduling: bool = True  # launch the next decode step before the host has this one's tokens
-    kernels: str = "auto"  # "auto" (Triton on CUDA, torch on CPU) | "torch" | "triton": see model/kernels.py
+    kernels: str = "auto"  # "auto" (Triton on Ampere+ GPUs, else torch) | "torch" | "triton": model/kernels.py
     seed: int = 0
     served_model_name: str | None = None
 
