@@ -193,11 +193,14 @@ MODEL = textwrap.dedent("""
     for model in sys.argv[1:]:
         shares_prefix = prompts[-1][:100] + [7, 8, 9]
         expected = hf_greedy(model, prompts + [shares_prefix], 8)
-        # 64-token chunks, 20 blocks of 16 for ~560 tokens at once: chunked prefill, mixed batches, preemption
+        # 64-token chunks, 20 blocks of 16 for ~560 tokens at once: chunked prefill, mixed batches, preemption;
+        # decode-only steps through the decode graphs (on the CPU: their static buffers, replayed eagerly),
+        # launched ahead of the previous step's tokens (async scheduling)
         llm = LLM(model, kernels="triton", device=device, max_num_batched_tokens=64, block_size=16,
-                  num_gpu_blocks=20, enforce_eager=True)
+                  num_gpu_blocks=20)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.runner.graphs and llm.engine.num_steps_ahead > 0
         again = llm.generate([shares_prefix], params)[0]  # its first 6 blocks are in the prefix cache
         assert again.num_cached_tokens == 96, again.num_cached_tokens
         got.append(again.outputs[0].token_ids)
@@ -209,7 +212,8 @@ MODEL = textwrap.dedent("""
 
 def test_triton_model_matches_hf_greedy(tiny_models):
     """Every Triton kernel in one forward (RMSNorm + residual, q/k norm + rotary + cache write, SiLU-and-mul,
-    paged prefill and decode attention) on Llama (GQA) and Qwen3 (q/k norm, head_dim 32), fp32."""
+    paged prefill and decode attention, sampling) and the decode-graph path, on Llama (GQA) and Qwen3 (q/k
+    norm, head_dim 32), fp32."""
     run_script(MODEL, tiny_models["llama"], tiny_models["qwen3"])
 
 

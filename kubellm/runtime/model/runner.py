@@ -62,6 +62,17 @@ class HostBlockTables:
         return self.tensor[: len(seqs), :width].clone()
 
 
+class _EagerReplay:
+    """A decode "graph" where CUDA graphs do not exist: replay() runs the forward on the static buffers."""
+
+    def __init__(self, runner: "ModelRunner", meta: AttentionMetadata, hidden: torch.Tensor):
+        self.runner, self.meta, self.hidden = runner, meta, hidden
+
+    def replay(self) -> None:
+        n, r = self.meta.num_decodes, self.runner
+        self.hidden.copy_(r._forward(r.g_input[:n], r.g_positions[:n], self.meta))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,8 +114,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.host_tables = HostBlockTables(max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) //
                                            self.block_size)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not config.enforce_eager and triton:  # graphs need fixed-shape kernels
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | _EagerReplay, torch.Tensor]] = {}
+        if not config.enforce_eager and triton:  # graphs need the Triton kernels (no host-side shapes)
             self._capture_decode_graphs()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels",
@@ -135,7 +146,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs (decode-only steps)
     def _capture_decode_graphs(self) -> None:
-        """Capture the model's forward for decode batches at a ladder of sizes; replays skip ~2k launches."""
+        """Capture the model's forward for decode batches at a ladder of sizes; replays skip ~2k launches.
+        On the CPU (kernels='triton' under Triton's interpreter) there are no graphs: each "replay" reruns the
+        forward on the same static buffers, so the CPU tests cover the graph path's batch handling."""
         max_bs = min(self.config.max_num_seqs, 512)
         sizes = sorted({1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs})
         width = (self.max_model_len + self.block_size - 1) // self.block_size
@@ -151,6 +164,10 @@ class ModelRunner:
                 # a replay may see any context up to the model's length: size the decode split for that
                 meta = AttentionMetadata(self.g_slots[:bs], self.g_tables[:bs], self.g_context[:bs], [1] * bs,
                                          [1] * bs, bs, max_decode_context=self.max_model_len)
+                if dev.type != "cuda":
+                    hidden = torch.empty(bs, self.info.shape.hidden_size, dtype=self.info.dtype)
+                    self.graphs[bs] = (_EagerReplay(self, meta, hidden), hidden)
+                    continue
                 set_context(meta)
                 self.model(self.g_input[:bs], self.g_positions[:bs])  # warm-up: Triton compiles outside capture
                 torch.cuda.synchronize()
@@ -160,8 +177,9 @@ class ModelRunner:
                 pool = graph.pool()
                 self.graphs[bs] = (graph, hidden)
                 set_context(None)
-        torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batch sizes %s", sizes)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        log.info("decode graphs (%s) for batch sizes %s", "CUDA" if dev.type == "cuda" else "eager replays", sizes)
 
     def _decode_rows(self, seqs: list[Sequence], positions: list[int | None]) -> tuple[list, list, list]:
         """(positions, cache slots, context lengths) of one-token rows. A None position is a row that computes
