@@ -37,6 +37,7 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel')
     for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done ;;
   profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50
            run python bench/offline.py --shape qwen3-0.6b --no-async-scheduling ;;  # what the overlap buys
-  kernels) run python bench/kernels.py ;;
+  kernels) run python bench/kernels.py
+           run python bench/kernels.py --shape llama-3.2-1b --parts decode prefill ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

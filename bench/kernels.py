@@ -5,7 +5,7 @@
 - paged prefill attention: TFLOP/s over a sweep of tile sizes, against the torch path (SDPA per chunk);
 - the fused elementwise kernels and the fused sampler against the torch ops they replace.
 
-    python bench/kernels.py                                  # on a GPU: Qwen3-0.6B's attention shapes, bf16
+    python bench/kernels.py [--shape llama-3.2-1b]           # on a GPU: Qwen3-0.6B's shapes (default), bf16
     TRITON_INTERPRET=1 python bench/kernels.py --smoke       # the code paths on a CPU (tiny shapes, 1 run)
 """
 
@@ -175,11 +175,22 @@ def bench_fused(shape, rows_list, reps, device) -> None:
           f" | {timed(lambda: triton_ops.sample(logits, temps, 7), reps) * 1e6:.1f} |")
 
 
+def kernel_shape(name: str) -> SimpleNamespace:
+    """The attention and MLP sizes of a benchmark model (bench/shapes.py), bf16, 16-token KV blocks."""
+    from bench.shapes import SHAPES
+
+    c = SHAPES[name]
+    return SimpleNamespace(heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
+                           block_size=16, hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+                           vocab=c["vocab_size"], dtype=torch.bfloat16, scale=c["head_dim"] ** -0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one configuration, one run: checks the code")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--parts", nargs="*", default=["decode", "prefill", "fused"])
+    ap.add_argument("--shape", choices=["qwen3-0.6b", "llama-3.2-1b"], default="qwen3-0.6b")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -190,9 +201,7 @@ def main() -> None:
         prefill_cases = [("2 x 40", [40, 40], [40, 90])]
         prefill_configs, rows_list, reps = [(32, 32, 4, 2)], [16], 1
     else:
-        # Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, vocab 151936
-        shape = SimpleNamespace(heads=16, kv_heads=8, head_dim=128, block_size=16, hidden=1024, intermediate=3072,
-                                vocab=151936, dtype=torch.bfloat16, scale=128**-0.5)
+        shape = kernel_shape(args.shape)
         # (seqs, context, bound): bound is what the graphs pass (max_model_len), sizing the long-context split
         decode_cases = [(256, 1024, 4096), (256, 512, 4096), (64, 1024, 4096), (8, 8192, 9216)]
         decode_configs = list(itertools.product([32, 64, 128], [2, 4, 8], [1, 2, 3, 4]))
