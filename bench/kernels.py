@@ -89,7 +89,8 @@ def bench_decode(shape, cases, configs, reps, bandwidth, device) -> None:
 
 def bench_prefill(shape, cases, configs, reps, device) -> None:
     print("\n## paged prefill attention (one layer)")
-    print("| chunks | block_m | block_n | warps | stages | ms | TFLOP/s | torch path (SDPA per chunk) ms |")
+    print("| chunks | block_m (rows: queries x GQA group) | block_n | warps | stages | ms | TFLOP/s | "
+          "torch path (SDPA per chunk) ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name, query_lens, context_lens in cases:
         k, v, tables = paged_cache(context_lens, shape.kv_heads, shape.head_dim, shape.block_size, shape.dtype,
@@ -104,7 +105,8 @@ def bench_prefill(shape, cases, configs, reps, device) -> None:
         A.set_context(None)
         results = []
         for block_m, block_n, warps, stages in configs:
-            info, tiles = T.prefill_tiles(query_lens, context_lens, block_m)
+            block_q = T.prefill_block_q(shape.dtype, shape.heads // shape.kv_heads, block_m)
+            info, tiles = T.prefill_tiles(query_lens, context_lens, block_q)
             info, tiles = torch.tensor(info, device=device), torch.tensor(tiles, device=device)
             try:
                 s = timed(lambda: T.paged_prefill_attention(q, k, v, tables, info, tiles, shape.scale, block_m=block_m,

@@ -71,11 +71,13 @@ def test_triton_decode_kernel_matches_torch_reference():
 PREFILL = textwrap.dedent("""
     import torch
     from kubellm.runtime.model import attention as A
-    from kubellm.runtime.model.triton_attention import paged_prefill_attention, prefill_block_m, prefill_tiles
+    from kubellm.runtime.model.triton_attention import paged_prefill_attention, prefill_block_q, prefill_tiles
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = [(torch.float32, 4, 2, 16, 16), (torch.float32, 8, 1, 32, 8), (torch.float16, 6, 6, 64, 16)]
+    # GQA groups of 2, 8 (a tile of 4 tokens), 1, and 3 (padded to 4 rows per token)
+    cases = [(torch.float32, 4, 2, 16, 16), (torch.float32, 8, 1, 32, 8), (torch.float16, 6, 6, 64, 16),
+             (torch.float32, 6, 2, 32, 16)]
     if device == "cuda":
         cases.append((torch.bfloat16, 16, 8, 128, 16))
     for dtype, heads, kv_heads, head_dim, bs in cases:
@@ -96,7 +98,7 @@ PREFILL = textwrap.dedent("""
         q = torch.randn(sum(query_lens), heads, head_dim, dtype=dtype)
         A.set_context(A.AttentionMetadata(None, bt, torch.tensor(context_lens), query_lens, context_lens, 0))
         ref = A.paged_attention(q.float(), kc.float(), vc.float(), 0.3)  # the CPU path, in fp32
-        info, tiles = prefill_tiles(query_lens, context_lens, prefill_block_m(dtype))
+        info, tiles = prefill_tiles(query_lens, context_lens, prefill_block_q(dtype, heads // kv_heads))
         dev = lambda t: t.to(device)
         got = paged_prefill_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(torch.tensor(info)),
                                       dev(torch.tensor(tiles)), 0.3).float().cpu()

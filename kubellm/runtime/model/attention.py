@@ -72,7 +72,7 @@ def _triton_paged_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: t
     if len(meta.query_lens) > nd:
         if meta.prefill_tiles is None:  # built by the first layer, reused by the others
             seq_info, tiles = T.prefill_tiles(meta.query_lens[nd:], meta.context_lens_list[nd:],
-                                              T.prefill_block_m(q.dtype))
+                                              T.prefill_block_q(q.dtype, q.shape[1] // k_cache.shape[2]))
             meta.prefill_tiles = to_device(seq_info, q.device), to_device(tiles, q.device)
         T.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles, scale,
                                   out=out[nd:])

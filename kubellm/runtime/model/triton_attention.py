@@ -213,58 +213,64 @@ def _paged_prefill_kernel(
     stride_bt_seq,
     stride_o_tok, stride_o_head,
     num_seqs, num_tiles,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """One program: BLOCK_M consecutive queries of one prefill chunk, one query head. The chunk's queries sit
-    at the end of its context (earlier tokens are prefix-cached or earlier chunks, already in the cache, and
-    this chunk's K/V were written before the call): query j of a chunk of q_len in a context of ctx tokens
-    is at position ctx - q_len + j and sees keys 0 … that position."""
+    """One program: BLOCK_Q consecutive query tokens of one prefill chunk, with all query heads of one KV head
+    (GQA: BLOCK_Q × GROUP_PAD rows share each K/V load). The chunk's queries sit at the end of its context
+    (earlier tokens are prefix-cached or earlier chunks, already in the cache, and this chunk's K/V were
+    written before the call): query j of a chunk of q_len in a context of ctx tokens is at position
+    ctx - q_len + j and sees keys 0 … that position."""
     tile = tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     seq = tl.load(tiles_ptr + tile)
     first = tl.load(tiles_ptr + num_tiles + tile)  # the tile's first query, within its chunk
     q_start = tl.load(seq_info_ptr + seq)
     q_len = tl.load(seq_info_ptr + num_seqs + seq)
     ctx = tl.load(seq_info_ptr + 2 * num_seqs + seq)
-    offs_m = first + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = first + rows // GROUP_PAD  # each row: a query token within the chunk, and one head of the group
+    head = kv_head * GROUP + rows % GROUP_PAD
     offs_d = tl.arange(0, HEAD_DIM)
-    m_mask = offs_m < q_len
-    q_pos = ctx - q_len + offs_m
-    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_q_tok + head * stride_q_head + offs_d[None, :],
+    m_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = ctx - q_len + tok
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
                 mask=m_mask[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
     table_ptr = block_tables_ptr + seq * stride_bt_seq
-    kv_offset = (head // GROUP) * stride_c_head
+    kv_offset = kv_head * stride_c_head
     # whole key blocks before the tile's first query are seen by every query: no mask; then the diagonal,
     # up to the tile's last query (every query sees key 0, so no row's max stays -inf: no NaN)
     unmasked = (ctx - q_len + first) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_M)
+    hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_Q)
     acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
                                     scale, 0, unmasked, stride_c_block, stride_c_tok,
                                     BLOCK_SIZE, BLOCK_N, False, IEEE)
     acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
                                     scale, unmasked, hi, stride_c_block, stride_c_tok,
                                     BLOCK_SIZE, BLOCK_N, True, IEEE)
-    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_o_tok + head * stride_o_head + offs_d[None, :],
+    tl.store(out_ptr + (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
              (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
-def prefill_block_m(dtype: torch.dtype) -> int:
-    return 32 if dtype == torch.float32 else 64  # fp32 tiles are twice the bytes: keep them within shared memory
+def prefill_block_q(dtype: torch.dtype, group: int, block_m: int | None = None) -> int:
+    """Query tokens per prefill tile: a tile's block_m rows are its tokens × the GQA group (padded to a power
+    of two). By default 64 rows (fp32: 32 — its tiles are twice the bytes; keep them in shared memory)."""
+    rows = block_m or (32 if dtype == torch.float32 else 64)
+    return max(rows // triton.next_power_of_2(group), 1)
 
 
-def prefill_tiles(query_lens: list[int], context_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+def prefill_tiles(query_lens: list[int], context_lens: list[int], block_q: int) -> tuple[list[int], list[int]]:
     """Host metadata of one batch's prefill chunks, as two flat lists for one device copy each:
     seq_info = query starts (in the packed queries), query lengths, context lengths; tiles = each program's
-    chunk index, then its first query within the chunk."""
+    chunk index, then its first query within the chunk (tiles of block_q queries)."""
     starts, start, tile_seqs, tile_firsts = [], 0, [], []
     for i, n in enumerate(query_lens):
         starts.append(start)
         start += n
-        for first in reversed(range(0, n, block_m)):  # the longest (latest) tiles first: a shorter tail
+        for first in reversed(range(0, n, block_q)):  # the longest (latest) tiles first: a shorter tail
             tile_seqs.append(i)
             tile_firsts.append(first)
     return starts + list(query_lens) + list(context_lens), tile_seqs + tile_firsts
@@ -275,21 +281,24 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float, out: torch.Tensor | None = None, block_m: int | None = None,
                             block_n: int | None = None, **launch) -> torch.Tensor:
     """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
-    block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…, block_m) on the device. block_m,
-    block_n and `launch` (num_warps, num_stages) are tuning knobs for bench/kernels.py."""
+    block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…, prefill_block_q(dtype, group,
+    block_m)) on the device. block_m (rows per tile), block_n and `launch` (num_warps, num_stages) are tuning
+    knobs for bench/kernels.py."""
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
     num_seqs, num_tiles = block_tables.shape[0], tiles.shape[0] // 2
-    block_m = block_m or prefill_block_m(q.dtype)
+    block_q = prefill_block_q(q.dtype, group, block_m)
     out = torch.empty_like(q) if out is None else out
-    _paged_prefill_kernel[(num_tiles, heads)](
+    _paged_prefill_kernel[(num_tiles, kv_heads)](
         q, k_cache, v_cache, block_tables, seq_info, tiles, out, scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         num_seqs, num_tiles,
-        GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n or block_m, IEEE=q.dtype == torch.float32, **launch,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_N=block_n or (32 if q.dtype == torch.float32 else 64), IEEE=q.dtype == torch.float32,
+        **launch,
     )
     return out
