@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the elementwise parts of a decoder layer on the CUDA path.
+"""Fused Triton kernels for the elementwise parts of a decoder layer, and for sampling, on the CUDA path.
 
 Unfused, each of these is several kernels (casts, a reduction, multiplies, a concat, an index_copy); under
 CUDA graphs a decode step is ~30 such small kernels per layer, microseconds each, while the step's floor is
@@ -7,11 +7,12 @@ a few milliseconds of weight and KV reads. Fused, each is one kernel reading its
 - rms_norm: RMSNorm, optionally with the residual add before it (the residual is returned updated);
 - silu_and_mul: SiLU(gate) * up over the packed gate/up projection;
 - qkv_rope_write: splits the packed q/k/v projection, applies Qwen3's per-head q/k RMSNorm when present and
-  the rotary embedding, writes K and V into the paged cache at their slots and returns Q.
+  the rotary embedding, writes K and V into the paged cache at their slots and returns Q;
+- sample: one token per row of logits, greedy or by temperature, in one pass (Gumbel-max).
 
 Each rounds to the model's dtype where HF's torch code does (the residual sum, the normalized activations
-before the weight, each product of the rotary embedding), so bf16 results equal the torch path's and
-fp32 results differ only by the order of a sum.
+before the weight, each product of the rotary embedding), so results differ from the torch path's only
+where a sum's order moves the last bit.
 """
 
 from __future__ import annotations
