@@ -11,7 +11,8 @@ a few milliseconds of weight and KV reads. Fused, each is one kernel reading its
 - sample: one token per row of logits, greedy or by temperature, in one pass (Gumbel-max).
 
 Each rounds to the model's dtype where HF's torch code does (the residual sum, the normalized activations
-before the weight, each product of the rotary embedding), so results differ from the torch path's only
+before the weight, each product of the rotary embedding), and the norm and rotary kernels are compiled
+without FMA contraction (HF runs them as separate torch ops), so results differ from the torch path's only
 where a sum's order moves the last bit.
 """
 
@@ -51,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, res, rows.stride(0), res.stride(0), out.stride(0), n,
                                        eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                       num_warps=8 if block >= 4096 else 4)
+                                       num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
     return out.view(x.shape), residual
 
 
@@ -136,6 +137,7 @@ def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
         qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
         num_warps=1,  # a program handles one head: head_dim / 2 elements per vector
+        enable_fp_fusion=False,  # x * cos + rot * sin rounded twice, as HF's separate torch ops (no FMA)
     )
     return q
 
