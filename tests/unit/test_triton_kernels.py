@@ -276,70 +276,7 @@ def test_kernel_choice_is_validated(tiny_model, monkeypatch):
     assert kernels.select("torch", cpu, 64) is False
 
 
-COMPILE = textwrap.dedent("""
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-    from kubellm.runtime.model import triton_attention as TA, triton_ops as TO
-
-    # every launch the wrappers make is recorded instead of run, then compiled for the GPU targets
-    calls = []
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: calls.append((self, args, kwargs))
-    OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-    TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
-
-    def type_of(v):
-        if isinstance(v, torch.Tensor):
-            return "*" + TYPES[v.dtype]
-        if isinstance(v, int):
-            return "i32" if -2**31 <= v < 2**31 else "i64"
-        assert isinstance(v, float), v
-        return "fp32"
-
-    def compile_call(fn, args, kwargs, target):
-        bound = {**dict(zip(fn.arg_names, args)), **{k: v for k, v in kwargs.items() if k not in OPTIONS}}
-        signature = {p.name: "constexpr" if p.is_constexpr else type_of(bound[p.name]) for p in fn.params}
-        constexprs = {p.name: bound[p.name] for p in fn.params if p.is_constexpr}
-        options = {k: v for k, v in kwargs.items() if k in OPTIONS}
-        return triton.compile(ASTSource(fn, signature, constexprs), target=target, options=options)
-
-    def launches(dtype, heads, kv_heads, head_dim, hidden, inter, vocab, tokens=8):
-        cache = torch.zeros(32, 16, kv_heads, head_dim, dtype=dtype)
-        q = torch.zeros(4, heads, head_dim, dtype=dtype)
-        tables, lens = torch.zeros(4, 8, dtype=torch.long), torch.ones(4, dtype=torch.long)
-        TA.paged_decode_attention(q, cache, cache, tables, lens, 0.1, 100)  # one partition
-        TA.paged_decode_attention(q, cache, cache, tables, lens, 0.1, 40960)  # split, and the merge kernel
-        info, tiles = TA.prefill_tiles([tokens], [tokens], TA.prefill_block_q(dtype, heads // kv_heads))
-        TA.paged_prefill_attention(torch.zeros(tokens, heads, head_dim, dtype=dtype), cache, cache, tables[:1],
-                                   torch.tensor(info), torch.tensor(tiles), 0.1)
-        x, w = torch.zeros(tokens, hidden, dtype=dtype), torch.zeros(hidden, dtype=dtype)
-        TO.rms_norm(x, w, 1e-6)
-        TO.rms_norm(x, w, 1e-6, x.clone())
-        TO.silu_and_mul(torch.zeros(tokens, 2 * inter, dtype=dtype))
-        qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
-        table, pos, norm = torch.zeros(64, head_dim), torch.zeros(tokens, dtype=torch.long), torch.zeros(head_dim, dtype=dtype)
-        for qk_norm in (None, norm):
-            TO.qkv_rope_write(qkv, pos, table, table, qk_norm, qk_norm, 1e-6, cache, cache, pos, heads, kv_heads, head_dim)
-        TO.sample(torch.zeros(4, vocab), torch.zeros(4), 12345)
-
-    launches(torch.bfloat16, 16, 8, 128, 1024, 3072, 151936)  # Qwen3-0.6B
-    launches(torch.bfloat16, 32, 8, 64, 2048, 8192, 128256)  # Llama-3.2-1B
-    launches(torch.float16, 14, 2, 64, 896, 4864, 151936)  # Qwen2-0.5B's shape: a GQA group of 7
-    launches(torch.float32, 4, 2, 32, 64, 128, 500)  # the fp32 exactness tests' tiny models
-    launches(torch.float32, 16, 8, 128, 1024, 3072, 151936)  # fp32 at a real head size (IEEE dot products)
-    for capability, shared_limit in ((90, 227 * 1024), (80, 163 * 1024)):  # H100, A100
-        for fn, args, kwargs in calls:
-            kernel = compile_call(fn, args, kwargs, GPUTarget("cuda", capability, 32))
-            assert kernel.metadata.shared <= shared_limit, (fn.__name__, capability, kernel.metadata.shared)
-    print(len(calls), "launches compiled")
-    print("ok")
-""")
-
-
 def test_triton_kernels_compile_for_hopper_and_ampere():
-    """Every kernel launch the engine makes, at the benchmark models' shapes and the tests' fp32 shapes,
-    compiles to a cubin for sm_90 and sm_80 (Triton's own compiler and ptxas, no GPU needed) within the
-    shared memory of an H100 / A100: what the interpreter cannot check (it accepts code the compiler
-    rejects, and has no shared memory)."""
-    run_script(COMPILE, interpret=False)
+    """Every kernel launch the engine makes compiles for sm_90 and sm_80 within H100 / A100 shared memory
+    (see tests/support/triton_compile_check.py): what the interpreter cannot check."""
+    run_script("from tests.support.triton_compile_check import main; main()", interpret=False)
