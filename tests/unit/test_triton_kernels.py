@@ -21,6 +21,7 @@ DECODE = textwrap.dedent("""
     import torch
     from kubellm.runtime.model import attention as A
     from kubellm.runtime.model.triton_attention import paged_decode_attention
+    from tests.support.paged import shuffled_block_tables
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,13 +31,7 @@ DECODE = textwrap.dedent("""
         kc = torch.randn(blocks, bs, kv_heads, head_dim, dtype=dtype, device=device)
         vc = torch.randn(blocks, bs, kv_heads, head_dim, dtype=dtype, device=device)
         lens = [1, 5, 16, 17, 70, 130]
-        perm = torch.randperm(blocks).tolist()
-        tables, used = [], 0
-        for n in lens:
-            nb = (n + bs - 1) // bs
-            tables.append(perm[used:used + nb] + [0] * (20 - nb))
-            used += nb
-        bt = torch.tensor(tables, device=device)
+        bt = shuffled_block_tables(lens, bs, blocks).to(device)
         cl = torch.tensor(lens, device=device)
         q = torch.randn(len(lens), heads, head_dim, dtype=dtype, device=device)
         A.set_context(A.AttentionMetadata(slot_mapping=None, block_tables=bt, context_lens=cl,
@@ -74,6 +69,7 @@ PREFILL = textwrap.dedent("""
     import torch
     from kubellm.runtime.model import attention as A
     from kubellm.runtime.model.triton_attention import paged_prefill_attention, prefill_block_q, prefill_tiles
+    from tests.support.paged import shuffled_block_tables
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,13 +86,7 @@ PREFILL = textwrap.dedent("""
         # several query tiles, and tiles that end mid-chunk
         query_lens = [2, 40, 70, 5, 33, 1]
         context_lens = [2, 40, 150, 37, 100, 9]
-        perm = torch.randperm(blocks).tolist()
-        tables, used = [], 0
-        for n in context_lens:
-            nb = (n + bs - 1) // bs
-            tables.append(perm[used:used + nb] + [0] * (20 - nb))
-            used += nb
-        bt = torch.tensor(tables)
+        bt = shuffled_block_tables(context_lens, bs, blocks)
         q = torch.randn(sum(query_lens), heads, head_dim, dtype=dtype)
         A.set_context(A.AttentionMetadata(None, bt, torch.tensor(context_lens), query_lens, context_lens, 0))
         ref = A.paged_attention(q.float(), kc.float(), vc.float(), 0.3)  # the CPU path, in fp32

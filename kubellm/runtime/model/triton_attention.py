@@ -16,6 +16,27 @@ PARTITION_TOKENS = 512  # KV tokens per program when a long context is split (at
 MAX_PARTITIONS = 16  # per context: under CUDA graphs the grid covers the model's whole length, mostly idle
 
 
+@triton.jit
+def _online_softmax_block(acc, l_i, m_i, q, k, v, scale, mask, IEEE: tl.constexpr):
+    """Fold one block of keys and values into an online softmax's running (output, sum, max) per query row.
+    mask: which scores count (None: all of them)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    if mask is not None:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
 # integer arguments that change between calls are not specialized on (== 1, divisible by 16): otherwise a
 # new value can trigger a compile in the middle of serving
 @triton.jit(do_not_specialize=["num_parts", "part_tokens"])
@@ -55,21 +76,7 @@ def _paged_decode_kernel(
             base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
             k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, valid[None, :], IEEE)
         if not SPLIT:
             tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :],
                      (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -186,22 +193,11 @@ def _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr
         else:
             k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :])
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :])
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
         if MASKED:
-            s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, causal, IEEE)
         else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, None, IEEE)
     return acc, l_i, m_i
 
 
