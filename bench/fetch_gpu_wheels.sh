@@ -8,5 +8,6 @@ get() { python -m pip download -q --only-binary=:all: --python-version 3.12 --pl
           --implementation cp --no-deps -d "$@"; }
 get .wheels pytest pluggy iniconfig packaging pygments
 get .wheels-server fastapi starlette uvicorn click h11 anyio idna pydantic pydantic-core pydantic-settings \
-    python-dotenv typing-extensions typing-inspection annotated-types annotated-doc
+    python-dotenv typing-extensions typing-inspection annotated-types annotated-doc \
+    aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl
 ls .wheels .wheels-server

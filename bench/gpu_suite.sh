@@ -4,7 +4,8 @@
 #   bash bench/gpu_suite.sh qwen      # offline Qwen3-0.6B shape + HF static + HF continuous batching + floor
 #   bash bench/gpu_suite.sh llama     # the same table for the Llama-3.2-1B shape
 #   bash bench/gpu_suite.sh long      # 32 x 8k-token prompts, 256 output tokens (kubellm + HF CB eager)
-#   bash bench/gpu_suite.sh serving   # offline, then kubellm serve: 256 streams, Poisson rates 4/16/32 per second
+#   bash bench/gpu_suite.sh serving   # offline, then kubellm serve: 256 streams, Poisson rates 4/16/32 per second;
+#                                     # the server against an emulated device at the floor's token rate
 #   bash bench/gpu_suite.sh profile   # where a steady decode step's time goes; the run without async scheduling
 #   bash bench/gpu_suite.sh kernels   # Triton kernels: decode bandwidth / prefill TFLOP/s over launch configs,
 #                                     # fused elementwise kernels against torch (to pick defaults)
@@ -34,7 +35,11 @@ case "$PART" in
 print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-0.6b-wordlevel'), 'qwen3-0.6b'))")
     run python bench/offline.py --shape qwen3-0.6b  # the offline figure the 256-stream run is compared with
     run python bench/serving.py --model "$MODEL" --concurrency 256
-    for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done ;;
+    for rate in 4 16 32; do run python bench/serving.py --model "$MODEL" --request-rate "$rate" --num-requests 128; done
+    # the server alone at the decode floor's rate, on this machine's CPUs (bench/stand_in.py: emulated device)
+    TINY=$(python -c "import os; from bench.shapes import make_shaped_model as m
+print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-tiny-wordlevel'), 'qwen3-tiny'))")
+    CUDA_VISIBLE_DEVICES= run python bench/serving.py --model "$TINY" --stand-in --concurrency 256 ;;
   profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50
            run python bench/offline.py --shape qwen3-0.6b --no-async-scheduling ;;  # what the overlap buys
   kernels) run python bench/kernels.py

@@ -1,4 +1,5 @@
-"""Host (CPU) work per engine step, with the model replaced by a stand-in that samples random tokens at once:
+"""Host (CPU) work per engine step, with the model replaced by a stand-in that samples random tokens at once
+(bench/stand_in.py's emulated device, taking no time):
 what every GPU step costs the host. Without async scheduling the GPU waits for all of it; with it (the
 default), the next decode step is queued first and this work overlaps it. 256 running decodes by default;
 then the runner's prep of a prefill step and of a mixed step.
@@ -26,11 +27,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.offline import workload
+    from bench.stand_in import DeviceModel, StandInRunner
     from kubellm.runtime import LLM, SamplingParams
 
     llm = LLM(args.model, max_num_seqs=args.num_seqs, num_gpu_blocks=args.num_seqs * 200, async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
-    rng = random.Random(0)
     timings = {"schedule": 0.0, "batch prep": 0.0}
     schedule = engine.scheduler.schedule
 
@@ -40,19 +41,18 @@ def main() -> None:
         timings["schedule"] += time.perf_counter() - start
         return out
 
-    def stand_in_launch(out):
-        """The runner's host-side part of a decode step (block tables); the tokens come at collect."""
+    # the model replaced by a device that takes no time (bench/stand_in.py); its launch is the batch prep
+    stand_in = StandInRunner(runner, DeviceModel(0.0, 0.0, 0.0), engine.vocab_size)
+    launch = stand_in.launch
+
+    def timed_launch(out):
         start = time.perf_counter()
-        runner.host_tables.fill([seq for seq, _ in out.scheduled])
-        sampling = [seq for seq, n in out.scheduled if seq.num_computed_tokens + n == len(seq)]
+        launched = launch(out)
         timings["batch prep"] += time.perf_counter() - start
-        return sampling
+        return launched
 
-    def stand_in_collect(sampling):
-        return sampling, [rng.randrange(engine.vocab_size) for _ in sampling], [None] * len(sampling)
-
-    engine.scheduler.schedule = timed_schedule
-    runner.launch, runner.collect = stand_in_launch, stand_in_collect
+    stand_in.launch = timed_launch
+    engine.scheduler.schedule, engine.runner = timed_schedule, stand_in
     prompts, _ = workload(args.num_seqs, 100, 1024, 1, 1, engine.vocab_size, 0)
     for i, prompt in enumerate(prompts):  # outputs long enough that nobody finishes while measured
         params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True, detokenize=False)

@@ -5,17 +5,20 @@ U[100,1024], random token ids, EOS ignored, seed 0.
     python bench/offline.py --shape qwen3-0.6b     # a random bf16 model of that shape (made once)
     python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb   # the issue-6 table, one run
     python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
+    python bench/offline.py --shape qwen3-tiny --stand-in    # host side at H100 speed on any machine (stand_in.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.stand_in import add_device_flags, device_from, stand_in_generate  # noqa: E402
 
 
 def workload(num_requests: int, min_in: int, max_in: int, min_out: int, max_out: int, vocab: int, seed: int):
@@ -45,6 +48,9 @@ def main() -> None:
                     help="also run HF transformers on the same model and workload, after kubellm")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many engine steps from the middle of the run and print where time goes")
+    ap.add_argument("--stand-in", action="store_true",
+                    help="run on an emulated device (bench/stand_in.py): is the host fast enough to keep it busy?")
+    add_device_flags(ap)
     args = ap.parse_args()
 
     from kubellm.runtime import LLM, SamplingParams
@@ -54,6 +60,15 @@ def main() -> None:
         from bench.shapes import make_shaped_model
 
         model = make_shaped_model(os.path.join(args.cache_dir, f"{args.shape}-wordlevel"), args.shape)
+    if args.stand_in:
+        with open(os.path.join(model, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+        rate, busy = stand_in_generate(model, prompts, out_lens, device_from(args), max_num_seqs=args.max_num_seqs,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       async_scheduling=args.async_scheduling)
+        print(f"emulated device {device_from(args)}: {rate:,.0f} output tok/s, device busy {busy:.0%} of the time")
+        return
     llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling, kernels=args.kernels)

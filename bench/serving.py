@@ -4,6 +4,10 @@ TTFT, TPOT and ITL percentiles and throughput.
 
     python bench/serving.py --model DIR --concurrency 256            # starts kubellm serve itself
     python bench/serving.py --url http://127.0.0.1:8000 --request-rate 8 --num-requests 200
+    python bench/serving.py --model DIR --stand-in --concurrency 256   # the host side at GPU speed, any machine
+
+--stand-in runs the model on an emulated device (bench/stand_in.py) and first measures the offline throughput
+on the same emulated device in this process: the ratio says whether the server keeps up at GPU rates.
 """
 
 from __future__ import annotations
@@ -18,33 +22,36 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.offline import workload  # noqa: E402
+from bench.stand_in import add_device_flags, device_from, stand_in_generate  # noqa: E402
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int, result: dict):
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
+                      result: dict):
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.6, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     stamps = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            result.setdefault("errors", []).append(r.status_code)
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            result.setdefault("errors", []).append(r.status)
             return
-        buffer = b""
-        async for chunk in r.aiter_bytes():  # SSE lines end at \n only (aiter_lines also splits at U+2028 …)
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event.get("choices"):
-                    stamps.append(time.perf_counter())
-                elif event.get("usage"):
-                    result.setdefault("tokens", []).append(event["usage"]["completion_tokens"])
+        async for line in r.content:  # SSE lines end at \n
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            # only the last event (usage) is parsed: at GPU rates this client must not fall behind the server
+            if b'"usage"' not in line:
+                stamps.append(time.perf_counter())
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                stamps.append(time.perf_counter())
+            if event.get("usage"):
+                result.setdefault("tokens", []).append(event["usage"]["completion_tokens"])
     end = time.perf_counter()
     if not stamps:
         return
@@ -65,8 +72,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(args, prompts, out_lens) -> dict:
     result: dict = {}
-    limits = httpx.Limits(max_connections=max(args.concurrency or 0, 512))
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency or 0, 512))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as client:
         start = time.perf_counter()
         if args.concurrency:
             queue = list(zip(prompts, out_lens))
@@ -91,7 +98,14 @@ async def run(args, prompts, out_lens) -> dict:
 def start_server(args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kubellm.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(args.port),
            "--max-waiting-requests", "100000", "--max-queue-time-s", "100000", "--max-num-seqs", str(args.max_num_seqs)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
+    if args.stand_in:
+        d = device_from(args)
+        cmd[1:3] = ["-m", "bench.stand_in"]
+        cmd += ["--stand-in-fixed-ms", str(d.fixed_ms), "--stand-in-context-ns", str(d.per_context_token_ns),
+                "--stand-in-new-token-us", str(d.per_new_token_us)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -135,9 +149,14 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stand-in", action="store_true",
+                    help="serve on an emulated device (bench/stand_in.py) and compare with offline on the same")
+    add_device_flags(ap)
     args = ap.parse_args()
     if not args.concurrency and not args.request_rate:
         ap.error("give --concurrency or --request-rate")
+    if args.stand_in and not args.model:
+        ap.error("--stand-in needs --model (the server is started here)")
     proc = None
     cpu_used: dict[str, float] = {}
     if args.model:
@@ -146,7 +165,13 @@ def main() -> None:
     try:
         vocab = args.vocab or httpx.get(args.url + "/v1/models").json()["data"][0].get("vocab_size") or 500
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+        offline = None
+        if args.stand_in:
+            offline, busy = stand_in_generate(args.model, prompts, out_lens, device_from(args),
+                                              max_num_seqs=args.max_num_seqs)
+            print(f"offline on the emulated device: {offline:,.0f} tok/s, device busy {busy:.0%} of the time")
         procs = server_processes(proc.pid) if proc else {}
+        procs["benchmark client"] = os.getpid()
         cpu_before = {name: cpu_seconds(pid) for name, pid in procs.items()}
         r = asyncio.run(run(args, prompts, out_lens))
         cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in procs.items()}
@@ -166,6 +191,8 @@ def main() -> None:
           f"{ms(r.get('itl', []), 50)}/{ms(r.get('itl', []), 99)} |")
     if r.get("tpot"):
         print(f"(mean TPOT {statistics.mean(r['tpot']) * 1000:.1f} ms)")
+    if offline:
+        print(f"serving = {tokens / r['duration'] / offline:.0%} of offline on the same emulated device")
     for name, seconds in cpu_used.items():  # what each process spends per streamed token, whatever the device
         print(f"{name} process: {seconds:.1f} CPU s = {seconds / max(tokens, 1) * 1e6:.0f} CPU µs per output token")
 

@@ -15,7 +15,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, **serve_options) -> int:
     from pydantic import ValidationError
 
     from kubellm.runtime.server.config import ServerConfig
@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError, OSError) as e:
         print(f"kubellm serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    return serve(config)
+    return serve(config, **serve_options)
 
 
 def _add_serve(sub) -> None:

@@ -1,13 +1,17 @@
 """AsyncLLMEngine: the engine core runs in its own process (as in vLLM V1), so the model loop never shares a
 GIL with the HTTP server. The server side tokenizes and validates, sends requests and aborts down a pipe,
 and receives one message per engine step: every changed request's delta plus a snapshot of the gauges.
-The server side also detokenizes (batched over the step, in the reader thread), except for requests with
-stop strings: finishing those depends on the text, so the engine detokenizes them itself.
+The server side also detokenizes (batched over the step), except for requests with stop strings: finishing
+those depends on the text, so the engine detokenizes them itself.
 
-    server process                                      engine-core process
+Step messages are read on the server's event loop (a reader on the pipe), not by a thread: a thread needs
+the GIL back from a busy event loop several times a step (recv, two tokenizer calls, the hand-over), and at
+GPU step rates it fell behind until the engine blocked on a full pipe (bench/stand_in.py: the emulated
+device idle a quarter of the time at 256 streams).
+
+    server process (event loop)                          engine-core process
     make_request → sender thread ──[add|abort]──►  run_engine_core: LLMEngine.step() loop
-    streams ◄── reader thread ◄──[deltas, snapshot]──┘  (scheduling, model, sampling)
-              (detokenization)
+    streams ◄── pipe reader (detokenization) ◄──[deltas, snapshot]──┘  (scheduling, model, sampling)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
@@ -32,6 +36,7 @@ from kubellm.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("kubellm.engine")
 
+MAX_MESSAGES_PER_READ = 32  # engine steps handled per wake-up of the pipe reader
 HEARTBEAT_S = 1.0  # an idle engine process still reports this often, so the server can tell idle from stuck
 
 
@@ -68,13 +73,15 @@ class StepMessage:
 
 
 # ---------------------------------------------------------------------- the engine-core process
-def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection) -> None:
+def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
+                    make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
     """Entry point of the engine process: load, report ready, then step while there is work. Signals are
-    the server's business (it drains first); the pipe closing means the server is gone."""
+    the server's business (it drains first); the pipe closing means the server is gone. make_engine: a
+    picklable factory (bench/stand_in.py swaps the model for an emulated device)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        engine = LLMEngine(config)
+        engine = make_engine(config)
     except BaseException:
         outbox.send(("failed", traceback.format_exc()))
         return
@@ -109,30 +116,35 @@ def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection)
 
 # ---------------------------------------------------------------------- the server side
 class _Stream:
-    """Deltas for one request, appended on its event loop; the consumer takes all that piled up at once."""
+    """Deltas for one request; the consumer takes all that piled up at once."""
 
-    __slots__ = ("loop", "items", "event")
+    __slots__ = ("event", "items")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+    def __init__(self):
         self.items: list[RequestDelta | BaseException] = []
         self.event = asyncio.Event()
 
 
-def _put_all(batch: list[tuple[_Stream, RequestDelta | BaseException]]) -> None:
-    for stream, item in batch:
-        stream.items.append(item)
-        stream.event.set()
+def _widen_pipe(conn: Connection) -> None:
+    """Room for ~50 steps of 256 deltas instead of ~3 (64 KB), so a busy moment on the event loop (a burst of
+    finished requests, a GC pass) does not stall the engine on a full pipe. Linux only; best effort."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 class AsyncLLMEngine:
     """The server's handle on the engine process: start, generate (an async stream per request), abort,
     the latest snapshot for metrics and load shedding, shutdown."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine):
         from transformers import AutoTokenizer
 
         self.config = config
+        self.make_engine = make_engine
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.detokenizer = Detokenizer(self.tokenizer)
         # requests this side detokenizes: request_id → (skip_special_tokens, one state per output)
@@ -145,16 +157,25 @@ class AsyncLLMEngine:
         self._num_sent = 0  # submissions sent; the engine reports how many it has taken
         self._num_taken = 0
         self._process: multiprocessing.Process | None = None
+        self._outbox: Connection | None = None  # step messages from the engine process
+        self._loop: asyncio.AbstractEventLoop | None = None  # where they are read
         self._stopping = False
         self.last_report = time.monotonic()  # when the engine process last sent a step or a heartbeat
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Spawn the engine process and wait until the model is loaded (blocking: call before serving)."""
+    async def start(self) -> None:
+        """Spawn the engine process, wait until the model is loaded, then read its messages on this loop."""
+        inbox_w = await asyncio.to_thread(self._spawn)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._outbox.fileno(), self._on_messages)
+        threading.Thread(target=self._send_loop, args=(inbox_w,), name="kubellm-engine-send", daemon=True).start()
+
+    def _spawn(self) -> Connection:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=run_engine_core, args=(self.config, inbox_r, outbox_w),
+        _widen_pipe(outbox_r)
+        self._process = ctx.Process(target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_engine),
                                     name="kubellm-engine-core", daemon=True)
         self._process.start()
         inbox_r.close()
@@ -165,16 +186,16 @@ class AsyncLLMEngine:
             raise RuntimeError(f"the engine process exited while loading (code {self._process.exitcode})") from None
         if kind != "ready":
             raise RuntimeError(f"the engine process failed to load the model:\n{payload}")
-        self.info = payload
+        self.info, self._outbox = payload, outbox_r
         self.last_report = time.monotonic()
-        threading.Thread(target=self._send_loop, args=(inbox_w,), name="kubellm-engine-send", daemon=True).start()
-        threading.Thread(target=self._receive_loop, args=(outbox_r,), name="kubellm-engine-receive",
-                         daemon=True).start()
+        return inbox_w
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._process is None:
             return
         self._stopping = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._outbox.fileno())
         self._outgoing.put(("stop", None))
         self._outgoing.put(None)
         self._process.join(timeout)
@@ -228,7 +249,7 @@ class AsyncLLMEngine:
         cancelled) aborts it in the engine."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream()
         self._streams[sub.request_id] = stream
         params = sub.params
         if params.detokenize and not params.stop:
@@ -260,9 +281,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._outgoing.put(("abort", request_id))
 
-    # ------------------------------------------------------------------ the two pipe threads
+    # ------------------------------------------------------------------ the pipes
     def _send_loop(self, conn: Connection) -> None:
-        """Batch whatever piled up into one message, so a burst of requests costs one pipe write."""
+        """Batch whatever piled up into one message, so a burst of requests costs one pipe write. A thread:
+        a burst of long prompts can fill the pipe until the engine's next step reads it."""
         while True:
             batch = [self._outgoing.get()]
             while True:
@@ -281,25 +303,37 @@ class AsyncLLMEngine:
                 conn.close()
                 return
 
-    def _receive_loop(self, conn: Connection) -> None:
-        while True:
-            try:
+    def _on_messages(self) -> None:
+        """The engine process wrote (runs on the event loop): handle the messages waiting, up to a bound so
+        that a fast engine cannot starve the loop. Several steps read at once reach each stream as one event."""
+        conn = self._outbox
+        try:
+            for _ in range(MAX_MESSAGES_PER_READ):
+                if not conn.poll():
+                    return
                 msg = conn.recv()
-            except (EOFError, OSError):
-                if not self._stopping:
-                    self._process.join(5)
-                    self._fail(EngineDeadError(f"the engine process exited (code {self._process.exitcode})"))
-                return
-            if not isinstance(msg, StepMessage):  # ("dead", traceback)
-                log.error("engine loop died:\n%s", msg[1])
-                self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
-                return
-            self.last_report = time.monotonic()
-            self.snapshot, self._num_taken = msg.snapshot, msg.num_added
-            deltas = self._add_text(msg.deltas) if self._decoding else msg.deltas
-            items: list[tuple[str, RequestDelta | BaseException]] = [(d[0], d) for d in deltas]
-            items += [(rid, ValueError(why)) for rid, why in msg.errors]
-            self._deliver(items)
+                if not isinstance(msg, StepMessage):  # ("dead", traceback)
+                    log.error("engine loop died:\n%s", msg[1])
+                    self._stop_reading()
+                    self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
+                    return
+                self._on_step(msg)
+        except (EOFError, OSError):
+            self._stop_reading()
+            if not self._stopping:
+                self._process.join(1)
+                self._fail(EngineDeadError(f"the engine process exited (code {self._process.exitcode})"))
+
+    def _stop_reading(self) -> None:
+        self._loop.remove_reader(self._outbox.fileno())
+
+    def _on_step(self, msg: StepMessage) -> None:
+        self.last_report = time.monotonic()
+        self.snapshot, self._num_taken = msg.snapshot, msg.num_added
+        deltas = self._add_text(msg.deltas) if self._decoding else msg.deltas
+        items: list[tuple[str, RequestDelta | BaseException]] = [(d[0], d) for d in deltas]
+        items += [(rid, ValueError(why)) for rid, why in msg.errors]
+        self._deliver(items)
 
     def _add_text(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
         """Detokenize the step's new tokens of the requests this side decodes: two batched calls per step."""
@@ -330,17 +364,11 @@ class AsyncLLMEngine:
         return deltas
 
     def _deliver(self, items: list[tuple[str, RequestDelta | BaseException]]) -> None:
-        """Hand a step's deltas to their streams: one wake-up per event loop, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that event loop is closed
-                pass
+                stream.items.append(item)
+                stream.event.set()
 
     def _fail(self, error: BaseException) -> None:
         self.error = error

@@ -86,7 +86,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(engine.start)  # spawns the engine process and waits for the model
+        await engine.start()  # spawns the engine process and waits for the model
         warmup = SamplingParams(max_tokens=1, detokenize=False)
         async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], warmup):
             pass
@@ -396,6 +396,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         params = sampling_params(req, req.max_tokens, req.logprobs)
         requests = make_requests(req.prompts(), params, req.priority, req.max_tokens)
         rid, n = f"cmpl-{request.state.request_id}", req.n
+        created_at = int(time.time())  # one timestamp for every chunk of the response, as OpenAI's
         echo = [(r.prompt if r.prompt is not None else tokenizer.decode(r.prompt_token_ids)) if req.echo else ""
                 for r in requests]
 
@@ -422,12 +423,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                             sent_lp[idx] = len(c.logprobs)
                         choice = p.CompletionChoice(index=idx, text=prefix + delta, logprobs=lps,
                                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                        yield sse(p.CompletionResponse(id=rid, created=int(time.time()), model=model_name,
+                        yield sse(p.CompletionResponse(id=rid, created=created_at, model=model_name,
                                                        choices=[choice]))
                     if out.finished:
                         finals.append(out)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse(p.CompletionResponse(id=rid, created=int(time.time()), model=model_name, choices=[],
+                    yield sse(p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=[],
                                                    usage=usage(finals)))
                 yield "data: [DONE]\n\n"
 
@@ -450,7 +451,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 choices.append(p.CompletionChoice(index=i * n + c.index, text=echo[i] + c.text,
                                                   logprobs=lps, finish_reason=c.finish_reason,
                                                   stop_reason=c.stop_reason))
-        return p.CompletionResponse(id=rid, created=int(time.time()), model=model_name, choices=choices,
+        return p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=choices,
                                     usage=usage(outs)).model_dump()
 
     @app.post("/v1/chat/completions")
@@ -469,6 +470,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         params = sampling_params(req, max_tokens, top)
         requests = make_requests([ids], params, req.priority, max_tokens)
         rid = f"chatcmpl-{request.state.request_id}"
+        created_at = int(time.time())
 
         if req.stream:
             async def events():
@@ -495,12 +497,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                                                             stop_reason=c.stop_reason))
                             sent[c.index] = len(c.text)
                         for ch in chunks:
-                            yield sse(p.ChatCompletionChunk(id=rid, created=int(time.time()), model=model_name,
+                            yield sse(p.ChatCompletionChunk(id=rid, created=created_at, model=model_name,
                                                             choices=[ch]))
                     if out.finished:
                         final = out
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse(p.ChatCompletionChunk(id=rid, created=int(time.time()), model=model_name, choices=[],
+                    yield sse(p.ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=[],
                                                     usage=usage([final])))
                 yield "data: [DONE]\n\n"
 
@@ -520,7 +522,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             lps = chat_logprobs(c.logprobs) if req.logprobs and c.logprobs else None
             choices.append(p.ChatChoice(index=c.index, message=p.AssistantMessage(content=c.text), logprobs=lps,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        return p.ChatCompletionResponse(id=rid, created=int(time.time()), model=model_name, choices=choices,
+        return p.ChatCompletionResponse(id=rid, created=created_at, model=model_name, choices=choices,
                                         usage=usage([out])).model_dump()
 
     return app

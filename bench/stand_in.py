@@ -1,0 +1,143 @@
+"""An emulated device for measuring the host side at GPU speed on any machine: the engine runs for real
+(scheduler, block manager, batch prep, bookkeeping, the server and its streams), but the model is replaced by
+a device model that takes a modeled time per step and samples random tokens.
+
+A step occupies the emulated device for  fixed + per context token × KV tokens read + per new token × tokens
+computed.  The defaults model Qwen3-0.6B in bf16 on an H100 running at its decode floor (weights 1.2 GB and
+112 KB of KV per context token over ~3 TB/s, ~1.5 ms of launches per step; ~3 µs of compute per prefill
+token), i.e. faster than the real engine has run there: the rate of tokens the server must keep up with.
+Steps queue like CUDA launches (launch returns at once; collect waits until the device is done), so async
+scheduling overlaps host work with the emulated device as it does with the GPU.
+
+    python -m bench.stand_in serve MODEL_DIR --port 8000 [serve flags …]   # `kubellm serve` on the stand-in
+    python bench/serving.py --model DIR --stand-in --concurrency 256      # offline vs serving, same stand-in
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kubellm.runtime.config import EngineConfig  # noqa: E402
+from kubellm.runtime.engine.engine import LLMEngine  # noqa: E402
+from kubellm.runtime.engine.scheduler import SchedulerOutput  # noqa: E402
+from kubellm.runtime.engine.sequence import Sequence  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    fixed_ms: float = 1.5
+    per_context_token_ns: float = 37.0
+    per_new_token_us: float = 3.0
+
+    def step_seconds(self, batch: list[tuple[Sequence, int]]) -> float:
+        new = sum(n for _, n in batch)
+        context = sum(seq.num_computed_tokens for seq, _ in batch) + new
+        return self.fixed_ms * 1e-3 + context * self.per_context_token_ns * 1e-9 + new * self.per_new_token_us * 1e-6
+
+
+@dataclass
+class _Launched:
+    sampling: list[Sequence]
+    done_at: float
+
+
+class StandInRunner:
+    """Takes the real runner's place in LLMEngine: same launch / launch_ahead / collect, the same host-side
+    batch prep (block tables, positions and slots), then the emulated device instead of the model."""
+
+    def __init__(self, runner, device: DeviceModel, vocab_size: int, seed: int = 0):
+        self.runner, self.device, self.vocab_size = runner, device, vocab_size
+        self.rng = random.Random(seed)
+        self.busy_until = 0.0  # when the emulated device finishes the last queued step
+        self.busy_seconds = 0.0  # emulated device time of every step queued so far
+
+    def __getattr__(self, name):  # num_gpu_blocks, block sizes, …: the real runner's
+        return getattr(self.runner, name)
+
+    def _queue(self, batch: list[tuple[Sequence, int]], sampling: list[Sequence]) -> _Launched:
+        seconds = self.device.step_seconds(batch)
+        self.busy_until = max(time.perf_counter(), self.busy_until) + seconds
+        self.busy_seconds += seconds
+        return _Launched(sampling, self.busy_until)
+
+    def launch(self, out: SchedulerOutput) -> _Launched:
+        if not out.scheduled:
+            return _Launched([], 0.0)
+        batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
+        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        if len(sampling) == len(batch) and all(n == 1 for _, n in batch):
+            self.runner.host_tables.fill(sampling)  # what the decode-graph path prepares on the host
+        else:
+            self.runner._prepare(batch)
+        return self._queue(batch, sampling)
+
+    def launch_ahead(self, prev: _Launched, keep: list[int], positions: list[int | None]) -> _Launched:
+        seqs = [prev.sampling[i] for i in keep]
+        self.runner.host_tables.fill(seqs)
+        return self._queue([(seq, 1) for seq in seqs], seqs)
+
+    def collect(self, step: _Launched):
+        wait = step.done_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        n = len(step.sampling)
+        return step.sampling, [self.rng.randrange(self.vocab_size) for _ in range(n)], [None] * n
+
+
+def stand_in_engine(config: EngineConfig, device: DeviceModel = DeviceModel()) -> LLMEngine:
+    """A real LLMEngine (the model is loaded for its runner's host buffers and sizes) on the emulated device."""
+    engine = LLMEngine(config)
+    engine.runner = StandInRunner(engine.runner, device, engine.vocab_size, config.seed)
+    return engine
+
+
+def stand_in_generate(model: str, prompts: list[list[int]], out_lens: list[int], device: DeviceModel,
+                      **engine_options) -> tuple[float, float]:
+    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device: (output tok/s, the
+    fraction of the time the device was busy — what is left is host work the device waited for)."""
+    from kubellm.runtime import LLM, SamplingParams
+
+    llm = LLM(model, **engine_options)
+    runner = llm.engine.runner = StandInRunner(llm.engine.runner, device, llm.engine.vocab_size)
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, runner.busy_seconds / elapsed
+
+
+def add_device_flags(ap: argparse.ArgumentParser) -> None:
+    d = DeviceModel()
+    ap.add_argument("--stand-in-fixed-ms", type=float, default=d.fixed_ms, help="emulated device: ms per step")
+    ap.add_argument("--stand-in-context-ns", type=float, default=d.per_context_token_ns,
+                    help="emulated device: ns per context token read per step")
+    ap.add_argument("--stand-in-new-token-us", type=float, default=d.per_new_token_us,
+                    help="emulated device: µs per token computed")
+
+
+def device_from(args: argparse.Namespace) -> DeviceModel:
+    return DeviceModel(args.stand_in_fixed_ms, args.stand_in_context_ns, args.stand_in_new_token_us)
+
+
+def main() -> int:
+    from kubellm.cli import build_parser
+
+    device_ap = argparse.ArgumentParser(add_help=False)
+    add_device_flags(device_ap)
+    device_args, rest = device_ap.parse_known_args()
+    args = build_parser().parse_args(rest)
+    if args.command != "serve":
+        raise SystemExit("usage: python -m bench.stand_in serve MODEL_DIR [serve flags] [--stand-in-… flags]")
+    return args.func(args, make_engine=functools.partial(stand_in_engine, device=device_from(device_args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

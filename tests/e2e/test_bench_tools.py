@@ -1,0 +1,49 @@
+"""The benchmark tools the GPU sessions depend on run end to end (tiny sizes; no figures asserted: timings
+belong in bench/RESULTS.md). A broken benchmark found on the GPU costs device time that cannot be had back."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["--num-requests", "8", "--input-len", "10", "30", "--output-len", "5", "20"]
+
+
+@pytest.fixture(scope="module")
+def word_level_model(tmp_path_factory) -> str:
+    from bench.shapes import make_shaped_model
+
+    return make_shaped_model(str(tmp_path_factory.mktemp("bench") / "qwen3-tiny"), "qwen3-tiny", "float32")
+
+
+def bench(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_offline_on_the_emulated_device_keeps_it_busy(word_level_model):
+    out = bench("bench/offline.py", "--model", word_level_model, "--stand-in", *SMALL)
+    busy = re.search(r"([\d,]+) output tok/s, device busy (\d+)% of the time", out)
+    assert busy, out
+    assert 0 < int(busy.group(2)) <= 100
+
+
+def test_serving_benchmark_against_the_stand_in_server(word_level_model):
+    """Every request completes over HTTP with its tokens counted, and the offline comparison is printed."""
+    out = bench("bench/serving.py", "--model", word_level_model, "--stand-in", "--concurrency", "4",
+                "--port", "8137", *SMALL)
+    row = next(line for line in out.splitlines() if line.startswith("| concurrency 4 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    requests, errors, tokens = int(cells[1]), int(cells[2]), int(cells[3])
+    assert (requests, errors) == (8, 0), out
+    from bench.offline import workload
+
+    assert tokens == sum(workload(8, 10, 30, 5, 20, 151936, 0)[1]), out  # every requested token streamed
+    assert re.search(r"serving = \d+% of offline on the same emulated device", out), out
+    assert re.search(r"server process: .* CPU µs per output token", out), out
