@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit (OpenAI's)
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks skip the tokenizer entirely)
 
@@ -43,6 +44,8 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.repetition_penalty > 0.0, f"repetition_penalty must be positive, got {self.repetition_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (all(t >= 0 for t in self.logit_bias), "logit_bias token ids must be non-negative"),
+            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

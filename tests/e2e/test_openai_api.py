@@ -100,6 +100,16 @@ def test_n_seed_stop_and_logprobs(client):
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
+def test_logit_bias_matches_the_offline_engine(client, tiny_model):
+    bias = {5: 100.0, 6: -100.0}
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0,
+                                    logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True})
+    ref = LLM(tiny_model).generate("Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                           logit_bias=bias))[0].outputs[0]
+    assert ref.token_ids == [5] * 6
+    assert out.choices[0].text == ref.text
+
+
 def test_chat_logprobs(client):
     out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                          logprobs=True, top_logprobs=3, temperature=0, extra_body={"ignore_eos": True})

@@ -111,6 +111,20 @@ def test_stop_token_ids_and_eos(tiny_model):
     assert out.finish_reason == "stop" and out.stop_reason == greedy[4]
 
 
+def test_logit_bias_bans_and_forces_tokens_per_request(tiny_model):
+    llm = LLM(tiny_model)
+    prompt = random_prompts(seed=15, lengths=[10])[0]
+    greedy = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    ban = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={greedy[0]: -100.0})
+    force = SamplingParams(temperature=1.0, seed=1, max_tokens=12, ignore_eos=True, logit_bias={7: 100.0, 9: 100.0})
+    banned, forced, plain = llm.generate([prompt] * 3, [ban, force, GREEDY])  # one batch: biases stay per row
+    assert greedy[0] not in banned.outputs[0].token_ids
+    assert set(forced.outputs[0].token_ids) <= {7, 9}
+    assert plain.outputs[0].token_ids == greedy
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        llm.generate(prompt, SamplingParams(logit_bias={llm.engine.vocab_size: 1.0}))
+
+
 def test_n_samples_share_the_prompt_blocks(tiny_model):
     llm = LLM(tiny_model, block_size=16)
     prompt = random_prompts(seed=13, lengths=[64])[0]

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
-from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_prompt, tokenize_prompt
+from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_request, tokenize_prompt
 from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -237,7 +237,7 @@ class AsyncLLMEngine:
                      priority: int = 0) -> Submission:
         """Tokenize and validate here, so a bad request is refused without a round trip."""
         text, ids = tokenize_prompt(self.tokenizer, prompt)
-        check_prompt(ids, self.vocab_size, self.max_model_len)
+        check_request(ids, params, self.vocab_size, self.max_model_len)
         return Submission(request_id, text, ids, params, priority, time.monotonic())
 
     def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,

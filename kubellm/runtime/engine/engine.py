@@ -86,8 +86,10 @@ def tokenize_prompt(tokenizer, prompt: str | list[int]) -> tuple[str | None, lis
     return None, [int(t) for t in prompt]
 
 
-def check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """Refuse a prompt the engine could never run, with a message for the user."""
+def check_request(ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Refuse a request the engine could never run, with a message for the user."""
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
     if not ids:
         raise ValueError("the prompt is empty")
     if min(ids) < 0 or max(ids) >= vocab_size:
@@ -140,7 +142,7 @@ class LLMEngine:
     ) -> Request:
         """Validate and tokenize; touches no engine state, so any thread may call it."""
         text, ids = tokenize_prompt(self.tokenizer, prompt)
-        check_prompt(ids, self.vocab_size, self.max_model_len)
+        check_request(ids, params, self.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         arrival = time.monotonic() if arrival_time is None else arrival_time

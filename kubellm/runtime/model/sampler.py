@@ -1,4 +1,5 @@
-"""Sampler: penalties → greedy, or temperature → min-p → top-k → top-p → exponential race, batched over rows.
+"""Sampler: penalties and logit bias → greedy, or temperature → min-p → top-k → top-p → exponential race,
+batched over rows.
 
 Every sampled row draws one noise vector per token. A seeded sequence draws it from its own generator, so its
 output does not depend on what else is in the batch; the others share the engine's generator. On the CUDA
@@ -49,6 +50,18 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
             counts = torch.bincount(torch.tensor(out, device=x.device), minlength=x.shape[0])[: x.shape[0]].to(x.dtype)
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
     return logits
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Add each row's logit_bias to its logits (OpenAI: before sampling, greedy included): one scatter."""
+    rows, ids, bias = [], [], []
+    for row, seq in enumerate(seqs):
+        for token, value in seq.params.logit_bias.items():
+            rows.append(row)
+            ids.append(token)
+            bias.append(value)
+    index = (to_device(rows, logits.device), to_device(ids, logits.device))
+    return logits.index_put_(index, to_device(bias, logits.device, logits.dtype), accumulate=True)
 
 
 def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -105,6 +118,8 @@ class Sampler:
         raw = logits
         if any(s.params.has_penalties for s in seqs):
             logits = _apply_penalties(logits.clone(), seqs)
+        if any(s.params.logit_bias for s in seqs):
+            logits = _apply_logit_bias(logits.clone() if logits is raw else logits, seqs)
         if use_triton() and all(_temperature_only(s.params) for s in seqs):
             from kubellm.runtime.model import triton_ops
 

@@ -166,6 +166,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return req
 
     def sampling_params(req: p.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if req.logit_bias and max(req.logit_bias) >= engine.vocab_size:
+            raise ApiError(400, f"logit_bias token ids must be in [0, {engine.vocab_size})", param="logit_bias")
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens,
@@ -177,7 +179,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 seed=None if req.seed in (None, -1) else req.seed,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens,
+                skip_special_tokens=req.skip_special_tokens, logit_bias=dict(req.logit_bias or {}),
             )
         except ValueError as e:
             raise ApiError(400, str(e)) from None

@@ -48,7 +48,8 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None = None
+    # token id (a JSON key, so a string of digits) → bias added to its logit
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     # vLLM extensions (the openai SDK sends them through extra_body)
     top_k: int | None = Field(None, ge=-1)
@@ -67,8 +68,6 @@ class SamplingFields(OpenAIModel):
             raise ValueError("stop strings must not be empty")
         if isinstance(self.stop, list) and len(self.stop) > 16:
             raise ValueError("at most 16 stop strings")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
 
 
