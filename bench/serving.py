@@ -99,10 +99,8 @@ def start_server(args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kubellm.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(args.port),
            "--max-waiting-requests", "100000", "--max-queue-time-s", "100000", "--max-num-seqs", str(args.max_num_seqs)]
     if args.stand_in:
-        d = device_from(args)
         cmd[1:3] = ["-m", "bench.stand_in"]
-        cmd += ["--stand-in-fixed-ms", str(d.fixed_ms), "--stand-in-context-ns", str(d.per_context_token_ns),
-                "--stand-in-new-token-us", str(d.per_new_token_us)]
+        cmd += device_from(args).flags()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
                             stderr=open("/tmp/kubellm-bench-serve.log", "wb"))

@@ -42,6 +42,11 @@ class DeviceModel:
         context = sum(seq.num_computed_tokens for seq, _ in batch) + new
         return self.fixed_ms * 1e-3 + context * self.per_context_token_ns * 1e-9 + new * self.per_new_token_us * 1e-6
 
+    def flags(self) -> list[str]:
+        """The command-line flags (add_device_flags) that give this device."""
+        return ["--stand-in-fixed-ms", str(self.fixed_ms), "--stand-in-context-ns", str(self.per_context_token_ns),
+                "--stand-in-new-token-us", str(self.per_new_token_us)]
+
 
 @dataclass
 class _Launched:
