@@ -46,6 +46,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, conta
     ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias.5", ""),
     ({"prompt": "hi", "logit_bias": {"five": 1}}, None, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, "logit_bias", "logit_bias token ids must be in [0, "),
+    ({"prompt": "hi", "logit_bias": {str(t): 1 for t in range(301)}}, "logit_bias", "at most 300"),
     ({"prompt": [999999]}, "prompt", "token ids"),
     ({}, "prompt", ""),
     ({"prompt": "hi", "max_tokens": 1000}, "max_tokens", "maximum context length is 256"),

@@ -48,8 +48,10 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    # token id (a JSON key, so a string of digits) → bias added to its logit
-    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # token id (a JSON key, so a string of digits) → bias added to its logit; at most 300 entries, which bounds
+    # what one request adds to every step of the batch it runs in
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=300)
     user: str | None = None
     # vLLM extensions (the openai SDK sends them through extra_body)
     top_k: int | None = Field(None, ge=-1)
