@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError, freeze_startup_heap
 from kubellm.runtime.engine.sequence import RequestOutput, TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server import protocol as p
@@ -90,6 +90,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         warmup = SamplingParams(max_tokens=1, detokenize=False)
         async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], warmup):
             pass
+        freeze_startup_heap()  # the server's heap (the engine process froze its own)
         state.ready = True
         log.info(json.dumps({"event": "ready", "model": model_name, "max_model_len": engine.max_model_len}))
         yield
