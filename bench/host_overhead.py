@@ -77,8 +77,8 @@ def main() -> None:
 
 
 def prefill_prep(runner, vocab: int) -> None:
-    """The runner's input and metadata prep (positions, cache slots, block tables) for a prefill step of
-    8 × 1024 new tokens and a mixed step of 255 decodes + one 512-token chunk (runs on the model's device)."""
+    """The runner's host-side prep of a step's plan (positions, cache slots, block tables) for a prefill step
+    of 8 × 1024 new tokens and a mixed step of 255 decodes + one 512-token chunk."""
     import timeit
 
     from kubellm.runtime import SamplingParams

@@ -78,15 +78,16 @@ class StandInRunner:
             return _Launched([], 0.0)
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
-        if len(sampling) == len(batch) and all(n == 1 for _, n in batch):
-            self.runner.host_tables.fill(sampling)  # what the decode-graph path prepares on the host
+        if len(sampling) == len(batch) and all(n == 1 for _, n in batch):  # what a decode step prepares
+            positions = [seq.num_computed_tokens for seq in sampling]
+            self.runner._decode_plan(sampling, positions, [seq.token_ids[p] for seq, p in zip(sampling, positions)])
         else:
             self.runner._prepare(batch)
         return self._queue(batch, sampling)
 
     def launch_ahead(self, prev: _Launched, keep: list[int], positions: list[int | None]) -> _Launched:
         seqs = [prev.sampling[i] for i in keep]
-        self.runner.host_tables.fill(seqs)
+        self.runner._decode_plan(seqs, positions, None)
         return self._queue([(seq, 1) for seq in seqs], seqs)
 
     def collect(self, step: _Launched):

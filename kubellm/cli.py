@@ -54,6 +54,8 @@ def _add_serve(sub) -> None:
                        ("--preemption-mode", str), ("--gpu-memory-utilization", float),
                        ("--cpu-kv-cache-bytes", int), ("--seed", int), ("--kernels", str)):
         s.add_argument(flag, type=kind)
+    s.add_argument("--tensor-parallel-size", type=int,
+                   help="split the model across this many GPUs of this machine (default 1)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--enforce-eager", action="store_true", default=None)
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,

@@ -67,6 +67,8 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
             "--drain-timeout-s", str(s.drain_seconds)]
     if spec.resources.gpus == 0:
         args += ["--device", "cpu"]
+    elif spec.resources.gpus > 1:  # one replica spans its GPUs; more throughput is more replicas
+        args += ["--tensor-parallel-size", str(spec.resources.gpus)]
     if r.max_model_len:
         args += ["--max-model-len", str(r.max_model_len)]
     if s.api_key_secret:

@@ -41,8 +41,10 @@ class RuntimeSpec(Spec):
         ("self.gpuMemoryUtilization > 0.0 && self.gpuMemoryUtilization <= 1.0",
          "runtime.gpuMemoryUtilization must be in (0, 1]"),
         ("!has(self.maxModelLen) || self.maxModelLen >= 16", "runtime.maxModelLen must be at least 16"),
-        ("self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host'))",
-         "runtime.extraArgs must not set --host or --port: the operator owns them"),
+        ("self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host') && "
+         "!a.startsWith('--tensor-parallel-size'))",
+         "runtime.extraArgs must not set --host, --port or --tensor-parallel-size: the operator owns them "
+         "(the model is split across resources.gpus)"),
     ))
     image: str | None = Field(None, description="Runtime image; default from the operator's configuration")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -66,7 +68,8 @@ class Resources(Spec):
         ("self.gpus >= 0", "resources.gpus must not be negative"),
         ("self.gpus <= 64", "resources.gpus must be at most 64"),
     ))
-    gpus: int = Field(1, description="GPUs per replica (0 runs on CPU)")
+    gpus: int = Field(1, description="GPUs per replica (0 runs on CPU); with more than one, the model is split "
+                                     "across them (tensor parallelism: they must divide its attention heads)")
     gpu_resource_name: str = "nvidia.com/gpu"
     requests: ComputeResources = Field(default_factory=ComputeResources)
     limits: ComputeResources = Field(default_factory=ComputeResources)

@@ -30,6 +30,7 @@ class EngineConfig:
     queue_timeout_s: float | None = None  # a request waiting longer finishes with reason "timeout"
     enforce_eager: bool = False  # CUDA only: no CUDA graphs
     async_scheduling: bool = True  # launch the next decode step before the host has this one's tokens
+    tensor_parallel_size: int = 1  # GPUs one model is split across (CPU: processes, for tests); parallel.py
     kernels: str = "auto"  # "auto" (Triton on Ampere+ GPUs, else torch) | "torch" | "triton": model/kernels.py
     seed: int = 0
     served_model_name: str | None = None
@@ -47,6 +48,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

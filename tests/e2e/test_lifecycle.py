@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import openai
 
 from tests.support.kube import wait_for
 from tests.support.server import ServerProcess
@@ -128,3 +129,54 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
     assert s.proc.wait(timeout=30) == 0
     assert '"event": "drained"' in s.logs()
     s.stop()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    children = {int(c) for c in f.read().split()}
+            except FileNotFoundError:
+                continue
+            todo += children - found
+            found |= children
+    return found
+
+
+def test_a_tensor_parallel_server_answers_like_hf_and_sigterm_stops_every_rank(tiny_model):
+    """`--tensor-parallel-size 2` on the CPU: the engine process starts rank 1's process; streamed tokens
+    equal HF's greedy ones; SIGTERM drains and stops the server, the engine process and rank 1, exit 0."""
+    from transformers import AutoTokenizer
+
+    from tests.support.hf_reference import hf_greedy
+
+    s = ServerProcess(tiny_model, "--tensor-parallel-size", "2", "--served-model-name", "tiny").wait_ready(180)
+    try:
+        procs = descendants(s.proc.pid)
+        assert len(procs) >= 2, procs  # the engine process and rank 1 (plus any helper the server has)
+        prompt = "Once upon a time there was a dragon"
+        tok = AutoTokenizer.from_pretrained(tiny_model)
+        ids = tok(prompt).input_ids
+        expected = tok.decode(hf_greedy(tiny_model, [ids], 20)[0])
+        before = s.metric("kubellm_generation_tokens_total")  # the warm-up generation's
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 20,
+                                                        "temperature": 0, "ignore_eos": True})
+        assert r.json()["choices"][0]["text"] == expected
+        assert s.metric("kubellm_generation_tokens_total") - before == 40
+    finally:
+        code = s.stop()
+    assert code == 0, s.logs()[-3000:]
+    for pid in procs:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2], pid

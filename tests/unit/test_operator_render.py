@@ -87,7 +87,8 @@ def test_full_spec_maps_every_field():
                         ("--max-num-seqs", "64"), ("--max-num-batched-tokens", "2048"),
                         ("--gpu-memory-utilization", "0.8"), ("--scheduling-policy", "priority"),
                         ("--rate-limit-rpm", "60.0"), ("--max-waiting-requests", "10"), ("--drain-timeout-s", "90"),
-                        ("--api-key-file", "/etc/kubellm/api-keys/keys"), ("--seed", "3")]:
+                        ("--api-key-file", "/etc/kubellm/api-keys/keys"), ("--seed", "3"),
+                        ("--tensor-parallel-size", "2")]:
         assert args[args.index(flag) + 1] == value, flag
     assert "--no-enable-prefix-caching" in args
     assert c["image"] == "reg/rt:2"

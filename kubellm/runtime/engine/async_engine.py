@@ -17,6 +17,7 @@ device idle up to 38% of the time at 256 streams).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import logging
 import multiprocessing
@@ -126,6 +127,8 @@ def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
         return
     except BaseException:
         outbox.send(("dead", traceback.format_exc()))
+    finally:
+        engine.shutdown()
 
 
 # ---------------------------------------------------------------------- the server side
@@ -189,9 +192,11 @@ class AsyncLLMEngine:
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
         _widen_pipe(outbox_r)
+        # not daemonic: it starts the tensor-parallel ranks' processes; stopped at exit at the latest
         self._process = ctx.Process(target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_engine),
-                                    name="kubellm-engine-core", daemon=True)
+                                    name="kubellm-engine-core")
         self._process.start()
+        atexit.register(self.shutdown)
         inbox_r.close()
         outbox_w.close()
         try:

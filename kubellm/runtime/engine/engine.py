@@ -173,6 +173,10 @@ class LLMEngine:
                 seq.finish("abort")
         return req.output()
 
+    def shutdown(self) -> None:
+        """Stop the model's other tensor-parallel ranks, if any (also done when the engine is collected)."""
+        self.runner.close()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

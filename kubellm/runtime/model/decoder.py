@@ -1,5 +1,6 @@
 """One decoder for Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias) and Qwen3 (qk-norm,
 explicit head_dim); GQA throughout. Parameter names follow HF checkpoints, with q/k/v and gate/up packed.
+With tensor parallelism each rank builds its shard: heads and MLP columns divided (parallel.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kubellm.runtime.model import parallel
 from kubellm.runtime.model.attention import get_context, paged_attention, write_kv
 from kubellm.runtime.model.kernels import use_triton
 from kubellm.runtime.model.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from kubellm.runtime.model.parallel import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -61,12 +64,15 @@ class ModelShape:
 
 
 class Attention(nn.Module):
+    """This rank's attention heads (all of them without tensor parallelism)."""
+
     def __init__(self, shape: ModelShape, rotary: RotaryEmbedding):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        self.q_size, self.kv_size = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+        tp = parallel.size()
+        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads // tp, shape.num_kv_heads // tp, shape.head_dim
+        self.q_size, self.kv_size = self.num_heads * shape.head_dim, self.num_kv_heads * shape.head_dim
         self.qkv_proj = MergedLinear(shape.hidden_size, [self.q_size, self.kv_size, self.kv_size], shape.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size)
         if shape.qk_norm:
             self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
@@ -105,8 +111,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, shape: ModelShape):
         super().__init__()
-        self.gate_up_proj = MergedLinear(shape.hidden_size, [shape.intermediate_size] * 2, bias=False)
-        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=False)
+        columns = shape.intermediate_size // parallel.size()
+        self.gate_up_proj = MergedLinear(shape.hidden_size, [columns] * 2, bias=False)
+        self.down_proj = RowParallelLinear(shape.intermediate_size, shape.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -138,7 +145,7 @@ class DecoderModel(nn.Module):
     def __init__(self, shape: ModelShape, hf_config, max_positions: int):
         super().__init__()
         self.rotary = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape, self.rotary) for _ in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
@@ -163,7 +170,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.shape = shape
         self.model = DecoderModel(shape, hf_config, max_positions)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(shape.vocab_size, shape.hidden_size)
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

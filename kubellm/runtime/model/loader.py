@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kubellm.runtime.model.decoder import DecoderForCausalLM, ModelShape
+from kubellm.runtime.model.parallel import load_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,12 +83,13 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
                     packed, shard = DecoderForCausalLM.packed_modules[proj]
                     target_name = f"{parent}.{packed}.{leaf}"
                     module = model.get_submodule(f"{parent}.{packed}")
-                    module.shard(params[target_name].data, shard).copy_(tensor)
+                    load_shard(module.shard(params[target_name].data, shard), tensor, 0)
                     loaded.add(f"{target_name}#{shard}")
                     continue
                 if name not in params:
                     raise ValueError(f"unexpected weight {name!r} in {path}")
-                params[name].data.copy_(tensor)
+                # with tensor parallelism, a sharded module takes this rank's slice (its tp_dim)
+                load_shard(params[name].data, tensor, getattr(model.get_submodule(module_name), "tp_dim", None))
                 loaded.add(name)
     _check_complete(model, loaded, info.shape)
     return model.eval()

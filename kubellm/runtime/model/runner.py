@@ -1,11 +1,12 @@
 """ModelRunner: owns the device, the model, the KV cache and its CPU swap pool; turns a scheduled batch
-into input tensors and attention metadata, runs the forward, and samples.
+into a StepPlan (the step's inputs and attention metadata, on the host), runs it — on every tensor-parallel
+rank — and samples.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,12 +14,32 @@ import torch
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
-from kubellm.runtime.model import kernels
+from kubellm.runtime.model import kernels, parallel
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
 from kubellm.runtime.model.loader import ModelInfo, load_model
 from kubellm.runtime.model.sampler import SampledTokens, Sampler, to_device
 
 log = logging.getLogger("kubellm.runner")
+
+
+@dataclass
+class StepPlan:
+    """One step's forward as host data, made by rank 0's host prep; with tensor parallelism, pickled to every
+    other rank, which runs the same forward on its shard (parallel.py). Lists and numpy arrays, no tensors:
+    a pickled CPU tensor would travel through a new shared-memory segment per step."""
+
+    num_rows: int  # input tokens (eager) or real rows (graph replay); 0: only swap blocks
+    input_ids: list[int] | None = None  # None: on the device, the previous step's sampled tokens
+    positions: list[int] | np.ndarray | None = None
+    slots: list[int] | np.ndarray | None = None
+    context_lens: list[int] | None = None
+    tables: np.ndarray | None = None  # [sequences, blocks]
+    query_lens: list[int] | None = None
+    num_decodes: int = 0
+    sample_rows: list[int] | None = None  # rows whose hidden state is sampled; None: all
+    graph_size: int | None = None  # replay the decode graph captured at this batch size
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -40,12 +61,11 @@ class HostBlockTables:
     """
 
     def __init__(self, rows: int, cols: int):
-        self.tensor = torch.zeros(rows, cols, dtype=torch.long)
-        self.array = self.tensor.numpy()
+        self.array = np.zeros((rows, cols), dtype=np.int64)
         self.owner: list[list[int] | None] = [None] * rows  # the block_table list each row mirrors
         self.written = [0] * rows
 
-    def fill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def fill(self, seqs: list[Sequence]) -> np.ndarray:
         """Rows 0 … len(seqs)-1 hold these sequences' tables; returns that [len(seqs), widest] view."""
         width = 1
         for row, seq in enumerate(seqs):
@@ -59,7 +79,7 @@ class HostBlockTables:
                 self.owner[row] = table
             self.written[row] = n
             width = max(width, n)
-        return self.tensor[: len(seqs), :width].clone()
+        return self.array[: len(seqs), :width].copy()
 
 
 class _EagerReplay:
@@ -73,30 +93,50 @@ class _EagerReplay:
         self.hidden.copy_(r._forward(r.g_input[:n], r.g_positions[:n], self.meta))
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, tp_size: int = 1, tp_rank: int = 0) -> torch.device:
+    """The device of a rank: as configured; with tensor parallelism, GPU `rank` of those visible."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and tp_size > 1:
+        if torch.cuda.device_count() < tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} needs {tp_size} GPUs; {torch.cuda.device_count()} visible")
+        return torch.device("cuda", tp_rank)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int):
+    """One rank's model and KV cache. Rank 0 (tp_rank=0) is the engine's: with tensor parallelism it starts
+    the other ranks' processes, which build the same runner on their shard (parallel.py)."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int, tp_rank: int = 0,
+                 port: int = 0):
         self.config = config
         self.info = info
-        self.device = pick_device(config.device)
+        tp = config.tensor_parallel_size
+        self.device = pick_device(config.device, tp, tp_rank)
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.workers: parallel.Workers | None = None
+        if tp > 1 and tp_rank == 0:
+            parallel.check_divisible(info.shape, tp)
+            self.workers = parallel.Workers(config, info, max_model_len)
+            port = self.workers.port
+        parallel.init_group(tp_rank, tp, port, self.device)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
         self.model = load_model(config.model, info, self.device, max_model_len)
         self.sampler = Sampler(self.device, config.seed)
         shape = info.shape
+        kv_heads = shape.num_kv_heads // tp  # this rank's
         elem = torch.tensor([], dtype=info.dtype).element_size()
-        self.block_bytes = 2 * shape.num_layers * self.block_size * shape.num_kv_heads * shape.head_dim * elem
+        self.block_bytes = 2 * shape.num_layers * self.block_size * kv_heads * shape.head_dim * elem
         self.num_gpu_blocks = config.num_gpu_blocks or self._kv_budget_blocks()
+        if tp > 1:  # block tables are shared: every rank holds as many blocks as the tightest one
+            blocks = torch.tensor([self.num_gpu_blocks], device=self.device)
+            self.num_gpu_blocks = int(parallel.all_reduce_min(blocks))
         self.num_cpu_blocks = (
             config.num_cpu_blocks if config.num_cpu_blocks is not None else config.swap_space_bytes // self.block_bytes
         )
@@ -104,9 +144,9 @@ class ModelRunner:
             self.num_cpu_blocks = 0
         # one extra block the block manager never hands out: padded rows of a CUDA-graph batch write there
         self.scratch_block = self.num_gpu_blocks
-        kv_shape = (shape.num_layers, 2, self.num_gpu_blocks + 1, self.block_size, shape.num_kv_heads, shape.head_dim)
+        kv_shape = (shape.num_layers, 2, self.num_gpu_blocks + 1, self.block_size, kv_heads, shape.head_dim)
         self.kv_cache = torch.zeros(kv_shape, dtype=info.dtype, device=self.device)
-        cpu_shape = (shape.num_layers, 2, self.num_cpu_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
+        cpu_shape = (shape.num_layers, 2, self.num_cpu_blocks, self.block_size, kv_heads, shape.head_dim)
         self.cpu_cache = torch.zeros(cpu_shape, dtype=info.dtype, pin_memory=self.device.type == "cuda")
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
@@ -118,10 +158,17 @@ class ModelRunner:
         if not config.enforce_eager and triton:  # graphs need the Triton kernels (no host-side shapes)
             self._capture_decode_graphs()
         log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels",
+            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels%s",
             self.num_gpu_blocks, self.block_size, self.num_gpu_blocks * self.block_bytes / 2**20,
             self.num_cpu_blocks, self.device, info.dtype, "Triton" if triton else "torch",
+            f", tensor-parallel rank {tp_rank} of {tp}" if tp > 1 else "",
         )
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0); a runner without them has nothing to stop."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def _kv_budget_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -181,46 +228,46 @@ class ModelRunner:
             torch.cuda.synchronize()
         log.info("decode graphs (%s) for batch sizes %s", "CUDA" if dev.type == "cuda" else "eager replays", sizes)
 
-    def _decode_rows(self, seqs: list[Sequence], positions: list[int | None]) -> tuple[list, list, list]:
-        """(positions, cache slots, context lengths) of one-token rows. A None position is a row that computes
-        nothing useful: it attends to one token and writes its K/V to the scratch block."""
-        bs = self.block_size
+    def _decode_plan(self, seqs: list[Sequence], positions: list[int | None],
+                     input_ids: list[int] | None) -> "StepPlan":
+        """The plan of a decode step (one-token rows, every row sampled): a graph replay at the smallest
+        captured size that fits, padded to it, or an eager forward beyond the largest. A None position is a
+        row that computes nothing useful: it attends to one token and writes its K/V to the scratch block.
+        input_ids None: the tokens of the step before, taken on the device."""
+        n, bs, scratch = len(seqs), self.block_size, self.scratch_block * self.block_size
         pos, slots, ctx = [], [], []
         for seq, p in zip(seqs, positions):
             if p is None:
                 pos.append(0)
-                slots.append(self.scratch_block * bs)
+                slots.append(scratch)
                 ctx.append(1)
             else:
                 pos.append(p)
                 slots.append(seq.block_table[p // bs] * bs + p % bs)
                 ctx.append(p + 1)
-        return pos, slots, ctx
-
-    def _run_graph(self, seqs: list[Sequence], positions: list[int | None],
-                   input_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Replay the smallest captured decode graph that fits; input ids from the host, or already on the
-        device (a step launched before the previous one's tokens reached the host)."""
-        n = len(seqs)
-        bs = next(size for size in sorted(self.graphs) if size >= n)
-        graph, hidden = self.graphs[bs]
-        pos, slots, ctx = self._decode_rows(seqs, positions)
         tables = self.host_tables.fill(seqs)
-        # padded rows (n … bs-1) attend to one token through whatever table their row holds and write
+        size = next((size for size in sorted(self.graphs) if size >= n), None)
+        if size is None:
+            return StepPlan(n, input_ids, pos, slots, ctx, tables, [1] * n, n)
+        # padded rows (n … size-1) attend to one token through whatever table their row holds and write
         # their K/V to the scratch block; their outputs are dropped
-        pad = bs - n
-        rows = [pos + [0] * pad, slots + [self.scratch_block * self.block_size] * pad, ctx + [1] * pad]
-        if isinstance(input_ids, list):
-            rows.append(input_ids + [0] * pad)
+        pad = size - n
+        return StepPlan(n, None if input_ids is None else input_ids + [0] * pad, pos + [0] * pad,
+                        slots + [scratch] * pad, ctx + [1] * pad, tables, None, n, graph_size=size)
+
+    def _replay(self, plan: "StepPlan", input_ids: torch.Tensor | None) -> torch.Tensor:
+        size, n = plan.graph_size, plan.num_rows
+        graph, hidden = self.graphs[size]
+        rows = [plan.positions, plan.slots, plan.context_lens] + ([plan.input_ids] if input_ids is None else [])
         dev = to_device(rows, self.device)
-        self.g_positions[:bs].copy_(dev[0])
-        self.g_slots[:bs].copy_(dev[1])
-        self.g_context[:bs].copy_(dev[2])
-        if isinstance(input_ids, list):
-            self.g_input[:bs].copy_(dev[3])
+        self.g_positions[:size].copy_(dev[0])
+        self.g_slots[:size].copy_(dev[1])
+        self.g_context[:size].copy_(dev[2])
+        if input_ids is None:
+            self.g_input[:size].copy_(dev[3])
         else:
             self.g_input[:n].copy_(input_ids)
-        self.g_tables[:n, : tables.shape[1]].copy_(to_device(tables, self.device))
+        self.g_tables[:n, : plan.tables.shape[1]].copy_(to_device(plan.tables, self.device))
         graph.replay()
         return hidden[:n]
 
@@ -237,9 +284,9 @@ class ModelRunner:
         dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=dst.device.type != "cpu")
 
     # ------------------------------------------------------------------ a step
-    def _prepare(self, batch: list[tuple[Sequence, int]]):
-        """Inputs and attention metadata of a mixed batch (decodes first). Per-token values (positions, cache
-        slots) are computed with numpy over the whole batch: an 8k-token prefill step is 8k of each."""
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> "StepPlan":
+        """The plan of a mixed batch (decodes first), run eagerly. Per-token values (positions, cache slots)
+        are computed with numpy over the whole batch: an 8k-token prefill step is 8k of each."""
         input_ids: list[int] = []
         starts, query_lens, context_lens, sample_rows = [], [], [], []
         for seq, n in batch:
@@ -256,16 +303,45 @@ class ModelRunner:
         positions = np.arange(len(input_ids)) + np.repeat(np.array(starts) - (np.cumsum(qlens) - qlens), qlens)
         slots = self.host_tables.array[row_of_token, positions // self.block_size] * self.block_size
         slots += positions % self.block_size
+        return StepPlan(len(input_ids), input_ids, positions, slots, context_lens, tables, query_lens,
+                        sum(1 for q in query_lens if q == 1), sample_rows)
+
+    def run_plan(self, plan: "StepPlan", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Swap blocks and run the forward a plan describes; the hidden states of the rows to sample.
+        Every rank of a tensor-parallel group runs this with the same plan (input ids given: on the device)."""
+        self._copy_blocks(plan.swap_out, self.kv_cache, self.cpu_cache)
+        self._copy_blocks(plan.swap_in, self.cpu_cache, self.kv_cache)
+        if not plan.num_rows:
+            return None
+        if plan.graph_size:
+            return self._replay(plan, input_ids)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=to_device(torch.from_numpy(slots), dev),
-            block_tables=to_device(tables, dev),
-            context_lens=to_device(context_lens, dev),
-            query_lens=query_lens,
-            context_lens_list=context_lens,
-            num_decodes=sum(1 for q in query_lens if q == 1),
-        )
-        return to_device(input_ids, dev), to_device(torch.from_numpy(positions), dev), meta, to_device(sample_rows, dev)
+        if input_ids is None:
+            input_ids = to_device(plan.input_ids, dev)
+        meta = AttentionMetadata(to_device(plan.slots, dev), to_device(plan.tables, dev),
+                                 to_device(plan.context_lens, dev), plan.query_lens, plan.context_lens,
+                                 plan.num_decodes)
+        hidden = self._forward(input_ids, to_device(plan.positions, dev), meta)
+        return hidden if plan.sample_rows is None else hidden[to_device(plan.sample_rows, dev)]
+
+    def _run(self, plan: "StepPlan", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Rank 0: run a plan here and on the other ranks (their ids, if on the device, by broadcast)."""
+        if self.workers is not None:
+            self.workers.send(plan)
+            if input_ids is not None:
+                torch.distributed.broadcast(input_ids.contiguous(), 0)
+        return self.run_plan(plan, input_ids)
+
+    def run_plan_as_worker(self, plan: "StepPlan") -> None:
+        """Ranks ≥ 1: the same forward as rank 0, and the same logits collective; rank 0 samples."""
+        input_ids = None
+        if plan.input_ids is None:
+            input_ids = torch.empty(plan.num_rows, dtype=torch.long, device=self.device)
+            torch.distributed.broadcast(input_ids, 0)
+        with torch.inference_mode():
+            hidden = self.run_plan(plan, input_ids)
+            if hidden is not None and len(hidden):
+                self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
@@ -275,20 +351,18 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
         """Queue one scheduled step on the device, sampling included; nothing waits for it here."""
-        self._copy_blocks(out.swap_out, self.kv_cache, self.cpu_cache)
-        self._copy_blocks(out.swap_in, self.cpu_cache, self.kv_cache)
-        if not out.scheduled:
-            return LaunchedStep([], None)
         # decodes first: attention handles them as one padded batch
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
-        if self.graphs and len(sampling) == len(batch) <= max(self.graphs) and all(n == 1 for _, n in batch):
+        if not batch:
+            plan = StepPlan(0)
+        elif self.graphs and len(sampling) == len(batch) <= max(self.graphs) and all(n == 1 for _, n in batch):
             positions = [seq.num_computed_tokens for seq in sampling]  # every row is a decode that samples
-            hidden = self._run_graph(sampling, positions, [seq.token_ids[p] for seq, p in zip(sampling, positions)])
+            plan = self._decode_plan(sampling, positions, [seq.token_ids[p] for seq, p in zip(sampling, positions)])
         else:
-            input_ids, positions, meta, sample_rows = self._prepare(batch)
-            hidden = self._forward(input_ids, positions, meta)[sample_rows]
-        return self._sample(hidden, sampling)
+            plan = self._prepare(batch)
+        plan.swap_out, plan.swap_in = out.swap_out, out.swap_in
+        return self._sample(self._run(plan), sampling)
 
     @torch.inference_mode()
     def launch_ahead(self, prev: LaunchedStep, keep: list[int], positions: list[int | None]) -> LaunchedStep:
@@ -299,15 +373,7 @@ class ModelRunner:
         ids = prev.sampled.tokens
         if len(keep) != len(prev.sampling):
             ids = ids.index_select(0, to_device(keep, self.device))
-        if self.graphs and len(seqs) <= max(self.graphs):
-            hidden = self._run_graph(seqs, positions, ids)
-        else:
-            pos, slots, ctx = self._decode_rows(seqs, positions)
-            tables = to_device(self.host_tables.fill(seqs), self.device)
-            meta = AttentionMetadata(to_device(slots, self.device), tables, to_device(ctx, self.device),
-                                     [1] * len(seqs), ctx, len(seqs))
-            hidden = self._forward(ids, to_device(pos, self.device), meta)
-        return self._sample(hidden, seqs)
+        return self._sample(self._run(self._decode_plan(seqs, positions, None), ids), seqs)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         set_context(meta)
@@ -316,7 +382,7 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, hidden: torch.Tensor, sampling: list[Sequence]) -> LaunchedStep:
+    def _sample(self, hidden: torch.Tensor | None, sampling: list[Sequence]) -> LaunchedStep:
         if not sampling:
             return LaunchedStep([], None)
         return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling))

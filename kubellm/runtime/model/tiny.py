@@ -105,12 +105,15 @@ def make_tiny_model(
     max_positions: int = 2048,
     dtype: str = "float32",
     seed: int = 0,
+    extra_vocab: int = 0,
 ) -> str:
+    """extra_vocab: embedding rows beyond the tokenizer's (real checkpoints pad their vocabulary, e.g. Qwen's
+    151,936 rows for 151,665 tokens), which also makes the vocabulary split unevenly over ranks."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = build_tokenizer()
-    cfg = build_config(arch, len(tok), hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+    cfg = build_config(arch, len(tok) + extra_vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                        max_positions=max_positions)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()

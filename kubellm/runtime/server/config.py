@@ -46,6 +46,7 @@ class ServerConfig(BaseSettings):
     enforce_eager: bool = _ENGINE["enforce_eager"]
     async_scheduling: bool = _ENGINE["async_scheduling"]
     kernels: str = _ENGINE["kernels"]
+    tensor_parallel_size: int = Field(_ENGINE["tensor_parallel_size"], ge=1)
     seed: int = _ENGINE["seed"]
 
     def engine_options(self) -> dict:
