@@ -76,20 +76,20 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
                     continue
                 if name == "lm_head.weight" and info.shape.tie_word_embeddings:
                     continue
-                tensor = f.get_tensor(name)
+                weight = f.get_slice(name)  # read lazily: each tensor-parallel rank reads only its part
                 module_name, _, leaf = name.rpartition(".")
                 parent, _, proj = module_name.rpartition(".")
                 if proj in DecoderForCausalLM.packed_modules:
                     packed, shard = DecoderForCausalLM.packed_modules[proj]
                     target_name = f"{parent}.{packed}.{leaf}"
                     module = model.get_submodule(f"{parent}.{packed}")
-                    load_shard(module.shard(params[target_name].data, shard), tensor, 0)
+                    load_shard(module.shard(params[target_name].data, shard), weight, 0)
                     loaded.add(f"{target_name}#{shard}")
                     continue
                 if name not in params:
                     raise ValueError(f"unexpected weight {name!r} in {path}")
                 # with tensor parallelism, a sharded module takes this rank's slice (its tp_dim)
-                load_shard(params[name].data, tensor, getattr(model.get_submodule(module_name), "tp_dim", None))
+                load_shard(params[name].data, weight, getattr(model.get_submodule(module_name), "tp_dim", None))
                 loaded.add(name)
     _check_complete(model, loaded, info.shape)
     return model.eval()

@@ -31,10 +31,6 @@ from torch import nn
 _RANK, _SIZE = 0, 1
 
 
-def rank() -> int:
-    return _RANK
-
-
 def size() -> int:
     return _SIZE
 
@@ -77,19 +73,23 @@ def check_divisible(shape, tp_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- sharded layers
-def load_shard(dest: torch.Tensor, source: torch.Tensor, dim: int | None) -> None:
-    """Copy this rank's slice of a full checkpoint tensor: rows (or columns) rank·n … rank·n + n-1 of `dim`,
-    n = dest's size there; the last vocabulary shard may be short (the rest of dest is padding)."""
+def load_shard(dest: torch.Tensor, source, dim: int | None) -> None:
+    """Copy this rank's part of a checkpoint tensor (`source`: a safetensors slice, read only where needed, or
+    a tensor): rows (or columns) rank·n … rank·n + n-1 of `dim`, n = dest's size there; the last vocabulary
+    shard may be short (the rest of dest is padding). dim None: the whole tensor (replicated)."""
+    shape = list(source.get_shape() if hasattr(source, "get_shape") else source.shape)
     if dim is None:
-        dest.copy_(source)
+        dest.copy_(source[:])
         return
     n = dest.shape[dim]
-    if -(-source.shape[dim] // _SIZE) != n:
-        raise ValueError(f"checkpoint tensor of shape {tuple(source.shape)} does not fit {tuple(dest.shape)} "
+    if -(-shape[dim] // _SIZE) != n:
+        raise ValueError(f"checkpoint tensor of shape {tuple(shape)} does not fit {tuple(dest.shape)} "
                          f"on each of {_SIZE} rank(s)")
     start = _RANK * n
-    length = max(min(n, source.shape[dim] - start), 0)
-    dest.narrow(dim, 0, length).copy_(source.narrow(dim, start, length))
+    length = max(min(n, shape[dim] - start), 0)
+    index = [slice(None)] * len(shape)
+    index[dim] = slice(start, start + length)
+    dest.narrow(dim, 0, length).copy_(source[tuple(index)])
 
 
 # A module's `tp_dim`: the dimension of its weight that is split over ranks (the loader reads it).
