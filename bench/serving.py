@@ -104,10 +104,11 @@ def start_server(args) -> subprocess.Popen:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
                             stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() < start + 600:
         try:
             if httpx.get(args.url + "/ready", timeout=1).status_code == 200:
+                print(f"server ready {time.monotonic() - start:.1f} s after its start (model loaded, warm-up done)")
                 return proc
         except httpx.HTTPError:
             time.sleep(0.5)
