@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from kubellm.runtime.model.kernels import use_triton
 
@@ -105,26 +106,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]
         keys = _gather(k_cache, meta.block_tables[i : i + 1], ctx)[0]  # [ctx, kvh, d]
         values = _gather(v_cache, meta.block_tables[i : i + 1], ctx)[0]
-        # 4-D [1, heads, len, d]: SDPA's fused is_causal kernels need a batch dimension
+        # 4-D [1, heads, len, d]: SDPA's fused kernels (and CausalBias dispatch) need a batch dimension
         qi = q[start : start + qlen].transpose(0, 1)[None]
         ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         vi = values.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         # query j sits at position ctx - qlen + j and may see keys 0 … that position (bottom-right causal).
-        # Measured on an H100 (bench/RESULTS.md): a small chunk is fastest with a dense mask; a whole prompt
-        # must not materialize it (8k × 8k) and goes to the fused kernels through is_causal. A large chunk
-        # after cached tokens takes dense masks over blocks of queries (each query's softmax is its own, so
-        # blocks change nothing): torch's CausalBias would do it in one call, but importing it imports
-        # torch._dynamo, ~5 s of every process's startup.
-        if qlen == ctx and qlen * ctx > DENSE_MASK_LIMIT:
+        # Measured on an H100 (bench/RESULTS.md): a small chunk is fastest with a dense mask; a large one
+        # must not materialize it (8k × 8k) and goes to the fused kernels through is_causal / a CausalBias.
+        if qlen * ctx <= DENSE_MASK_LIMIT:
+            mask = torch.ones(qlen, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen)
+            o = torch.nn.functional.scaled_dot_product_attention(qi[0], ki[0], vi[0], attn_mask=mask, scale=scale)[None]
+        elif qlen == ctx:
             o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         else:
-            o = torch.empty_like(qi)
-            rows = max(DENSE_MASK_LIMIT // ctx, 1)
-            for r in range(0, qlen, rows):
-                n = min(rows, qlen - r)
-                mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - qlen + r)
-                o[0, :, r : r + n] = torch.nn.functional.scaled_dot_product_attention(
-                    qi[0, :, r : r + n], ki[0], vi[0], attn_mask=mask, scale=scale)
+            o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
+                                                                 scale=scale)
         out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out
