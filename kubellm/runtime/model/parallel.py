@@ -18,6 +18,7 @@ import datetime
 import gc
 import multiprocessing
 import os
+import pickle
 import socket
 import sys
 import traceback
@@ -160,7 +161,7 @@ def _worker_main(config, info, max_model_len: int, tp_rank: int, port: int, conn
         runner = ModelRunner(config, info, max_model_len, tp_rank=tp_rank, port=port)
         gc.collect()  # a full collection walking the startup heap would stall every rank's collectives
         gc.freeze()
-        while (plan := conn.recv()) is not None:
+        while (plan := pickle.loads(conn.recv_bytes())) is not None:
             runner.run_plan_as_worker(plan)
     except (EOFError, OSError):  # rank 0 is gone
         pass
@@ -191,10 +192,11 @@ class Workers:
         self._finalizer = weakref.finalize(self, Workers._stop, self.conns, self.procs)
 
     def send(self, plan) -> None:
+        data = pickle.dumps(plan, pickle.HIGHEST_PROTOCOL)  # once for every rank
         for r, (conn, proc) in enumerate(zip(self.conns, self.procs), 1):
             if not proc.is_alive():  # the engine fails (the server reports it) instead of waiting on it forever
                 raise RuntimeError(f"tensor-parallel rank {r} exited with code {proc.exitcode}")
-            conn.send(plan)
+            conn.send_bytes(data)
 
     def close(self) -> None:
         self._finalizer()
@@ -203,7 +205,7 @@ class Workers:
     def _stop(conns, procs) -> None:
         for conn in conns:
             try:
-                conn.send(None)
+                conn.send_bytes(pickle.dumps(None))
             except (OSError, BrokenPipeError):
                 pass
         for proc in procs:

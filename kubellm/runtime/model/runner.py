@@ -26,7 +26,7 @@ log = logging.getLogger("kubellm.runner")
 class StepPlan:
     """One step's forward as host data, made by rank 0's host prep; with tensor parallelism, pickled to every
     other rank, which runs the same forward on its shard (parallel.py). Lists and numpy arrays, no tensors:
-    a pickled CPU tensor would travel through a new shared-memory segment per step."""
+    they pickle in microseconds (a tensor pickles through torch.save)."""
 
     num_rows: int  # input tokens (eager) or real rows (graph replay); 0: only swap blocks
     input_ids: list[int] | None = None  # None: on the device, the previous step's sampled tokens
