@@ -34,6 +34,7 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
 from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_request, tokenize_prompt
 from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
+from kubellm.runtime.model.kernels import exit_process
 from kubellm.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("kubellm.engine")
@@ -91,7 +92,15 @@ def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
                     make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
     """Entry point of the engine process: load, report ready, then step while there is work. Signals are
     the server's business (it drains first); the pipe closing means the server is gone. make_engine: a
-    picklable factory (bench/stand_in.py swaps the model for an emulated device)."""
+    picklable factory (bench/stand_in.py swaps the model for an emulated device). Ends the process."""
+    try:
+        _engine_core(config, inbox, outbox, make_engine)
+    finally:
+        exit_process(0)
+
+
+def _engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
+                 make_engine: Callable[[EngineConfig], LLMEngine]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:

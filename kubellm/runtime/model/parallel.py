@@ -17,10 +17,8 @@ from __future__ import annotations
 import datetime
 import gc
 import multiprocessing
-import os
 import pickle
 import socket
-import sys
 import traceback
 import weakref
 
@@ -28,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from kubellm.runtime.model.kernels import exit_process
 
 _RANK, _SIZE = 0, 1
 
@@ -75,10 +75,10 @@ def check_divisible(shape, tp_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------- sharded layers
 def load_shard(dest: torch.Tensor, source, dim: int | None) -> None:
-    """Copy this rank's part of a checkpoint tensor (`source`: a safetensors slice, read only where needed, or
-    a tensor): rows (or columns) rank·n … rank·n + n-1 of `dim`, n = dest's size there; the last vocabulary
-    shard may be short (the rest of dest is padding). dim None: the whole tensor (replicated)."""
-    shape = list(source.get_shape() if hasattr(source, "get_shape") else source.shape)
+    """Copy this rank's part of a checkpoint tensor (`source`: a safetensors slice, read only where indexed):
+    rows (or columns) rank·n … rank·n + n-1 of `dim`, n = dest's size there; the last vocabulary shard may be
+    short (the rest of dest is padding). dim None: the whole tensor (replicated)."""
+    shape = source.get_shape()
     if dim is None:
         dest.copy_(source[:])
         return
@@ -169,8 +169,7 @@ def _worker_main(config, info, max_model_len: int, tp_rank: int, port: int, conn
         traceback.print_exc()
         code = 1
     destroy_group()
-    sys.stderr.flush()
-    os._exit(code)  # skip interpreter teardown: Triton's bindings report spurious "leaks" there
+    exit_process(code)
 
 
 class Workers:

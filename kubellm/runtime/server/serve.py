@@ -10,12 +10,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import uvicorn
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine
 from kubellm.runtime.engine.engine import LLMEngine
+from kubellm.runtime.model.kernels import exit_process
 from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
 
@@ -75,8 +77,9 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
 
 
-def serve(config: ServerConfig, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> int:
-    """make_engine builds the engine in the engine process (bench/stand_in.py passes an emulated device)."""
+def serve(config: ServerConfig, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> NoReturn:
+    """Serve until drained, then end the process (exit code 0). make_engine builds the engine in the engine
+    process (bench/stand_in.py passes an emulated device)."""
     # Detokenization batches here are one step's new tokens. The Rust tokenizer's thread pool would be sized
     # by the node's cores, not the pod's CPU limit, and contends with the event loop: under load a token
     # cost 10.9 µs of wall time with it, 2.2 µs without (2-core VM, 256 streams)
@@ -89,5 +92,5 @@ def serve(config: ServerConfig, make_engine: Callable[[EngineConfig], LLMEngine]
     app = create_app(engine, config)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
                                timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0))
-    DrainingServer(uv_config, app, config.drain_timeout_s).run()
-    return 0
+    DrainingServer(uv_config, app, config.drain_timeout_s).run()  # the engine process is stopped when it returns
+    exit_process(0)
