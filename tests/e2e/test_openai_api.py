@@ -158,3 +158,27 @@ def test_server_side_detokenization_matches_the_engine(client, tiny_model):
     assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == expected
     assert [streamed[0], streamed[1]] == expected
     assert any("\ufffd" in t or len(t) > 20 for t in expected)  # a real decode, not two empty strings
+
+
+def test_chat_template_flag_replaces_the_models_template(tiny_model, tmp_path):
+    """`--chat-template FILE` (vLLM's flag): chat prompts are rendered with it instead of the tokenizer's."""
+    from transformers import AutoTokenizer
+
+    from tests.support.server import ServerProcess
+
+    path = tmp_path / "template.jinja"
+    path.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    s = ServerProcess(tiny_model, "--chat-template", str(path), "--served-model-name", "tiny").wait_ready()
+    try:
+        body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        out = httpx.post(s.url + "/v1/chat/completions", json=body).json()
+    finally:
+        s.stop()
+    ids = AutoTokenizer.from_pretrained(tiny_model).encode("<system>Be brief.\n<user>Tell me a story.\n<assistant>",
+                                                           add_special_tokens=False)
+    ref = LLM(tiny_model).generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    assert out["choices"][0]["message"]["content"] == ref.outputs[0].text

@@ -37,3 +37,13 @@ def test_yaml_file_under_env_under_flags(monkeypatch, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_num_seqz: 3\n")
     assert main(["serve", str(tmp_path), "--config", str(bad)]) == 2
+
+
+def test_chat_template_is_a_file_or_the_template_itself(tmp_path, capsys):
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert ServerConfig(model=str(tmp_path), chat_template=inline).chat_template == inline
+    path = tmp_path / "t.jinja"
+    path.write_text(inline)
+    assert ServerConfig(model=str(tmp_path), chat_template=str(path)).chat_template == inline
+    assert main(["serve", str(tmp_path), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    assert "chat_template is neither a readable file nor a Jinja template" in capsys.readouterr().err

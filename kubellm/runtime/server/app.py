@@ -76,6 +76,8 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     tokenizer = engine.tokenizer
+    if config.chat_template:
+        tokenizer.chat_template = config.chat_template
     model_name = config.model_name
     state = ServerState()
     metrics = ServerMetrics(engine, model_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubellm.runtime.config import EngineConfig
@@ -31,6 +31,8 @@ class ServerConfig(BaseSettings):
     # (a hung kernel, a deadlock): /health fails so that Kubernetes restarts the pod
     engine_stall_timeout_s: float = Field(120.0, gt=0)
     log_requests: bool = True
+    # a Jinja chat template replacing the tokenizer's (or supplying one it lacks): a file, or the template itself
+    chat_template: str | None = None
     # engine options: EngineConfig's names and defaults
     dtype: str = _ENGINE["dtype"]
     device: str = _ENGINE["device"]
@@ -48,6 +50,18 @@ class ServerConfig(BaseSettings):
     kernels: str = _ENGINE["kernels"]
     tensor_parallel_size: int = Field(_ENGINE["tensor_parallel_size"], ge=1)
     seed: int = _ENGINE["seed"]
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_chat_template(cls, value: str | None) -> str | None:
+        """A path is read now, so that a missing file stops the server before it loads a model."""
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        try:
+            with open(value) as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"chat_template is neither a readable file nor a Jinja template: {e}") from None
 
     def engine_options(self) -> dict:
         """The settings that are EngineConfig's (model included; the served name is resolved separately)."""
