@@ -47,3 +47,5 @@ def test_chat_template_is_a_file_or_the_template_itself(tmp_path, capsys):
     assert ServerConfig(model=str(tmp_path), chat_template=str(path)).chat_template == inline
     assert main(["serve", str(tmp_path), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
     assert "chat_template is neither a readable file nor a Jinja template" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--chat-template", "{% for m in messages %}{{ m.content }}"]) == 2
+    assert "chat_template is not a valid Jinja template" in capsys.readouterr().err

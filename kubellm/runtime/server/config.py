@@ -54,14 +54,23 @@ class ServerConfig(BaseSettings):
     @field_validator("chat_template")
     @classmethod
     def _read_chat_template(cls, value: str | None) -> str | None:
-        """A path is read now, so that a missing file stops the server before it loads a model."""
-        if value is None or "{{" in value or "{%" in value:
+        """Read (a path) and parse now: a missing file or a broken template stops the server before it loads a
+        model, instead of failing every chat request."""
+        if value is None:
             return value
+        if "{{" not in value and "{%" not in value:
+            try:
+                with open(value) as f:
+                    value = f.read()
+            except OSError as e:
+                raise ValueError(f"chat_template is neither a readable file nor a Jinja template: {e}") from None
+        import jinja2
+
         try:
-            with open(value) as f:
-                return f.read()
-        except OSError as e:
-            raise ValueError(f"chat_template is neither a readable file nor a Jinja template: {e}") from None
+            jinja2.Environment().parse(value)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"chat_template is not a valid Jinja template: {e} (line {e.lineno})") from None
+        return value
 
     def engine_options(self) -> dict:
         """The settings that are EngineConfig's (model included; the served name is resolved separately)."""
