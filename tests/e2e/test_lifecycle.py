@@ -51,6 +51,19 @@ def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_model):
         s.stop()
 
 
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
 def engine_process(server: ServerProcess) -> int:
     """The engine-core child of a `kubellm serve` process."""
     pid = server.proc.pid
@@ -59,9 +72,8 @@ def engine_process(server: ServerProcess) -> int:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             children += [int(c) for c in f.read().split()]
     for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                return child
+        if b"spawn_main" in cmdline(child):
+            return child
     raise AssertionError(f"no engine process among {children}")
 
 
@@ -129,19 +141,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
     assert s.proc.wait(timeout=30) == 0
     assert '"event": "drained"' in s.logs()
     s.stop()
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def cmdline(pid: int) -> bytes:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
 
 
 def descendants(pid: int) -> set[int]:

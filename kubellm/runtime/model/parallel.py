@@ -53,15 +53,9 @@ def destroy_group() -> None:
     _RANK, _SIZE = 0, 1
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     if _SIZE > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    if _SIZE > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        dist.all_reduce(x, op=op)
     return x
 
 

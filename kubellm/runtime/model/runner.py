@@ -136,7 +136,7 @@ class ModelRunner:
         self.num_gpu_blocks = config.num_gpu_blocks or self._kv_budget_blocks()
         if tp > 1:  # block tables are shared: every rank holds as many blocks as the tightest one
             blocks = torch.tensor([self.num_gpu_blocks], device=self.device)
-            self.num_gpu_blocks = int(parallel.all_reduce_min(blocks))
+            self.num_gpu_blocks = int(parallel.all_reduce(blocks, torch.distributed.ReduceOp.MIN))
         self.num_cpu_blocks = (
             config.num_cpu_blocks if config.num_cpu_blocks is not None else config.swap_space_bytes // self.block_bytes
         )
