@@ -85,7 +85,7 @@ def hf_continuous(model_dir: str, dtype: str, prompts: list[list[int]], out_lens
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
         generated = done = 0
         while done < len(prompts):
-            result = manager.get_result(timeout=60)
+            result = manager.get_result(timeout=300)  # the first 8k-prompt request finishes after minutes
             if result is None:
                 raise RuntimeError(f"HF continuous batching stalled after {done} of {len(prompts)} requests")
             if result.is_finished():
