@@ -72,14 +72,14 @@ def bench_decode(shape, cases, configs, reps, bandwidth, device) -> None:
         results = []
         for tokens, warps, stages in configs:
             try:
-                s = timed(lambda: T.paged_decode_attention(q, k, v, tables, cl, shape.scale, bound, tokens=tokens,
-                                                           num_warps=warps, num_stages=stages), reps)
+                s = timed(lambda: T.paged_decode_attention(q, k, v, tables, cl, shape.scale, bound,
+                                                           launch=(tokens, warps, stages)), reps)
             except Exception as e:  # a configuration that does not fit (shared memory, registers)
                 print(f"| {seqs} x {ctx} | {tokens} | {warps} | {stages} | failed: {type(e).__name__} | | |")
                 continue
             results.append((s, tokens, warps, stages))
         results.sort()
-        default = (T.TOKENS_PER_STEP, 4, 3)
+        default = T.decode_launch(shape.head_dim)
         shown = results[:5] + [r for r in results[5:] if r[1:] == default]
         for s, tokens, warps, stages in shown:
             mark = " (default)" if (tokens, warps, stages) == default else ""

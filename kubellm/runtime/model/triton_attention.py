@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-TOKENS_PER_STEP = 64  # KV tokens per loop iteration (several cache blocks)
 PARTITION_TOKENS = 512  # KV tokens per program when a long context is split (at least)
 MAX_PARTITIONS = 16  # per context: under CUDA graphs the grid covers the model's whole length, mostly idle
 
@@ -119,8 +118,16 @@ def _reduce_partitions_kernel(
     tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+def decode_launch(head_dim: int) -> tuple[int, int, int]:
+    """(KV tokens per loop iteration, num_warps, num_stages) of the decode kernel, from bench/kernels.py's sweep
+    on the H100 (bench/RESULTS.md, session 6): head_dim 128 reaches 91-97% of copy bandwidth with 64 tokens,
+    4 warps, 3 stages (Triton's defaults); head_dim 64 tiles are half the bytes, and that launch gave 35-87%
+    where 32 tokens on 2 warps gave 60-88%."""
+    return (32, 2, 3) if head_dim <= 64 else (64, 4, 3)
+
+
 def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
-               part_tokens: int = PARTITION_TOKENS, tokens: int = TOKENS_PER_STEP) -> tuple[int, int]:
+               part_tokens: int, tokens: int) -> tuple[int, int]:
     """(partitions, tokens per partition). Contexts are split only when there are too few (sequence, KV
     head) programs to fill the GPU, into at most MAX_PARTITIONS of at least part_tokens tokens. (Triton's
     CPU interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
@@ -138,13 +145,14 @@ def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.dev
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int, part_tokens: int = PARTITION_TOKENS,
-                           out: torch.Tensor | None = None, tokens: int = TOKENS_PER_STEP,
-                           **launch) -> torch.Tensor:
+                           out: torch.Tensor | None = None,
+                           launch: tuple[int, int, int] | None = None) -> torch.Tensor:
     """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
     max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split. Written
-    into `out` when given (rows of the whole batch's output: no copy afterwards). `tokens` (KV tokens per loop
-    iteration) and `launch` (num_warps, num_stages) are tuning knobs for bench/kernels.py."""
+    into `out` when given (rows of the whole batch's output: no copy afterwards). `launch` overrides
+    decode_launch(head_dim) (bench/kernels.py sweeps it)."""
     seqs, heads, head_dim = q.shape
+    tokens, num_warps, num_stages = launch or decode_launch(head_dim)
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     parts, per_part = split_plan(seqs, kv_heads, max_context_len, q.device, part_tokens, tokens)
@@ -162,7 +170,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         parts, per_part, NUM_HEADS=heads, SPLIT=parts > 1,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens, IEEE=q.dtype == torch.float32, **launch,
+        TOKENS=tokens, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     if parts > 1:
         _reduce_partitions_kernel[(seqs, heads)](
