@@ -62,9 +62,29 @@ def test_invalid_completion_requests_are_400(server, body, param, contains):
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs requires logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, "maximum context length"),
     ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"chat_template": "{{ 1 }}"}},
+     "may not set chat_template"),
 ])
 def test_invalid_chat_requests_are_400(server, body, contains):
     assert_error(post(server, "/v1/chat/completions", body), 400, contains=contains)
+
+
+@pytest.mark.parametrize("path,body,param,contains", [
+    ("/tokenize", {}, None, "exactly one of prompt and messages"),
+    ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, None, "exactly one"),
+    ("/tokenize", {"messages": []}, "messages", ""),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": 1},
+                   "model": "other"}, "model", "does not exist"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"tokenize": True}},
+     "chat_template_kwargs", "may not set tokenize"),
+    ("/detokenize", {"tokens": [999999]}, "tokens", "token ids must be in [0, "),
+    ("/detokenize", {"tokens": [-1]}, "tokens.0", ""),
+    ("/detokenize", {"tokens": "abc"}, "tokens", ""),
+])
+def test_invalid_tokenizer_requests(server, path, body, param, contains):
+    status = 404 if contains == "does not exist" else 400
+    assert_error(post(server, path, body), status, param, contains)
+    assert_error(post(server, path, body, headers={}), 401)  # the key is checked first, as everywhere
 
 
 def test_malformed_json_is_400(server):
@@ -150,12 +170,14 @@ json_values = st.recursive(
 field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "stream",
                                "stream_options", "seed", "logprobs", "top_logprobs", "top_k", "min_p", "model",
                                "repetition_penalty", "presence_penalty", "stop_token_ids", "echo", "priority",
-                               "max_completion_tokens", "ignore_eos", "role", "content"])
+                               "max_completion_tokens", "ignore_eos", "role", "content", "tokens",
+                               "add_special_tokens", "add_generation_prompt", "return_token_strs",
+                               "chat_template_kwargs"])
 bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+@given(body=bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
        base=st.sampled_from([{}, {"prompt": "hi", "max_tokens": 3},
                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}]))
 def test_fuzzed_bodies_never_get_a_5xx(server, body, path, base):

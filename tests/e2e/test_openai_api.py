@@ -182,3 +182,38 @@ def test_chat_template_flag_replaces_the_models_template(tiny_model, tmp_path):
     ref = LLM(tiny_model).generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert out["usage"]["prompt_tokens"] == len(ids)
     assert out["choices"][0]["message"]["content"] == ref.outputs[0].text
+
+
+def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_engine(client, server, tiny_model):
+    """vLLM's /tokenize and /detokenize: a prompt's ids are what the completion endpoint counts, chat messages
+    are rendered with the chat template as the chat endpoint does, and /detokenize inverts /tokenize."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def call(path, body):
+        r = httpx.post(server.url + path, headers=auth, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    text = "Hello world, tokenize me"
+    got = call("/tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True})
+    assert got["tokens"] == tok.encode(text, add_special_tokens=True)
+    assert got["count"] == len(got["tokens"]) and got["max_model_len"] == 256
+    assert got["token_strs"] == tok.convert_ids_to_tokens(got["tokens"])
+    completion = client.completions.create(model="tiny", prompt=text, max_tokens=1)
+    assert completion.usage.prompt_tokens == got["count"]
+    assert call("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"] == tok.encode(
+        text, add_special_tokens=False)
+
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat = call("/tokenize", {"messages": messages})
+    assert "token_strs" not in chat
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens
+    assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                                        add_special_tokens=False)
+
+    assert call("/detokenize", {"model": "tiny", "tokens": got["tokens"]})["prompt"] == tok.decode(got["tokens"])
+    assert call("/detokenize", {"tokens": []})["prompt"] == ""

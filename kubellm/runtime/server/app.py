@@ -5,6 +5,7 @@ shedding, Prometheus metrics, request logs and graceful drain. Every refusal is 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
@@ -119,14 +120,20 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return ApiError(500, "internal server error", "server_error").response()
 
     # ------------------------------------------------------------------ admission
-    async def admit(request: Request, model_cls: type[BaseModel]):
-        """Auth → availability → rate limit → body → schema → model → load. Raises ApiError on refusal."""
+    def authorize(request: Request) -> str | None:
+        """The presented API key (None: none presented and none needed); 401 unless it is valid."""
         header = request.headers.get("authorization", "")
         presented = header[7:].strip() if header.lower().startswith("bearer ") else None
         if not keys.check(presented):
             metrics.rejected.labels("unauthorized").inc()
             raise ApiError(401, "missing or invalid API key", "authentication_error",
                            headers={"WWW-Authenticate": "Bearer"})
+        return presented
+
+    async def admit(request: Request, model_cls: type[BaseModel], shed_load: bool = True):
+        """Auth → availability → rate limit → body → schema → model → load (for requests that queue in the
+        engine: shed_load). Raises ApiError on refusal."""
+        presented = authorize(request)
         if state.draining or not state.ready or not engine.alive:
             metrics.rejected.labels("unavailable").inc()
             raise ApiError(503, "the server is draining" if state.draining else "the server is not ready",
@@ -159,6 +166,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"{loc}: {msg}" if loc else msg, param=loc) from None
         if req.model is not None and req.model != model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
+        if not shed_load:
+            return req
         if engine.num_waiting >= config.max_waiting_requests:
             metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, "too many requests are waiting; retry later", "overloaded", headers=_retry_after(2))
@@ -388,9 +397,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        header = request.headers.get("authorization", "")
-        if not keys.check(header[7:].strip() if header.lower().startswith("bearer ") else None):
-            raise ApiError(401, "missing or invalid API key", "authentication_error")
+        authorize(request)
         card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=engine.max_model_len,
                             vocab_size=engine.vocab_size)
         return p.ModelList(data=[card]).model_dump()
@@ -459,17 +466,46 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=choices,
                                     usage=usage(outs)).model_dump()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req: p.ChatCompletionRequest = await admit(request, p.ChatCompletionRequest)
+    # chat_template_kwargs are variables for the template; the call's own arguments (tokenize, chat_template,
+    # return_dict, …) would change what comes back or which template runs
+    template_call_args = set(inspect.signature(tokenizer.apply_chat_template).parameters) - {"kwargs"}
+
+    def render_chat(req: p.ChatCompletionRequest | p.TokenizeRequest) -> str:
+        reserved = sorted(template_call_args & set(req.chat_template_kwargs or {}))
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
+                           param="chat_template_kwargs")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=req.add_generation_prompt,
                                                  **(req.chat_template_kwargs or {}))
         except Exception as e:  # the template rejected these messages (roles, order, …)
             raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req: p.TokenizeRequest = await admit(request, p.TokenizeRequest, shed_load=False)
+        if req.messages is not None:  # the template writes the special tokens itself
+            ids = tokenizer.encode(render_chat(req), add_special_tokens=bool(req.add_special_tokens))
+        else:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return p.TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
+                                  token_strs=strs).model_dump(exclude_none=True)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req: p.DetokenizeRequest = await admit(request, p.DetokenizeRequest, shed_load=False)
+        if req.tokens and max(req.tokens) >= engine.vocab_size:
+            raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", param="tokens")
+        return p.DetokenizeResponse(prompt=tokenizer.decode(req.tokens)).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: p.ChatCompletionRequest = await admit(request, p.ChatCompletionRequest)
+        ids = tokenizer.encode(render_chat(req), add_special_tokens=False)
         max_tokens = req.max_new_tokens
         top = req.top_logprobs or 0 if req.logprobs else None
         params = sampling_params(req, max_tokens, top)
