@@ -5,6 +5,8 @@ launched ahead), and its worker processes come and go with the engine."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 
 import pytest
 import torch
@@ -60,3 +62,30 @@ def test_a_split_that_does_not_divide_the_model_is_refused_before_any_process_st
     with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
         LLM(tiny_model, tensor_parallel_size=0)
     assert not multiprocessing.active_children()
+
+
+def test_a_worker_that_dies_before_the_group_forms_fails_the_start_at_once(tiny_model):
+    """Killed while it starts (as the OOM killer or a bad GPU would): rank 0 stops waiting for it in the
+    rendezvous and says which rank died, instead of waiting out the group's 10-minute timeout."""
+    killed = threading.Event()
+
+    def kill_rank_1():
+        while not killed.is_set():
+            for proc in multiprocessing.active_children():
+                if proc.name == "kubellm-tp-1":
+                    proc.kill()
+                    killed.set()
+            time.sleep(0.001)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 exited with code -9"):
+            LLM(tiny_model, tensor_parallel_size=2, device="cpu")
+    finally:
+        killed.set()
+    assert not multiprocessing.active_children()
+    # the failed start left nothing behind: a new group forms in the same process
+    llm = LLM(tiny_model, tensor_parallel_size=2, device="cpu")
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+    llm.engine.shutdown()

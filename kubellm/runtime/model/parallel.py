@@ -8,8 +8,10 @@ processes that receive each step's host inputs (a StepPlan, see runner.py) over 
 forward on their shard, so every rank issues the same collectives in the same order. On the CPU the group
 uses gloo, which is how the test suite checks sharding exactly against HF without GPUs.
 
-A rank that dies fails rank 0's next step; one that hangs stalls the engine, which the server's liveness
-check reports (engine_stall_timeout_s), so Kubernetes restarts the pod either way.
+A rank that dies while the group forms or loads its shard fails rank 0's start at once (rank 0 waits for
+the others at two checkpoints, watching their processes, instead of in a collective that would wait out the
+group's timeout); one that dies later fails rank 0's next step; one that hangs stalls the engine, which the
+server's liveness check reports (engine_stall_timeout_s), so Kubernetes restarts the pod either way.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import gc
 import multiprocessing
 import pickle
 import socket
+import time
 import traceback
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,27 +34,51 @@ from torch import nn
 from kubellm.runtime.model.kernels import exit_process
 
 _RANK, _SIZE = 0, 1
+_STORE: dist.TCPStore | None = None  # rank 0 serves it; the group's rendezvous and the start checkpoints
+TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def size() -> int:
     return _SIZE
 
 
-def init_group(tp_rank: int, tp_size: int, port: int, device: torch.device) -> None:
-    global _RANK, _SIZE
+def init_group(tp_rank: int, tp_size: int, port: int, device: torch.device,
+               check_workers: Callable[[], None] = lambda: None) -> None:
+    """Join the group. check_workers (rank 0) raises if a worker process has exited."""
+    global _RANK, _SIZE, _STORE
     _RANK, _SIZE = tp_rank, tp_size
     if tp_size == 1:
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=tp_rank, world_size=tp_size, timeout=datetime.timedelta(minutes=10),
-                            device_id=device if device.type == "cuda" else None)
+    _STORE = dist.TCPStore("127.0.0.1", port, tp_size, is_master=tp_rank == 0, timeout=TIMEOUT,
+                           wait_for_workers=False)
+    checkpoint("joined", check_workers)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_STORE, rank=tp_rank,
+                            world_size=tp_size, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+
+
+def checkpoint(name: str, check_workers: Callable[[], None] = lambda: None) -> None:
+    """Ranks ≥ 1 report that they got here; rank 0 waits until all have, calling check_workers meanwhile, so a
+    worker that died (a bad GPU, out of memory while loading) fails the start now rather than leave rank 0 in
+    a rendezvous or collective until the group's timeout."""
+    if _SIZE == 1:
+        return
+    if _RANK > 0:
+        _STORE.set(f"{name}/{_RANK}", "")
+        return
+    keys = [f"{name}/{r}" for r in range(1, _SIZE)]
+    deadline = time.monotonic() + TIMEOUT.total_seconds()
+    while not _STORE.check(keys):
+        check_workers()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel ranks did not reach '{name}' within {TIMEOUT}")
+        time.sleep(0.05)
 
 
 def destroy_group() -> None:
-    global _RANK, _SIZE
+    global _RANK, _SIZE, _STORE
     if _SIZE > 1 and dist.is_initialized():
         dist.destroy_process_group()
-    _RANK, _SIZE = 0, 1
+    _RANK, _SIZE, _STORE = 0, 1, None
 
 
 def all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -184,11 +212,16 @@ class Workers:
             self.procs.append(proc)
         self._finalizer = weakref.finalize(self, Workers._stop, self.conns, self.procs)
 
-    def send(self, plan) -> None:
-        data = pickle.dumps(plan, pickle.HIGHEST_PROTOCOL)  # once for every rank
-        for r, (conn, proc) in enumerate(zip(self.conns, self.procs), 1):
-            if not proc.is_alive():  # the engine fails (the server reports it) instead of waiting on it forever
+    def check(self) -> None:
+        """Raise if a worker has exited: the engine fails (the server reports it) instead of waiting on it."""
+        for r, proc in enumerate(self.procs, 1):
+            if not proc.is_alive():
                 raise RuntimeError(f"tensor-parallel rank {r} exited with code {proc.exitcode}")
+
+    def send(self, plan) -> None:
+        self.check()
+        data = pickle.dumps(plan, pickle.HIGHEST_PROTOCOL)  # once for every rank
+        for conn in self.conns:
             conn.send_bytes(data)
 
     def close(self) -> None:

@@ -121,11 +121,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.workers: parallel.Workers | None = None
+        check_workers = lambda: None  # noqa: E731
         if tp > 1 and tp_rank == 0:
             parallel.check_divisible(info.shape, tp)
             self.workers = parallel.Workers(config, info, max_model_len)
-            port = self.workers.port
-        parallel.init_group(tp_rank, tp, port, self.device)
+            port, check_workers = self.workers.port, self.workers.check
+        parallel.init_group(tp_rank, tp, port, self.device, check_workers)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
         self.model = load_model(config.model, info, self.device, max_model_len)
         self.sampler = Sampler(self.device, config.seed)
@@ -135,6 +136,7 @@ class ModelRunner:
         self.block_bytes = 2 * shape.num_layers * self.block_size * kv_heads * shape.head_dim * elem
         self.num_gpu_blocks = config.num_gpu_blocks or self._kv_budget_blocks()
         if tp > 1:  # block tables are shared: every rank holds as many blocks as the tightest one
+            parallel.checkpoint("loaded", check_workers)
             blocks = torch.tensor([self.num_gpu_blocks], device=self.device)
             self.num_gpu_blocks = int(parallel.all_reduce(blocks, torch.distributed.ReduceOp.MIN))
         self.num_cpu_blocks = (
