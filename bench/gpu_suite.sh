@@ -7,6 +7,8 @@
 #   bash bench/gpu_suite.sh serving   # offline, then kubellm serve: 256 streams, Poisson rates 4/16/32 per second;
 #                                     # the server against an emulated device at the floor's token rate
 #   bash bench/gpu_suite.sh profile   # where a steady decode step's time goes; the run without async scheduling
+#   bash bench/gpu_suite.sh steps     # where each run's time goes by kind of step (prefill, decode by batch
+#                                     # size) against that kind's floor, Qwen3-0.6B and Llama-3.2-1B shapes
 #   bash bench/gpu_suite.sh kernels   # Triton kernels: decode bandwidth / prefill TFLOP/s over launch configs,
 #                                     # fused elementwise kernels against torch (to pick defaults)
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
@@ -23,7 +25,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
-PART="${1:?part: check | qwen | llama | long | serving | profile | kernels}"
+PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels}"
 case "$PART" in
   check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton" ;;
   # HF's two baselines take ~7 of the 10 minutes (570 and 746 tok/s): nothing else goes in this part
@@ -42,6 +44,8 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-tiny-wordlevel')
     CUDA_VISIBLE_DEVICES= run python bench/serving.py --model "$TINY" --stand-in --concurrency 256 ;;
   profile) run python bench/offline.py --shape qwen3-0.6b --profile-steps 50
            run python bench/offline.py --shape qwen3-0.6b --no-async-scheduling ;;  # what the overlap buys
+  steps) run python bench/offline.py --shape qwen3-0.6b --step-times
+         run python bench/offline.py --shape llama-3.2-1b --step-times ;;
   kernels) run python bench/kernels.py
            run python bench/kernels.py --shape llama-3.2-1b --parts decode prefill ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;

@@ -5,6 +5,7 @@ U[100,1024], random token ids, EOS ignored, seed 0.
     python bench/offline.py --shape qwen3-0.6b     # a random bf16 model of that shape (made once)
     python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb   # the issue-6 table, one run
     python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
+    python bench/offline.py --shape llama-3.2-1b --step-times   # where the run's time goes, by kind of step
     python bench/offline.py --shape qwen3-tiny --stand-in    # host side at H100 speed on any machine (stand_in.py)
 """
 
@@ -48,6 +49,8 @@ def main() -> None:
                     help="also run HF transformers on the same model and workload, after kubellm")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many engine steps from the middle of the run and print where time goes")
+    ap.add_argument("--step-times", action="store_true",
+                    help="time every engine step and print the run's time by kind of step against each kind's floor")
     ap.add_argument("--stand-in", action="store_true",
                     help="run on an emulated device (bench/stand_in.py): is the host fast enough to keep it busy?")
     add_device_flags(ap)
@@ -78,6 +81,9 @@ def main() -> None:
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, detokenize=False))  # warm-up
     if args.profile_steps:
         profile(llm, prompts, params, args.profile_steps)
+        return
+    if args.step_times:
+        step_times(llm, prompts, params)
         return
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -161,6 +167,49 @@ def profile(llm, prompts, params, steps: int) -> None:
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if torch.cuda.is_available() else 0
     print(f"{steps} steps in {wall:.3f} s ({wall / steps * 1e3:.2f} ms/step); device busy {busy:.3f} s "
           f"({busy / wall:.0%} of wall)")
+
+
+DECODE_BUCKETS = (256, 192, 128, 64, 32, 16, 1)  # decode-only steps by batch size: at least this many rows
+
+
+def step_times(llm, prompts, params) -> None:
+    """Run the workload one engine step at a time, timing each (with async scheduling the host waits on the
+    device, so a step's wall time is the device's), and print the run's time by kind of step: steps that
+    compute prompt tokens, and decode-only steps by batch size, each against its bytes over the copy bandwidth
+    (weights + the KV the step reads). Which kind is furthest from its floor is what to work on."""
+    from bench import hf_baselines as hf
+
+    engine, runner = llm.engine, llm.engine.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_per_token = runner.block_bytes // runner.block_size
+    bandwidth = hf.copy_bandwidth()
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add(engine.make_request(f"s{i}", p, sp))
+    kinds: dict[str, list[float]] = {}  # kind → [steps, seconds, floor seconds, prompt tokens, rows]
+    start = last = time.perf_counter()
+    while engine.has_unfinished_requests():
+        context = sum(len(seq) for seq in engine.scheduler.running)  # KV the step reads (about: before it runs)
+        prompt_before, rows_before = engine.stats.prompt_tokens, engine.stats.generation_tokens
+        engine.step_requests()
+        now = time.perf_counter()
+        prompt, rows = engine.stats.prompt_tokens - prompt_before, engine.stats.generation_tokens - rows_before
+        kind = "computes prompt tokens" if prompt else f"decode, ≥ {next(b for b in DECODE_BUCKETS if rows >= b)} rows"
+        k = kinds.setdefault(kind, [0, 0.0, 0.0, 0, 0])
+        k[0] += 1
+        k[1] += now - last
+        k[2] += (weight_bytes + context * kv_per_token) / bandwidth
+        k[3] += prompt
+        k[4] += rows
+        last = now
+    total = last - start
+    print(f"{sum(k[0] for k in kinds.values())} steps in {total:.2f} s; floor per step = (weights "
+          f"{weight_bytes / 1e9:.2f} GB + KV read) / {bandwidth / 1e12:.2f} TB/s")
+    print("| steps | count | time (s) | share | ms/step | floor ms/step | of floor | prompt tokens | output tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, (n, secs, floor, prompt, rows) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        floors = f"{floor / n * 1e3:.2f} | {floor / secs:.0%}" if floor == floor else "- | -"  # no GPU: nan
+        print(f"| {kind} | {n} | {secs:.2f} | {secs / total:.0%} | {secs / n * 1e3:.2f} | {floors} | {prompt} | "
+              f"{rows} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ def test_offline_on_the_emulated_device_keeps_it_busy(word_level_model):
     assert 0 < int(busy.group(2)) <= 100
 
 
+def test_step_times_account_for_every_step_and_token(word_level_model):
+    out = bench("bench/offline.py", "--model", word_level_model, "--step-times", *SMALL)
+    steps = int(re.search(r"(\d+) steps in [\d.]+ s", out).group(1))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(("| computes prompt tokens", "| decode, "))]
+    from bench.offline import workload
+
+    prompts, out_lens = workload(8, 10, 30, 5, 20, 151936, 0)
+    assert sum(int(r[1]) for r in rows) == steps, out
+    assert sum(int(r[7]) for r in rows) == sum(map(len, prompts)), out  # no prefix shared by random prompts
+    assert sum(int(r[8]) for r in rows) == sum(out_lens), out
+
+
 def test_serving_benchmark_against_the_stand_in_server(word_level_model):
     """Every request completes over HTTP with its tokens counted, and the offline comparison is printed."""
     out = bench("bench/serving.py", "--model", word_level_model, "--stand-in", "--concurrency", "4",
