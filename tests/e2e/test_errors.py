@@ -64,6 +64,8 @@ def test_invalid_completion_requests_are_400(server, body, param, contains):
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"chat_template": "{{ 1 }}"}},
      "may not set chat_template"),
+    ({"messages": [{"role": "assistant", "content": "Once"}], "continue_final_message": True},
+     "continue_final_message and add_generation_prompt cannot both be true"),
 ])
 def test_invalid_chat_requests_are_400(server, body, contains):
     assert_error(post(server, "/v1/chat/completions", body), 400, contains=contains)

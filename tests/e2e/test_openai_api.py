@@ -215,5 +215,16 @@ def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_engine(client,
     assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                                         add_special_tokens=False)
 
+    # vLLM's continue_final_message: the answer goes on from the last assistant message, no new turn
+    story = messages + [{"role": "assistant", "content": "Once upon a"}]
+    body = {"messages": story, "add_generation_prompt": False, "continue_final_message": True}
+    continued = call("/tokenize", body)
+    assert continued["tokens"] == tok.encode(tok.apply_chat_template(story, tokenize=False,
+                                                                     continue_final_message=True),
+                                             add_special_tokens=False)
+    assert tok.decode(continued["tokens"]).endswith("Once upon a")
+    answer = call("/v1/chat/completions", {**body, "max_tokens": 1})
+    assert answer["usage"]["prompt_tokens"] == continued["count"]
+
     assert call("/detokenize", {"model": "tiny", "tokens": got["tokens"]})["prompt"] == tok.decode(got["tokens"])
     assert call("/detokenize", {"tokens": []})["prompt"] == ""

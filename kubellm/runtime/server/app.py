@@ -480,6 +480,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False,
                                                  add_generation_prompt=req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message,
                                                  **(req.chat_template_kwargs or {}))
         except Exception as e:  # the template rejected these messages (roles, order, …)
             raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from None

@@ -113,6 +113,11 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
+def _check_continuation(req) -> None:
+    if req.continue_final_message and req.add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -120,12 +125,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = Field(False, description="the answer continues the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        _check_continuation(self)
         return self
 
     @property
@@ -142,6 +149,7 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages")
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -149,6 +157,7 @@ class TokenizeRequest(OpenAIModel):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
+        _check_continuation(self)
         return self
 
 
