@@ -63,7 +63,7 @@ def model_launches(dtype, heads: int, kv_heads: int, head_dim: int, hidden: int,
     for qk_norm in (None, torch.zeros(head_dim, dtype=dtype)):
         TO.qkv_rope_write(qkv, positions, rope, rope, qk_norm, qk_norm, 1e-6, cache, cache, positions, heads,
                           kv_heads, head_dim)
-    TO.sample(torch.zeros(4, vocab), torch.zeros(4), 12345)
+    TO.sample(torch.zeros(4, vocab, dtype=dtype), torch.zeros(4), 12345)  # the LM head's output, as it is
 
 
 def main() -> None:

@@ -240,6 +240,10 @@ SAMPLE = textwrap.dedent("""
     got = sample(x.to(device), temps.to(device), seed=5).cpu()
     greedy = temps == 0
     assert torch.equal(got[greedy], x.argmax(-1)[greedy]) and got[0] == 300, got
+    # bf16 logits (the engine passes the LM head's output as it is): the draws of their exact fp32 widening
+    half = x.bfloat16()
+    assert torch.equal(sample(half.to(device), temps.to(device), seed=5).cpu(),
+                       sample(half.float().to(device), temps.to(device), seed=5).cpu())
     print("ok")
 """)
 

@@ -178,4 +178,6 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """In the model's dtype: the sampler widens them only where a path needs fp32 (the fused sampler reads
+        bf16 directly, which saves a [rows, vocab] fp32 copy per step: ~0.1 ms at 256 rows, 128k vocabulary)."""
+        return self.lm_head(hidden)

@@ -185,7 +185,7 @@ class ModelRunner:
             hidden = self.model.model.embed_tokens(ids)
             for layer in self.model.model.layers:
                 hidden = layer.mlp(layer.post_attention_layernorm(hidden))
-            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :])
+            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :]).float()  # the torch sampler's copy
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
         peak = torch.cuda.max_memory_allocated()

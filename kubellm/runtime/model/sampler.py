@@ -112,29 +112,32 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits: [len(seqs), vocab] fp32 → one token per sequence, plus logprobs where asked."""
+        """logits: [len(seqs), vocab] (any float dtype) → one token per sequence, plus logprobs where asked."""
         return self.to_host(self.sample(logits, seqs), seqs)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         """Queue the sampling of one token per row (and the logprobs asked for), and their copy to the host;
         nothing here waits for the device."""
-        raw = logits
-        if any(s.params.has_penalties for s in seqs):
-            logits = _apply_penalties(logits.clone(), seqs)
-        if any(s.params.logit_bias for s in seqs):
-            logits = _apply_logit_bias(logits.clone() if logits is raw else logits, seqs)
+        raw = logits  # the model's dtype; widened exactly (bf16 → fp32) wherever arithmetic follows
+        penalties, bias = any(s.params.has_penalties for s in seqs), any(s.params.logit_bias for s in seqs)
+        if penalties or bias:
+            logits = raw.to(torch.float32, copy=True)
+            if penalties:
+                logits = _apply_penalties(logits, seqs)
+            if bias:
+                logits = _apply_logit_bias(logits, seqs)
         if use_triton() and all(_temperature_only(s.params) for s in seqs):
             from kubellm.runtime.model import triton_ops
 
             temps = to_device([s.params.temperature for s in seqs], logits.device, torch.float32)
-            tokens = triton_ops.sample(logits, temps, self.host_rng.getrandbits(31))
+            tokens = triton_ops.sample(logits, temps, self.host_rng.getrandbits(31))  # widens as it reads
         else:
-            tokens = self._sample_torch(logits, seqs)
+            tokens = self._sample_torch(logits.float(), seqs)
         logprobs = None
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wanted:
-            lp = torch.log_softmax(raw[wanted], dim=-1)
+            lp = torch.log_softmax(raw[wanted].float(), dim=-1)
             k = max(seqs[i].params.logprobs for i in wanted)
             top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
             chosen = lp.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1)
