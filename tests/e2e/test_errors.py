@@ -51,6 +51,8 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, conta
     ({}, "prompt", ""),
     ({"prompt": "hi", "max_tokens": 1000}, "max_tokens", "maximum context length is 256"),
     ({"prompt": [5] * 300}, None, "context"),
+    ({"prompt": "hi", "best_of": 3}, "best_of", "not supported"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json", "not supported"),
 ])
 def test_invalid_completion_requests_are_400(server, body, param, contains):
     assert_error(post(server, "/v1/completions", body), 400, param, contains)
@@ -66,6 +68,11 @@ def test_invalid_completion_requests_are_400(server, body, param, contains):
      "may not set chat_template"),
     ({"messages": [{"role": "assistant", "content": "Once"}], "continue_final_message": True},
      "continue_final_message and add_generation_prompt cannot both be true"),
+    # asked-for behaviour this server lacks is refused, not ignored; asking for nothing is fine
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "response_format is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "auto"}, "tools is not supported"),
 ])
 def test_invalid_chat_requests_are_400(server, body, contains):
     assert_error(post(server, "/v1/chat/completions", body), 400, contains=contains)

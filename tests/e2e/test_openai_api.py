@@ -118,6 +118,14 @@ def test_chat_logprobs(client):
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy picks the top one
 
 
+def test_fields_that_ask_for_nothing_are_accepted(client):
+    """SDKs and gateways send defaults of features we lack (plain-text response format, no tools): fine."""
+    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                         response_format={"type": "text"}, tool_choice="none",
+                                         extra_body={"best_of": 1, "ignore_eos": True})
+    assert out.usage.completion_tokens == 2
+
+
 def test_request_id_is_echoed(server):
     r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc-123"},
                    json={"prompt": "Hi", "max_tokens": 2})

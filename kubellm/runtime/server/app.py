@@ -164,6 +164,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             loc = ".".join(str(x) for x in err["loc"]) or None
             msg = err["msg"].removeprefix("Value error, ")
             raise ApiError(400, f"{loc}: {msg}" if loc else msg, param=loc) from None
+        unsupported = p.unsupported_field(req)
+        if unsupported:
+            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
         if req.model is not None and req.model != model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
         if not shed_load:

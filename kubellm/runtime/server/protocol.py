@@ -31,6 +31,29 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+def _off(value) -> bool:
+    return value in (None, False, "none", [], {})
+
+
+# Fields of OpenAI's or vLLM's API that change what a correct answer is, and that this server does not
+# implement: refused with a 400 naming the field (unknown fields are otherwise ignored), so nobody asking for
+# JSON or a tool call gets free text back. name → whether a value asks for nothing.
+UNSUPPORTED_FIELDS = {
+    "response_format": lambda v: _off(v) or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": _off, "tool_choice": _off, "functions": _off, "function_call": _off,
+    "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off, "structured_outputs": _off,
+    "guided_json": _off, "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
+}
+
+
+def unsupported_field(req: BaseModel) -> str | None:
+    """The first field of UNSUPPORTED_FIELDS that the request sets to something it asks for, if any."""
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED_FIELDS and not UNSUPPORTED_FIELDS[name](value):
+            return name
+    return None
+
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
