@@ -181,7 +181,8 @@ field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature"
                                "repetition_penalty", "presence_penalty", "stop_token_ids", "echo", "priority",
                                "max_completion_tokens", "ignore_eos", "role", "content", "tokens",
                                "add_special_tokens", "add_generation_prompt", "return_token_strs",
-                               "chat_template_kwargs"])
+                               "chat_template_kwargs", "continue_final_message", "response_format", "tools",
+                               "tool_choice", "best_of"])
 bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
 
 
