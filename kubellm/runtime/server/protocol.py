@@ -40,7 +40,8 @@ def _off(value) -> bool:
 # JSON or a tool call gets free text back. name → whether a value asks for nothing.
 UNSUPPORTED_FIELDS = {
     "response_format": lambda v: _off(v) or (isinstance(v, dict) and v.get("type") == "text"),
-    "tools": _off, "tool_choice": _off, "functions": _off, "function_call": _off,
+    "tools": _off, "functions": _off,
+    "tool_choice": lambda v: _off(v) or v == "auto", "function_call": lambda v: _off(v) or v == "auto",
     "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off, "structured_outputs": _off,
     "guided_json": _off, "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
 }
