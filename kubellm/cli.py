@@ -54,6 +54,8 @@ def _add_serve(sub) -> None:
                        ("--preemption-mode", str), ("--gpu-memory-utilization", float),
                        ("--cpu-kv-cache-bytes", int), ("--seed", int), ("--kernels", str)):
         s.add_argument(flag, type=kind)
+    s.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'")
     s.add_argument("--chat-template", help="Jinja chat template (a file, or the template itself) replacing the "
                                            "model's, e.g. for a model that has none")
     s.add_argument("--tensor-parallel-size", type=int,

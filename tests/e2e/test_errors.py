@@ -96,6 +96,24 @@ def test_invalid_tokenizer_requests(server, path, body, param, contains):
     assert_error(post(server, path, body, headers={}), 401)  # the key is checked first, as everywhere
 
 
+def test_cors_allows_the_configured_origin_only(server):
+    """--allowed-origins: a browser's preflight (no API key) is answered for that origin, and its requests carry
+    the CORS headers; another origin gets none, so the browser refuses to show it the response."""
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": "https://ui.example", **ask})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+    other = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **ask})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    r = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": "https://ui.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    r = httpx.get(server.url + "/v1/models", headers={**AUTH, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    # the request itself is still checked: a browser on the allowed origin needs a key like anyone
+    assert_error(httpx.get(server.url + "/v1/models", headers={"Origin": "https://ui.example"}), 401)
+
+
 def test_malformed_json_is_400(server):
     assert_error(post(server, "/v1/completions", content=b'{"prompt": "hi",'), 400, contains="not valid JSON")
     assert_error(post(server, "/v1/completions", content=b"[1, 2]"), 400, contains="JSON object")

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -103,6 +104,10 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     app.state.server_state = state
     app.state.engine = engine
     app.add_middleware(RequestIdMiddleware)
+    if config.allowed_origins:  # outermost: preflight requests are answered before auth, as browsers need
+        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)

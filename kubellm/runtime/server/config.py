@@ -31,6 +31,8 @@ class ServerConfig(BaseSettings):
     # (a hung kernel, a deadlock): /health fails so that Kubernetes restarts the pod
     engine_stall_timeout_s: float = Field(120.0, gt=0)
     log_requests: bool = True
+    # browser origins allowed to call the API (CORS; vLLM's flag); none by default: no CORS headers at all
+    allowed_origins: list[str] = Field(default_factory=list)
     # a Jinja chat template replacing the tokenizer's (or supplying one it lacks): a file, or the template itself
     chat_template: str | None = None
     # engine options: EngineConfig's names and defaults
