@@ -175,10 +175,19 @@ def test_rate_limit_is_429_with_retry_after(tiny_model):
 
 
 def test_full_queue_is_429_not_a_timeout(tiny_model):
-    s = ServerProcess(tiny_model, "--max-num-seqs", "1", "--max-waiting-requests", "1").wait_ready()
+    # no drain: stopping the server cuts the two long requests instead of waiting 30 s for them
+    s = ServerProcess(tiny_model, "--max-num-seqs", "1", "--max-waiting-requests", "1",
+                      "--drain-timeout", "0").wait_ready()
     long = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True}
+
+    def occupy():
+        try:
+            post(s, "/v1/completions", long, {})
+        except httpx.HTTPError:  # cut when the server stops
+            pass
+
+    threads = [threading.Thread(target=occupy) for _ in range(2)]
     try:
-        threads = [threading.Thread(target=post, args=(s, "/v1/completions", long, {})) for _ in range(2)]
         for t in threads:
             t.start()
         wait_for("one running, one waiting", lambda: s.metric("kubellm_num_requests_running") == 1
@@ -188,6 +197,8 @@ def test_full_queue_is_429_not_a_timeout(tiny_model):
         assert "retry-after" in r.headers
     finally:
         s.stop()
+        for t in threads:
+            t.join()
 
 
 json_values = st.recursive(
