@@ -15,17 +15,25 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, **serve_options) -> int:
-    from pydantic import ValidationError
-
+def serve_config(args: argparse.Namespace):
+    """The ServerConfig of `kubellm serve` flags (over KUBELLM_* variables, over the --config file)."""
     from kubellm.runtime.server.config import ServerConfig
-    from kubellm.runtime.server.serve import serve
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config") and v is not None}
     if "api_key" in given:
         given["api_keys"] = given.pop("api_key")
+    if "swap_space" in given:  # vLLM's unit: GiB
+        given["swap_space_bytes"] = int(given.pop("swap_space") * (1 << 30))
+    return ServerConfig.load(given, args.config)
+
+
+def _serve(args: argparse.Namespace, **serve_options) -> int:
+    from pydantic import ValidationError
+
+    from kubellm.runtime.server.serve import serve
+
     try:
-        config = ServerConfig.load(given, args.config)
+        config = serve_config(args)
     except (ValidationError, ValueError, OSError) as e:
         print(f"kubellm serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
@@ -54,6 +62,12 @@ def _add_serve(sub) -> None:
                        ("--preemption-mode", str), ("--gpu-memory-utilization", float),
                        ("--cpu-kv-cache-bytes", int), ("--seed", int), ("--kernels", str)):
         s.add_argument(flag, type=kind)
+    s.add_argument("--swap-space", type=float, metavar="GIB",
+                   help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)")
+    s.add_argument("--log-requests", action=argparse.BooleanOptionalAction, default=None,
+                   help="one JSON log line per finished request (default on)")
+    s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
+                   help="vLLM's spelling of --no-log-requests")
     s.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'")
     s.add_argument("--chat-template", help="Jinja chat template (a file, or the template itself) replacing the "

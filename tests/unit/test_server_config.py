@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kubellm.cli import main
+from kubellm.cli import build_parser, main, serve_config
 from kubellm.runtime.server.config import ServerConfig
 
 
@@ -49,3 +49,16 @@ def test_chat_template_is_a_file_or_the_template_itself(tmp_path, capsys):
     assert "chat_template is neither a readable file nor a Jinja template" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--chat-template", "{% for m in messages %}{{ m.content }}"]) == 2
     assert "chat_template is not a valid Jinja template" in capsys.readouterr().err
+
+
+def test_vllm_flags_map_onto_the_settings(tmp_path):
+    def parse(*flags):
+        return serve_config(build_parser().parse_args(["serve", str(tmp_path), *flags]))
+
+    default = parse()
+    assert default.log_requests and default.allowed_origins == [] and default.swap_space_bytes == 1 << 30
+    c = parse("--swap-space", "4", "--disable-log-requests", "--allowed-origins", "https://a.example", "*")
+    assert c.engine_options()["swap_space_bytes"] == 4 << 30
+    assert not c.log_requests and c.allowed_origins == ["https://a.example", "*"]
+    assert not parse("--no-log-requests").log_requests and parse("--log-requests").log_requests
+    assert main(["serve", str(tmp_path), "--swap-space", "-1"]) == 2

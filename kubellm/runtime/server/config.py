@@ -47,6 +47,7 @@ class ServerConfig(BaseSettings):
     preemption_mode: str = _ENGINE["preemption_mode"]
     gpu_memory_utilization: float = _ENGINE["gpu_memory_utilization"]
     cpu_kv_cache_bytes: int = _ENGINE["cpu_kv_cache_bytes"]
+    swap_space_bytes: int = Field(_ENGINE["swap_space_bytes"], ge=0)
     enforce_eager: bool = _ENGINE["enforce_eager"]
     async_scheduling: bool = _ENGINE["async_scheduling"]
     kernels: str = _ENGINE["kernels"]
