@@ -17,7 +17,8 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                 torch.int32: "i32"}
 TARGETS = ((90, 227 * 1024), (80, 163 * 1024))  # (compute capability, shared memory per block): H100, A100
 
 

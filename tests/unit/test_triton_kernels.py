@@ -244,6 +244,13 @@ SAMPLE = textwrap.dedent("""
     half = x.bfloat16()
     assert torch.equal(sample(half.to(device), temps.to(device), seed=5).cpu(),
                        sample(half.float().to(device), temps.to(device), seed=5).cpu())
+    # each row's vocabulary is split over programs (3 parts of 1024 columns here): one program per row draws
+    # the same tokens, since a column's noise depends on (seed, row, column) only
+    from kubellm.runtime.model import triton_ops
+
+    split = sample(x.to(device), temps.to(device), seed=11).cpu()
+    triton_ops._sample_parts = lambda rows, blocks, device: 1
+    assert torch.equal(sample(x.to(device), temps.to(device), seed=11).cpu(), split)
     print("ok")
 """)
 

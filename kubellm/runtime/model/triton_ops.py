@@ -18,6 +18,8 @@ where a sum's order moves the last bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -142,18 +144,27 @@ def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     return q
 
 
-@triton.jit(do_not_specialize=["seed"])  # a new seed every call: no recompiles
-def _sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, vocab, BLOCK: tl.constexpr):
-    """One program per row: the Gumbel-max trick, argmax(logits / T + Gumbel noise), is a draw from
-    softmax(logits / T); T == 0 is the plain argmax. Ties go to the lowest index, as torch.argmax."""
+SAMPLE_BLOCK = 1024  # vocabulary columns per loop iteration
+
+
+# a new seed every call, and a part size that follows the batch size: neither is specialized on (no recompiles)
+@triton.jit(do_not_specialize=["seed", "part_cols"])
+def _sample_kernel(logits_ptr, stride, temps_ptr, part_best_ptr, part_idx_ptr, seed, vocab, part_cols,
+                   PARTS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (row, part of the vocabulary): the Gumbel-max trick, argmax(logits / T + Gumbel noise),
+    is a draw from softmax(logits / T); T == 0 is the plain argmax. Writes the part's best value and its lowest
+    index; the noise of a column depends only on (seed, row, column), so the split changes nothing."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
+    begin = part * part_cols
+    end = tl.minimum(vocab, begin + part_cols)
     t = tl.load(temps_ptr + row)
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, BLOCK):
+    for start in range(begin, end, BLOCK):
         cols = start + offs
-        x = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + row * stride + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
         if t > 0:
             u = tl.rand(seed, row * vocab + cols)  # uniform [0, 1); u == 0 gives -inf, never picked
             x = x / t - tl.log(-tl.log(u))
@@ -161,13 +172,49 @@ def _sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, vocab, BLOCK: t
         best = tl.where(better, x, best)
         best_idx = tl.where(better, cols, best_idx)
     top = tl.max(best, 0)
-    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_idx, vocab), 0).to(tl.int64))
+    tl.store(part_best_ptr + row * PARTS_PAD + part, top)
+    tl.store(part_idx_ptr + row * PARTS_PAD + part, tl.min(tl.where(best == top, best_idx, vocab), 0))
+
+
+@triton.jit
+def _sample_merge_kernel(part_best_ptr, part_idx_ptr, out_ptr, parts, PARTS_PAD: tl.constexpr):
+    """One program per row: the best of its parts; ties go to the lowest index, as torch.argmax."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, PARTS_PAD)
+    used = offs < parts
+    best = tl.load(part_best_ptr + row * PARTS_PAD + offs, mask=used, other=float("-inf"))
+    idx = tl.load(part_idx_ptr + row * PARTS_PAD + offs, mask=used, other=2**31 - 1)
+    top = tl.max(best, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(used & (best == top), idx, 2**31 - 1), 0).to(tl.int64))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sample_parts(rows: int, blocks: int, device: torch.device) -> int:
+    """Parts per row: enough programs for ~4 per SM, at most one per block of columns."""
+    if device.type != "cuda":
+        return min(blocks, 3)  # Triton's interpreter: a few parts, so the CPU tests cover the split and merge
+    return max(1, min(blocks, triton.cdiv(4 * _sm_count(device), rows)))
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch.Tensor:
-    """One token per row of logits [rows, vocab], in one pass over them (the torch sampler makes ~6: scale,
-    softmax, noise, divide, argmax twice). temperatures: [rows] fp32, 0 = greedy; seed: fresh per call."""
+    """One token per row of logits [rows, vocab] (any float dtype), in one pass over them (the torch sampler
+    makes ~6: scale, softmax, noise, divide, argmax twice). temperatures: [rows] fp32, 0 = greedy; seed: fresh
+    per call. A small batch splits each row's vocabulary over several programs (one per row would leave most
+    of the GPU idle at 256 rows and nearly all of it at one), merged by a second tiny kernel."""
     rows, vocab = logits.shape
+    blocks = triton.cdiv(vocab, SAMPLE_BLOCK)
+    parts = _sample_parts(rows, blocks, logits.device)
+    part_cols = triton.cdiv(blocks, parts) * SAMPLE_BLOCK
+    parts = triton.cdiv(vocab, part_cols)  # none empty
+    pad = triton.next_power_of_2(blocks)  # by the vocabulary only: one compile per model
+    part_best = torch.empty(rows, pad, dtype=torch.float32, device=logits.device)
+    part_idx = torch.empty(rows, pad, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    _sample_kernel[(rows,)](logits, logits.stride(0), temperatures, out, seed, vocab, BLOCK=1024)
+    _sample_kernel[(rows, parts)](logits, logits.stride(0), temperatures, part_best, part_idx, seed, vocab,
+                                  part_cols, PARTS_PAD=pad, BLOCK=SAMPLE_BLOCK)
+    _sample_merge_kernel[(rows,)](part_best, part_idx, out, parts, PARTS_PAD=pad)
     return out
