@@ -26,6 +26,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit (OpenAI's)
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks skip the tokenizer entirely)
+    grammar: str | None = None  # llguidance grammar the output must match (engine/guided.py: grammar_for)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -257,3 +257,34 @@ def test_a_new_request_is_scheduled_at_the_next_step_after_idle(tiny_model):
     engine.add_request("next", [6, 7], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     engine.step()
     assert engine.num_running == 1 and engine.num_waiting == 0
+
+
+def test_grammars_constrain_the_output_and_end_it(tiny_model):
+    """Structured output (llguidance): a random model's samples match a choice, a JSON schema and a regex,
+    and end (finish "stop") once the grammar is complete, alongside an unguided request in the same batch;
+    a greedy guided request through async scheduling (no step is launched ahead for it) too."""
+    import json
+    import re
+
+    from kubellm.runtime.engine.guided import grammar_for
+
+    llm = LLM(tiny_model)
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
+              "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0,
+                                                                           "maximum": 99}}}
+    cases = [("choice", ["red", "green", "blue"], lambda t: t in ("red", "green", "blue")),
+             ("json", schema, lambda t: json.loads(t)["answer"] in ("yes", "no") and 0 <= json.loads(t)["count"] <= 99),
+             ("regex", r"[a-c]{2,4}!", lambda t: re.fullmatch(r"[a-c]{2,4}!", t) is not None)]
+    free = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
+    for kind, spec, valid in cases:
+        guided = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=60, grammar=grammar_for(kind, spec))
+        outs = llm.generate(["Hello", "Pick one", random_prompts(seed=9, lengths=[40])[0]], [guided, guided, free])
+        for o in outs[:2]:
+            for c in o.outputs:
+                assert c.finish_reason == "stop" and valid(c.text), (kind, c.text, c.finish_reason)
+        assert len(outs[2].outputs[0].token_ids) == 30  # the unguided neighbour is untouched
+        greedy = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=60, grammar=grammar_for(kind, spec)))
+        assert valid(greedy[0].outputs[0].text), (kind, greedy[0].outputs[0].text)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    with pytest.raises(ValueError, match="invalid grammar"):
+        llm.generate("Hello", SamplingParams(grammar=grammar_for("regex", "(unclosed")))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.detokenizer import Detokenizer
+from kubellm.runtime.engine.guided import Grammars
 from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import RequestDelta, RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
@@ -117,6 +118,7 @@ class LLMEngine:
         # one sequence alone must always fit in the cache, or it could never finish
         self.max_model_len = min(max_len, self.runner.num_gpu_blocks * config.block_size)
         self.vocab_size = shape.vocab_size
+        self.grammars = Grammars(self.tokenizer, self.vocab_size)
         self.eos_token_ids = set(info.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_gpu_blocks, config.block_size, config.enable_prefix_caching, self.runner.num_cpu_blocks
@@ -148,6 +150,9 @@ class LLMEngine:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = Request(request_id, text, ids, params, arrival_time=arrival)
         req.seqs = [Sequence(request_id, i, ids, params, max_tokens, priority, arrival) for i in range(params.n)]
+        if params.grammar is not None:
+            for s in req.seqs:
+                s.matcher = self.grammars.matcher(params.grammar)
         if self.config.enable_prefix_caching:
             for s in req.seqs[1:]:
                 s.prefix_source = req.seqs[0]
@@ -231,6 +236,8 @@ class LLMEngine:
             self.block_manager.mark_computed(seq)
         for seq, token, lp in zip(sampled, tokens, logprobs):
             seq.append_token(token)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if lp is not None:
@@ -264,8 +271,8 @@ class LLMEngine:
         if not seqs or len(seqs) != len(out.scheduled) or sch.waiting or sch.swapped:
             return None
         keep = [i for i, s in enumerate(seqs) if not s.is_finished]
-        if not keep or any(seqs[i].params.has_penalties for i in keep):
-            return None
+        if not keep or any(seqs[i].params.has_penalties or seqs[i].matcher is not None for i in keep):
+            return None  # both need the token being sampled
         in_flight = {id(seq): n for seq, n in out.scheduled}  # tokens the running step computes per sequence
         positions: list[int | None] = []
         for i in keep:
@@ -292,6 +299,8 @@ class LLMEngine:
             self._finish(seq, "stop", token)
         elif p.stop and p.detokenize and self._check_stop_strings(seq, text_before):
             return
+        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            self._finish(seq, "stop")  # the grammar is complete (or, never expected, broken): nothing may follow
         elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
             self._finish(seq, "length")
 

@@ -109,6 +109,7 @@ class Sequence:
         self.num_preemptions = 0
         self.prefix_source: Sequence | None = None  # sibling (n > 1) whose prompt blocks this one waits to share
         self.generator: torch.Generator | None = None
+        self.matcher = None  # llguidance matcher following this sequence's output (a guided request)
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         # incremental detokenization state (vLLM's prefix/read offsets)

@@ -1,5 +1,5 @@
-"""Sampler: penalties and logit bias → greedy, or temperature → min-p → top-k → top-p → exponential race,
-batched over rows.
+"""Sampler: penalties, logit bias and grammar masks → greedy, or temperature → min-p → top-k → top-p →
+exponential race, batched over rows.
 
 Every sampled row draws one noise vector per token. A seeded sequence draws it from its own generator, so its
 output does not depend on what else is in the batch; the others share the engine's generator. On the CUDA
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kubellm.runtime.engine.guided import mask_disallowed
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
 from kubellm.runtime.model.kernels import use_triton
 
@@ -121,12 +122,15 @@ class Sampler:
         nothing here waits for the device."""
         raw = logits  # the model's dtype; widened exactly (bf16 → fp32) wherever arithmetic follows
         penalties, bias = any(s.params.has_penalties for s in seqs), any(s.params.logit_bias for s in seqs)
-        if penalties or bias:
+        guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if penalties or bias or guided:
             logits = raw.to(torch.float32, copy=True)
             if penalties:
                 logits = _apply_penalties(logits, seqs)
             if bias:
                 logits = _apply_logit_bias(logits, seqs)
+            if guided:  # last: no bias may bring back a token the grammar forbids
+                mask_disallowed(logits, guided, [seqs[i].matcher for i in guided])
         if use_triton() and all(_temperature_only(s.params) for s in seqs):
             from kubellm.runtime.model import triton_ops
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError, freeze_startup_heap
+from kubellm.runtime.engine.guided import Grammars, grammar_for
 from kubellm.runtime.engine.sequence import RequestOutput, TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server import protocol as p
@@ -185,9 +186,29 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(429, "the queue is too slow right now; retry later", "overloaded", headers=_retry_after(age))
         return req
 
+    grammars: list[Grammars] = []  # built on first use: the engine's vocabulary size is known once it runs
+
+    def grammar(req: p.SamplingFields) -> str | None:
+        """The llguidance grammar of the structured output asked for, checked here (400) before it queues."""
+        asked = req.structured_output()
+        if asked is None:
+            return None
+        name, kind, spec = asked
+        if not grammars:
+            grammars.append(Grammars(tokenizer, engine.vocab_size))
+        try:
+            compiled = grammar_for(kind, spec)
+            error = grammars[0].error(compiled)
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = str(e)
+        if error:
+            raise ApiError(400, f"{name}: {error}", param=name)
+        return compiled
+
     def sampling_params(req: p.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if req.logit_bias and max(req.logit_bias) >= engine.vocab_size:
             raise ApiError(400, f"logit_bias token ids must be in [0, {engine.vocab_size})", param="logit_bias")
+        compiled = grammar(req)
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens,
@@ -200,6 +221,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens, logit_bias=dict(req.logit_bias or {}),
+                grammar=compiled,
             )
         except ValueError as e:
             raise ApiError(400, str(e)) from None

@@ -39,11 +39,9 @@ def _off(value) -> bool:
 # implement: refused with a 400 naming the field (unknown fields are otherwise ignored), so nobody asking for
 # JSON or a tool call gets free text back. name → whether a value asks for nothing.
 UNSUPPORTED_FIELDS = {
-    "response_format": lambda v: _off(v) or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": _off, "functions": _off,
     "tool_choice": lambda v: _off(v) or v == "auto", "function_call": lambda v: _off(v) or v == "auto",
     "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off, "structured_outputs": _off,
-    "guided_json": _off, "guided_regex": _off, "guided_choice": _off, "guided_grammar": _off,
 }
 
 
@@ -53,6 +51,25 @@ def unsupported_field(req: BaseModel) -> str | None:
         if name in UNSUPPORTED_FIELDS and not UNSUPPORTED_FIELDS[name](value):
             return name
     return None
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's structured output: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -85,9 +102,31 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     priority: int = 0
+    # structured output: OpenAI's response_format, or vLLM's guided_* extras (at most one of them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, description="a Lark grammar")
+
+    def structured_output(self) -> tuple[str, str, Any] | None:
+        """(field, kind, spec) of the structured output asked for, if any (kinds: engine/guided.py)."""
+        asked = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            schema = {"type": "object"} if rf.type == "json_object" else rf.json_schema.schema_
+            asked.append(("response_format", "json", schema))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "lark")):
+            if getattr(self, name) is not None:
+                asked.append((name, kind, getattr(self, name)))
+        if len(asked) > 1:
+            raise ValueError(f"ask for one structured output at a time, not {' and '.join(a[0] for a in asked)}")
+        return asked[0] if asked else None
 
     @model_validator(mode="after")
     def _check_common(self):
+        self.structured_output()
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
