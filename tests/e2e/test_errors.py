@@ -57,6 +57,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, conta
     ({"prompt": "hi", "guided_json": "{not json"}, "guided_json", "guided_json: "),
     ({"prompt": "hi", "guided_grammar": "start: nonsense_rule"}, "guided_grammar", "guided_grammar: "),
     ({"prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}, None, "one structured output at a time"),
+    ({"prompt": "hi", "structured_outputs": {"regex": "(x"}}, "structured_outputs.regex", "structured_outputs.regex: "),
 ])
 def test_invalid_completion_requests_are_400(server, body, param, contains):
     assert_error(post(server, "/v1/completions", body), 400, param, contains)
@@ -217,7 +218,7 @@ field_names = st.sampled_from(["prompt", "messages", "max_tokens", "temperature"
                                "add_special_tokens", "add_generation_prompt", "return_token_strs",
                                "chat_template_kwargs", "continue_final_message", "response_format", "tools",
                                "tool_choice", "best_of", "guided_json", "guided_regex", "guided_choice",
-                               "guided_grammar"])
+                               "guided_grammar", "structured_outputs"])
 bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
 
 

@@ -41,7 +41,7 @@ def _off(value) -> bool:
 UNSUPPORTED_FIELDS = {
     "tools": _off, "functions": _off,
     "tool_choice": lambda v: _off(v) or v == "auto", "function_call": lambda v: _off(v) or v == "auto",
-    "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off, "structured_outputs": _off,
+    "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off,
 }
 
 
@@ -70,6 +70,15 @@ class ResponseFormat(OpenAIModel):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("response_format of type json_schema needs json_schema.schema")
         return self
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's newer spelling of the guided_* fields (`structured_outputs` in the request)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -108,6 +117,7 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = Field(None, description="a Lark grammar")
+    structured_outputs: StructuredOutputs | None = None
 
     def structured_output(self) -> tuple[str, str, Any] | None:
         """(field, kind, spec) of the structured output asked for, if any (kinds: engine/guided.py)."""
@@ -120,6 +130,12 @@ class SamplingFields(OpenAIModel):
                            ("guided_grammar", "lark")):
             if getattr(self, name) is not None:
                 asked.append((name, kind, getattr(self, name)))
+        so = self.structured_outputs
+        if so is not None:
+            for key, kind, value in (("json", "json", so.json_), ("regex", "regex", so.regex),
+                                     ("choice", "choice", so.choice), ("grammar", "lark", so.grammar)):
+                if value is not None:
+                    asked.append((f"structured_outputs.{key}", kind, value))
         if len(asked) > 1:
             raise ValueError(f"ask for one structured output at a time, not {' and '.join(a[0] for a in asked)}")
         return asked[0] if asked else None
