@@ -64,13 +64,19 @@ class Grammars:
         return m
 
 
+_executor = None  # llguidance's thread pool: the masks of a batch's guided rows are computed in parallel
+
+
 def mask_disallowed(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
     """In place: -inf in row rows[j] of logits wherever matchers[j] does not allow the next token."""
+    global _executor
+    if _executor is None:
+        _executor = _llguidance().LLExecutor()
     vocab = logits.shape[1]
     words = (vocab + 31) // 32
     bits = np.zeros((len(rows), words), dtype=np.int32)
-    for j, m in enumerate(matchers):
-        m.unsafe_compute_mask_ptr(bits[j].ctypes.data, words * 4)
+    _executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bits.ctypes.data, words * 4,
+                                      len(rows))
     allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # bit i of word w: 32w+i
     forbidden = torch.from_numpy(allowed == 0).to(logits.device)
     index = torch.tensor(rows, device=logits.device)
