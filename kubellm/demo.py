@@ -1,5 +1,5 @@
 """`make demo`: serve the real SmolLM2-135M-Instruct with `kubellm serve` and talk to it with the official
-openai client, streaming; then shut the server down gracefully."""
+openai client, streaming, then once with a JSON schema for the answer; then shut the server down gracefully."""
 
 from __future__ import annotations
 
@@ -48,6 +48,15 @@ def main() -> int:
                 if chunk.choices and chunk.choices[0].delta.content:
                     print(chunk.choices[0].delta.content, end="", flush=True)
             print()
+        # structured output: the answer must match a JSON schema (llguidance masks what does not fit)
+        schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+                  "properties": {"city": {"type": "string", "maxLength": 20},
+                                 "country": {"type": "string", "maxLength": 20}}}
+        question = "Which city is the Eiffel Tower in? Answer in JSON."
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+        print(f"\nuser: {question} (response_format: a JSON schema)\nsmollm2: {answer.choices[0].message.content}")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         tokens = [line for line in metrics.splitlines() if line.startswith("kubellm_generation_tokens_total")]
         print(f"\n/metrics: {tokens[0] if tokens else '?'}")
