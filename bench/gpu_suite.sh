@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 3 and 6, in parts that each fit one 10-minute device call:
 #   bash bench/gpu_suite.sh check     # CUDA exactness vs HF (4 archs x 2 preemption modes) + Triton kernels
+#                                     # + structured output on CUDA
 #   bash bench/gpu_suite.sh qwen      # offline Qwen3-0.6B shape + HF static + HF continuous batching + floor
 #   bash bench/gpu_suite.sh llama     # the same table for the Llama-3.2-1B shape
 #   bash bench/gpu_suite.sh long      # 32 x 8k-token prompts, 256 output tokens (kubellm + HF CB eager)
@@ -27,7 +28,9 @@ python -c "import torch, transformers, triton; print('torch', torch.__version__,
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
 PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels}"
 case "$PART" in
-  check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton" ;;
+  check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton"
+         # structured output on the CUDA path (grammar masks on device logits; llguidance carried in .wheels)
+         run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_behaviour.py -k grammars ;;
   # HF's two baselines take ~7 of the 10 minutes (570 and 746 tok/s): nothing else goes in this part
   qwen) run python bench/offline.py --shape qwen3-0.6b --baselines hf-static hf-cb ;;
   llama) run python bench/offline.py --shape llama-3.2-1b --baselines hf-cb ;;
