@@ -37,7 +37,7 @@ def _off(value) -> bool:
 
 # Fields of OpenAI's or vLLM's API that change what a correct answer is, and that this server does not
 # implement: refused with a 400 naming the field (unknown fields are otherwise ignored), so nobody asking for
-# JSON or a tool call gets free text back. name → whether a value asks for nothing.
+# a tool call gets free text back. name → whether a value asks for nothing.
 UNSUPPORTED_FIELDS = {
     "tools": _off, "functions": _off,
     "tool_choice": lambda v: _off(v) or v == "auto", "function_call": lambda v: _off(v) or v == "auto",
