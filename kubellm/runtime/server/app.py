@@ -205,10 +205,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"{name}: {error}", param=name)
         return compiled
 
-    def sampling_params(req: p.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    async def sampling_params(req: p.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if req.logit_bias and max(req.logit_bias) >= engine.vocab_size:
             raise ApiError(400, f"logit_bias token ids must be in [0, {engine.vocab_size})", param="logit_bias")
-        compiled = grammar(req)
+        # compiling a grammar (and, the first time, llguidance's view of the vocabulary) takes milliseconds to
+        # a second: off the event loop, which is streaming everyone else's tokens
+        compiled = await asyncio.to_thread(grammar, req) if req.structured_output() else None
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens,
@@ -435,7 +437,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: p.CompletionRequest = await admit(request, p.CompletionRequest)
-        params = sampling_params(req, req.max_tokens, req.logprobs)
+        params = await sampling_params(req, req.max_tokens, req.logprobs)
         requests = make_requests(req.prompts(), params, req.priority, req.max_tokens)
         rid, n = f"cmpl-{request.state.request_id}", req.n
         created_at = int(time.time())  # one timestamp for every chunk of the response, as OpenAI's
@@ -539,7 +541,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         ids = tokenizer.encode(render_chat(req), add_special_tokens=False)
         max_tokens = req.max_new_tokens
         top = req.top_logprobs or 0 if req.logprobs else None
-        params = sampling_params(req, max_tokens, top)
+        params = await sampling_params(req, max_tokens, top)
         requests = make_requests([ids], params, req.priority, max_tokens)
         rid = f"chatcmpl-{request.state.request_id}"
         created_at = int(time.time())
