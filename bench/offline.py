@@ -169,7 +169,7 @@ def profile(llm, prompts, params, steps: int) -> None:
           f"({busy / wall:.0%} of wall)")
 
 
-DECODE_BUCKETS = (256, 192, 128, 64, 32, 16, 1)  # decode-only steps by batch size: at least this many rows
+DECODE_BUCKETS = (256, 192, 128, 64, 32, 16, 1, 0)  # decode-only steps by batch size: at least this many rows
 
 
 def step_times(llm, prompts, params) -> None:
@@ -193,7 +193,8 @@ def step_times(llm, prompts, params) -> None:
         engine.step_requests()
         now = time.perf_counter()
         prompt, rows = engine.stats.prompt_tokens - prompt_before, engine.stats.generation_tokens - rows_before
-        kind = "computes prompt tokens" if prompt else f"decode, ≥ {next(b for b in DECODE_BUCKETS if rows >= b)} rows"
+        bucket = next(b for b in DECODE_BUCKETS if rows >= b)
+        kind = "computes prompt tokens" if prompt else f"decode, ≥ {bucket} rows"
         k = kinds.setdefault(kind, [0, 0.0, 0.0, 0, 0])
         k[0] += 1
         k[1] += now - last
