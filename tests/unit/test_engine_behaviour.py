@@ -288,3 +288,23 @@ def test_grammars_constrain_the_output_and_end_it(tiny_model):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
     with pytest.raises(ValueError, match="invalid grammar"):
         llm.generate("Hello", SamplingParams(grammar=grammar_for("regex", "(unclosed")))
+
+
+def test_offline_chat_renders_the_template_and_matches_hf(tiny_model):
+    """LLM.chat (vLLM's): conversations through the tokenizer's chat template, greedy output == HF's."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    second = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
+    llm = LLM(tiny_model)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.chat([first, second], params)
+    ids = [tok.encode(tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False),
+           tok.encode(tok.apply_chat_template(second, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)]
+    assert [o.prompt_token_ids for o in outs] == ids
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_model, ids, 8)
+    continued = llm.chat(second, params, add_generation_prompt=False, continue_final_message=True)[0]
+    assert tok.decode(continued.prompt_token_ids).endswith("Once upon")
