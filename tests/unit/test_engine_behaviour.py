@@ -266,7 +266,7 @@ def test_grammars_constrain_the_output_and_end_it(tiny_model):
     import json
     import re
 
-    from kubellm.runtime.engine.guided import grammar_for
+    from kubellm.runtime import grammar_for
 
     llm = LLM(tiny_model)
     schema = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
