@@ -150,9 +150,10 @@ class LLMEngine:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         req = Request(request_id, text, ids, params, arrival_time=arrival)
         req.seqs = [Sequence(request_id, i, ids, params, max_tokens, priority, arrival) for i in range(params.n)]
-        if params.grammar is not None:
+        if params.grammar is not None:  # compiled once; siblings (n > 1) start from copies
+            first = self.grammars.matcher(params.grammar)
             for s in req.seqs:
-                s.matcher = self.grammars.matcher(params.grammar)
+                s.matcher = first if s.index == 0 else first.deep_copy()
         if self.config.enable_prefix_caching:
             for s in req.seqs[1:]:
                 s.prefix_source = req.seqs[0]

@@ -43,7 +43,7 @@ def size() -> int:
 
 
 def init_group(tp_rank: int, tp_size: int, port: int, device: torch.device,
-               check_workers: Callable[[], None] = lambda: None) -> None:
+               check_workers: Callable[[], None] | None = None) -> None:
     """Join the group. check_workers (rank 0) raises if a worker process has exited."""
     global _RANK, _SIZE, _STORE
     _RANK, _SIZE = tp_rank, tp_size
@@ -56,7 +56,7 @@ def init_group(tp_rank: int, tp_size: int, port: int, device: torch.device,
                             world_size=tp_size, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
 
 
-def checkpoint(name: str, check_workers: Callable[[], None] = lambda: None) -> None:
+def checkpoint(name: str, check_workers: Callable[[], None] | None = None) -> None:
     """Ranks ≥ 1 report that they got here; rank 0 waits until all have, calling check_workers meanwhile, so a
     worker that died (a bad GPU, out of memory while loading) fails the start now rather than leave rank 0 in
     a rendezvous or collective until the group's timeout."""
@@ -68,7 +68,8 @@ def checkpoint(name: str, check_workers: Callable[[], None] = lambda: None) -> N
     keys = [f"{name}/{r}" for r in range(1, _SIZE)]
     deadline = time.monotonic() + TIMEOUT.total_seconds()
     while not _STORE.check(keys):
-        check_workers()
+        if check_workers is not None:
+            check_workers()
         if time.monotonic() > deadline:
             raise TimeoutError(f"tensor-parallel ranks did not reach '{name}' within {TIMEOUT}")
         time.sleep(0.05)

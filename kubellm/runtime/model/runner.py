@@ -121,7 +121,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.workers: parallel.Workers | None = None
-        check_workers = lambda: None  # noqa: E731
+        check_workers = None  # rank 0: raises if a worker process has exited
         if tp > 1 and tp_rank == 0:
             parallel.check_divisible(info.shape, tp)
             self.workers = parallel.Workers(config, info, max_model_len)

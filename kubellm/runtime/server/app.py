@@ -188,12 +188,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     grammars: list[Grammars] = []  # built on first use: the engine's vocabulary size is known once it runs
 
-    def grammar(req: p.SamplingFields) -> str | None:
+    def grammar(name: str, kind: str, spec) -> str:
         """The llguidance grammar of the structured output asked for, checked here (400) before it queues."""
-        asked = req.structured_output()
-        if asked is None:
-            return None
-        name, kind, spec = asked
         if not grammars:
             grammars.append(Grammars(tokenizer, engine.vocab_size))
         try:
@@ -210,7 +206,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"logit_bias token ids must be in [0, {engine.vocab_size})", param="logit_bias")
         # compiling a grammar (and, the first time, llguidance's view of the vocabulary) takes milliseconds to
         # a second: off the event loop, which is streaming everyone else's tokens
-        compiled = await asyncio.to_thread(grammar, req) if req.structured_output() else None
+        asked = req.structured_output()
+        compiled = await asyncio.to_thread(grammar, *asked) if asked else None
         try:
             return SamplingParams(
                 n=req.n, max_tokens=max_tokens,
