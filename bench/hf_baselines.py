@@ -25,8 +25,15 @@ def _sampling(model, max_new_tokens: int):
     from transformers import GenerationConfig
 
     # EOS never ends a request (the workload fixes every output length), as in our run's ignore_eos
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
-                            eos_token_id=None, pad_token_id=model.config.pad_token_id or 0)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=0.6,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=model.config.pad_token_id or 0,
+    )
 
 
 def hf_static(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: list[int], batch_size: int = 64):
@@ -54,8 +61,7 @@ def hf_static(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: li
     return sum(out_lens), time.perf_counter() - start
 
 
-def hf_continuous(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: list[int],
-                  cuda_graphs: bool = True):
+def hf_continuous(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: list[int], cuda_graphs: bool = True):
     """HF continuous batching: every request added up front with its own max_new_tokens."""
     from transformers import generation
 
@@ -124,8 +130,14 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - start)
 
 
-def decode_floor_seconds(prompts: list[list[int]], out_lens: list[int], weight_bytes: int, kv_bytes_per_token: int,
-                         bandwidth: float, max_batch: int) -> float:
+def decode_floor_seconds(
+    prompts: list[list[int]],
+    out_lens: list[int],
+    weight_bytes: int,
+    kv_bytes_per_token: int,
+    bandwidth: float,
+    max_batch: int,
+) -> float:
     """A lower bound on decode time: requests decode max_batch at a time from step 1, and every step reads all
     weights once plus the KV of every live sequence (prefill compute is left out)."""
     total = 0.0

@@ -70,9 +70,11 @@ def main() -> None:
     total = (time.perf_counter() - start) / args.steps * 1e3
     per = {k: v / args.steps * 1e3 for k, v in timings.items()}
     rest = total - sum(per.values()) - deltas / args.steps * 1e3
-    print(f"{engine.num_running} running decodes, {args.steps} steps: {total:.2f} ms/step = scheduler "
-          f"{per['schedule']:.2f} + batch prep {per['batch prep']:.2f} + token bookkeeping {rest:.2f} + "
-          f"deltas and pickling (serving only) {deltas / args.steps * 1e3:.2f}")
+    print(
+        f"{engine.num_running} running decodes, {args.steps} steps: {total:.2f} ms/step = scheduler "
+        f"{per['schedule']:.2f} + batch prep {per['batch prep']:.2f} + token bookkeeping {rest:.2f} + "
+        f"deltas and pickling (serving only) {deltas / args.steps * 1e3:.2f}"
+    )
     prefill_prep(runner, engine.vocab_size)
 
 
@@ -93,12 +95,15 @@ def prefill_prep(runner, vocab: int) -> None:
         s.num_computed_tokens = computed
         return s
 
-    batches = {"prefill 8 x 1024 tokens": [(seq(1024, 0), 1024) for _ in range(8)],
-               "mixed 255 decodes + 512-token chunk": [(seq(n, n - 1), 1) for n in
-                                                       (rng.randrange(100, 1500) for _ in range(255))]
-               + [(seq(1024, 512), 512)]}
+    batches = {
+        "prefill 8 x 1024 tokens": [(seq(1024, 0), 1024) for _ in range(8)],
+        "mixed 255 decodes + 512-token chunk": [
+            (seq(n, n - 1), 1) for n in (rng.randrange(100, 1500) for _ in range(255))
+        ]
+        + [(seq(1024, 512), 512)],
+    }
     for name, batch in batches.items():
-        ms = timeit.timeit(lambda: runner._prepare(batch), number=50) / 50 * 1e3
+        ms = timeit.timeit(lambda b=batch: runner._prepare(b), number=50) / 50 * 1e3
         print(f"batch prep, {name}: {ms:.2f} ms")
 
 

@@ -72,8 +72,12 @@ def bench_decode(shape, cases, configs, reps, bandwidth, device) -> None:
         results = []
         for tokens, warps, stages in configs:
             try:
-                s = timed(lambda: T.paged_decode_attention(q, k, v, tables, cl, shape.scale, bound,
-                                                           launch=(tokens, warps, stages)), reps)
+                s = timed(
+                    lambda: T.paged_decode_attention(
+                        q, k, v, tables, cl, shape.scale, bound, launch=(tokens, warps, stages)
+                    ),
+                    reps,
+                )
             except Exception as e:  # a configuration that does not fit (shared memory, registers)
                 print(f"| {seqs} x {ctx} | {tokens} | {warps} | {stages} | failed: {type(e).__name__} | | |")
                 continue
@@ -83,24 +87,28 @@ def bench_decode(shape, cases, configs, reps, bandwidth, device) -> None:
         shown = results[:5] + [r for r in results[5:] if r[1:] == default]
         for s, tokens, warps, stages in shown:
             mark = " (default)" if (tokens, warps, stages) == default else ""
-            print(f"| {seqs} x {ctx} (bound {bound}) | {tokens}{mark} | {warps} | {stages} | {s * 1e6:.1f} | "
-                  f"{nbytes / s / 1e9:.0f} | {nbytes / s / bandwidth:.0%} |")
+            print(
+                f"| {seqs} x {ctx} (bound {bound}) | {tokens}{mark} | {warps} | {stages} | {s * 1e6:.1f} | "
+                f"{nbytes / s / 1e9:.0f} | {nbytes / s / bandwidth:.0%} |"
+            )
 
 
 def bench_prefill(shape, cases, configs, reps, device) -> None:
     print("\n## paged prefill attention (one layer)")
-    print("| chunks | block_m (rows: queries x GQA group) | block_n | warps | stages | ms | TFLOP/s | "
-          "torch path (SDPA per chunk) ms |")
+    print(
+        "| chunks | block_m (rows: queries x GQA group) | block_n | warps | stages | ms | TFLOP/s | "
+        "torch path (SDPA per chunk) ms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, query_lens, context_lens in cases:
-        k, v, tables = paged_cache(context_lens, shape.kv_heads, shape.head_dim, shape.block_size, shape.dtype,
-                                   device)
+        k, v, tables = paged_cache(context_lens, shape.kv_heads, shape.head_dim, shape.block_size, shape.dtype, device)
         q = torch.randn(sum(query_lens), shape.heads, shape.head_dim, dtype=shape.dtype, device=device)
         # causal: query j of a chunk sees ctx - qlen + j + 1 keys
         pairs = sum(qn * (c - qn) + qn * (qn + 1) // 2 for qn, c in zip(query_lens, context_lens))
         flops = 4 * pairs * shape.heads * shape.head_dim
-        A.set_context(A.AttentionMetadata(None, tables, torch.tensor(context_lens, device=device), query_lens,
-                                          context_lens, 0))
+        A.set_context(
+            A.AttentionMetadata(None, tables, torch.tensor(context_lens, device=device), query_lens, context_lens, 0)
+        )
         torch_s = timed(lambda: A.paged_attention(q, k, v, shape.scale), reps)  # kernels.use_triton() is off here
         A.set_context(None)
         results = []
@@ -109,17 +117,32 @@ def bench_prefill(shape, cases, configs, reps, device) -> None:
             info, tiles = T.prefill_tiles(query_lens, context_lens, block_q)
             info, tiles = torch.tensor(info, device=device), torch.tensor(tiles, device=device)
             try:
-                s = timed(lambda: T.paged_prefill_attention(q, k, v, tables, info, tiles, shape.scale, block_m=block_m,
-                                                            block_n=block_n, num_warps=warps, num_stages=stages),
-                          reps)
+                s = timed(
+                    lambda: T.paged_prefill_attention(
+                        q,
+                        k,
+                        v,
+                        tables,
+                        info,
+                        tiles,
+                        shape.scale,
+                        block_m=block_m,
+                        block_n=block_n,
+                        num_warps=warps,
+                        num_stages=stages,
+                    ),
+                    reps,
+                )
             except Exception as e:
                 print(f"| {name} | {block_m} | {block_n} | {warps} | {stages} | failed: {type(e).__name__} | | |")
                 continue
             results.append((s, block_m, block_n, warps, stages))
         results.sort()
         for s, block_m, block_n, warps, stages in results[:5]:
-            print(f"| {name} | {block_m} | {block_n} | {warps} | {stages} | {s * 1e3:.3f} | {flops / s / 1e12:.1f} | "
-                  f"{torch_s * 1e3:.3f} |")
+            print(
+                f"| {name} | {block_m} | {block_n} | {warps} | {stages} | {s * 1e3:.3f} | {flops / s / 1e12:.1f} | "
+                f"{torch_s * 1e3:.3f} |"
+            )
 
 
 def bench_fused(shape, rows_list, reps, device) -> None:
@@ -131,8 +154,9 @@ def bench_fused(shape, rows_list, reps, device) -> None:
     dt = shape.dtype
     norm = RMSNorm(shape.hidden, 1e-6).to(device=device, dtype=dt)
     head_norm = RMSNorm(shape.head_dim, 1e-6).to(device=device, dtype=dt)
-    rotary = RotaryEmbedding(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-                             shape.head_dim, 4096).to(device)
+    rotary = RotaryEmbedding(
+        SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), shape.head_dim, 4096
+    ).to(device)
     q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     for rows in rows_list:
         x = torch.randn(rows, shape.hidden, dtype=dt, device=device)
@@ -140,8 +164,9 @@ def bench_fused(shape, rows_list, reps, device) -> None:
         gate_up = torch.randn(rows, 2 * shape.intermediate, dtype=dt, device=device)
         qkv = torch.randn(rows, q_size + 2 * kv_size, dtype=dt, device=device)
         positions = torch.randint(0, 4096, (rows,), device=device)
-        k_cache = torch.zeros(rows // shape.block_size + 1, shape.block_size, shape.kv_heads, shape.head_dim,
-                              dtype=dt, device=device)
+        k_cache = torch.zeros(
+            rows // shape.block_size + 1, shape.block_size, shape.kv_heads, shape.head_dim, dtype=dt, device=device
+        )
         v_cache = torch.zeros_like(k_cache)
         slots = torch.randperm(rows, device=device)
 
@@ -157,10 +182,25 @@ def bench_fused(shape, rows_list, reps, device) -> None:
 
         ops = [
             ("RMSNorm + residual add", lambda: norm(x, res), lambda: triton_ops.rms_norm(x, norm.weight, 1e-6, res)),
-            ("q/k norm + RoPE + KV write", torch_qkv,
-             lambda: triton_ops.qkv_rope_write(qkv, positions, rotary.cos, rotary.sin, head_norm.weight,
-                                               head_norm.weight, 1e-6, k_cache, v_cache, slots, shape.heads,
-                                               shape.kv_heads, shape.head_dim)),
+            (
+                "q/k norm + RoPE + KV write",
+                torch_qkv,
+                lambda: triton_ops.qkv_rope_write(
+                    qkv,
+                    positions,
+                    rotary.cos,
+                    rotary.sin,
+                    head_norm.weight,
+                    head_norm.weight,
+                    1e-6,
+                    k_cache,
+                    v_cache,
+                    slots,
+                    shape.heads,
+                    shape.kv_heads,
+                    shape.head_dim,
+                ),
+            ),
             ("SiLU and mul", torch_silu, lambda: triton_ops.silu_and_mul(gate_up)),
         ]
         for name, torch_fn, triton_fn in ops:
@@ -174,8 +214,10 @@ def bench_fused(shape, rows_list, reps, device) -> None:
     logits = torch.randn(rows, shape.vocab, device=device, dtype=shape.dtype)  # the LM head's output
     temps = torch.full((rows,), 0.6, device=device)
     torch_s = timed(lambda: sampler._sample_torch(logits.float(), seqs), reps)  # the torch path widens first
-    print(f"| {rows} | sampling, vocab {shape.vocab} | {torch_s * 1e6:.1f}"
-          f" | {timed(lambda: triton_ops.sample(logits, temps, 7), reps) * 1e6:.1f} |")
+    print(
+        f"| {rows} | sampling, vocab {shape.vocab} | {torch_s * 1e6:.1f}"
+        f" | {timed(lambda: triton_ops.sample(logits, temps, 7), reps) * 1e6:.1f} |"
+    )
 
 
 def kernel_shape(name: str) -> SimpleNamespace:
@@ -183,9 +225,17 @@ def kernel_shape(name: str) -> SimpleNamespace:
     from bench.shapes import SHAPES
 
     c = SHAPES[name]
-    return SimpleNamespace(heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
-                           block_size=16, hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-                           vocab=c["vocab_size"], dtype=torch.bfloat16, scale=c["head_dim"] ** -0.5)
+    return SimpleNamespace(
+        heads=c["num_attention_heads"],
+        kv_heads=c["num_key_value_heads"],
+        head_dim=c["head_dim"],
+        block_size=16,
+        hidden=c["hidden_size"],
+        intermediate=c["intermediate_size"],
+        vocab=c["vocab_size"],
+        dtype=torch.bfloat16,
+        scale=c["head_dim"] ** -0.5,
+    )
 
 
 def main() -> None:
@@ -198,8 +248,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     if args.smoke:
-        shape = SimpleNamespace(heads=4, kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128,
-                                vocab=500, dtype=torch.float16, scale=32**-0.5)
+        shape = SimpleNamespace(
+            heads=4,
+            kv_heads=2,
+            head_dim=32,
+            block_size=16,
+            hidden=64,
+            intermediate=128,
+            vocab=500,
+            dtype=torch.float16,
+            scale=32**-0.5,
+        )
         decode_cases, decode_configs = [(4, 100, 100), (2, 300, 1024)], [(32, 4, 2)]
         prefill_cases = [("2 x 40", [40, 40], [40, 90])]
         prefill_configs, rows_list, reps = [(32, 32, 4, 2)], [16], 1
@@ -208,8 +267,11 @@ def main() -> None:
         # (seqs, context, bound): bound is what the graphs pass (max_model_len), sizing the long-context split
         decode_cases = [(256, 1024, 4096), (256, 512, 4096), (64, 1024, 4096), (8, 8192, 9216)]
         decode_configs = list(itertools.product([32, 64, 128], [2, 4, 8], [1, 2, 3, 4]))
-        prefill_cases = [("8 x 1024", [1024] * 8, [1024] * 8), ("2 x 1024 after 3072 cached", [1024] * 2, [4096] * 2),
-                         ("1 x 8192", [8192], [8192])]
+        prefill_cases = [
+            ("8 x 1024", [1024] * 8, [1024] * 8),
+            ("2 x 1024 after 3072 cached", [1024] * 2, [4096] * 2),
+            ("1 x 8192", [8192], [8192]),
+        ]
         prefill_configs = list(itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2, 3]))
         rows_list, reps = [256, 8192], args.reps
     from bench.hf_baselines import copy_bandwidth

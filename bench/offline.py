@@ -43,16 +43,35 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                    help="torch: the unfused path (no CUDA graphs), to see what the Triton kernels buy")
-    ap.add_argument("--baselines", nargs="*", default=[], choices=["hf-static", "hf-cb", "hf-cb-eager"],
-                    help="also run HF transformers on the same model and workload, after kubellm")
-    ap.add_argument("--profile-steps", type=int, default=0,
-                    help="profile this many engine steps from the middle of the run and print where time goes")
-    ap.add_argument("--step-times", action="store_true",
-                    help="time every engine step and print the run's time by kind of step against each kind's floor")
-    ap.add_argument("--stand-in", action="store_true",
-                    help="run on an emulated device (bench/stand_in.py): is the host fast enough to keep it busy?")
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="torch: the unfused path (no CUDA graphs), to see what the Triton kernels buy",
+    )
+    ap.add_argument(
+        "--baselines",
+        nargs="*",
+        default=[],
+        choices=["hf-static", "hf-cb", "hf-cb-eager"],
+        help="also run HF transformers on the same model and workload, after kubellm",
+    )
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many engine steps from the middle of the run and print where time goes",
+    )
+    ap.add_argument(
+        "--step-times",
+        action="store_true",
+        help="time every engine step and print the run's time by kind of step against each kind's floor",
+    )
+    ap.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="run on an emulated device (bench/stand_in.py): is the host fast enough to keep it busy?",
+    )
     add_device_flags(ap)
     args = ap.parse_args()
 
@@ -67,14 +86,26 @@ def main() -> None:
         with open(os.path.join(model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
-        rate, busy = stand_in_generate(model, prompts, out_lens, device_from(args), max_num_seqs=args.max_num_seqs,
-                                       max_num_batched_tokens=args.max_num_batched_tokens,
-                                       async_scheduling=args.async_scheduling)
+        rate, busy = stand_in_generate(
+            model,
+            prompts,
+            out_lens,
+            device_from(args),
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            async_scheduling=args.async_scheduling,
+        )
         print(f"emulated device {device_from(args)}: {rate:,.0f} output tok/s, device busy {busy:.0%} of the time")
         return
-    llm = LLM(model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              async_scheduling=args.async_scheduling, kernels=args.kernels)
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
+        kernels=args.kernels,
+    )
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
@@ -111,26 +142,31 @@ def main() -> None:
         free_device_memory()
 
     bandwidth = hf.copy_bandwidth()
-    floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_bytes_per_token, bandwidth,
-                                      args.max_num_seqs)
+    floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_bytes_per_token, bandwidth, args.max_num_seqs)
     floor = sum(out_lens) / floor_s if floor_s == floor_s else float("nan")
     continuous = [r for r in rows if r[0].startswith("HF continuous")]
     hf_cb = next((r for r in continuous if "CUDA graphs" in r[0]), continuous[0] if continuous else None)
     total_prompt = sum(map(len, prompts))
-    print(f"model {name}, device {device}, {len(prompts)} requests, {total_prompt} prompt tokens, "
-          f"{sum(out_lens)} output tokens requested")
+    print(
+        f"model {name}, device {device}, {len(prompts)} requests, {total_prompt} prompt tokens, "
+        f"{sum(out_lens)} output tokens requested"
+    )
     print("| engine | output tokens | time (s) | output tok/s | total tok/s | vs HF CB | of floor | preemptions |")
     print("|---|---|---|---|---|---|---|---|")
     for label, tokens, seconds, preemptions in rows:
         rate = tokens / seconds
         vs_cb = f"{rate / (hf_cb[1] / hf_cb[2]):.1f}x" if hf_cb else "-"
         of_floor = f"{rate / floor:.0%}" if floor == floor else "-"
-        print(f"| {label} | {tokens} | {seconds:.2f} | {rate:,.0f} | {(tokens + total_prompt) / seconds:,.0f} | "
-              f"{vs_cb} | {of_floor} | {preemptions} |")
+        print(
+            f"| {label} | {tokens} | {seconds:.2f} | {rate:,.0f} | {(tokens + total_prompt) / seconds:,.0f} | "
+            f"{vs_cb} | {of_floor} | {preemptions} |"
+        )
     if floor == floor:
-        print(f"decode floor: {floor:,.0f} tok/s ({floor_s:.2f} s) = weights {weight_bytes / 1e9:.2f} GB + live KV "
-              f"({kv_bytes_per_token} B/token) per step at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth, "
-              f"{dtype}")
+        print(
+            f"decode floor: {floor:,.0f} tok/s ({floor_s:.2f} s) = weights {weight_bytes / 1e9:.2f} GB + live KV "
+            f"({kv_bytes_per_token} B/token) per step at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth, "
+            f"{dtype}"
+        )
 
 
 def free_device_memory() -> None:
@@ -147,7 +183,8 @@ def profile(llm, prompts, params, steps: int) -> None:
     """Run the workload, profiling `steps` engine steps once the batch is full, and print the kernels and the
     share of wall time the GPU was busy (the rest is per-step CPU work the GPU waits for)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     engine = llm.engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -165,8 +202,10 @@ def profile(llm, prompts, params, steps: int) -> None:
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 if torch.cuda.is_available() else 0
-    print(f"{steps} steps in {wall:.3f} s ({wall / steps * 1e3:.2f} ms/step); device busy {busy:.3f} s "
-          f"({busy / wall:.0%} of wall)")
+    print(
+        f"{steps} steps in {wall:.3f} s ({wall / steps * 1e3:.2f} ms/step); device busy {busy:.3f} s "
+        f"({busy / wall:.0%} of wall)"
+    )
 
 
 DECODE_BUCKETS = (256, 192, 128, 64, 32, 16, 1, 0)  # decode-only steps by batch size: at least this many rows
@@ -203,14 +242,17 @@ def step_times(llm, prompts, params) -> None:
         k[4] += rows
         last = now
     total = last - start
-    print(f"{sum(k[0] for k in kinds.values())} steps in {total:.2f} s; floor per step = (weights "
-          f"{weight_bytes / 1e9:.2f} GB + KV read) / {bandwidth / 1e12:.2f} TB/s")
+    print(
+        f"{sum(k[0] for k in kinds.values())} steps in {total:.2f} s; floor per step = (weights "
+        f"{weight_bytes / 1e9:.2f} GB + KV read) / {bandwidth / 1e12:.2f} TB/s"
+    )
     print("| steps | count | time (s) | share | ms/step | floor ms/step | of floor | prompt tokens | output tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind, (n, secs, floor, prompt, rows) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
         floors = f"{floor / n * 1e3:.2f} | {floor / secs:.0%}" if floor == floor else "- | -"  # no GPU: nan
-        print(f"| {kind} | {n} | {secs:.2f} | {secs / total:.0%} | {secs / n * 1e3:.2f} | {floors} | {prompt} | "
-              f"{rows} |")
+        print(
+            f"| {kind} | {n} | {secs:.2f} | {secs / total:.0%} | {secs / n * 1e3:.2f} | {floors} | {prompt} | {rows} |"
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ def main() -> None:
     try:
         import subprocess
 
-        subprocess.run([str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "apply", "-f", "crds"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "apply", "-f", "crds"],
+            check=True,
+            capture_output=True,
+        )
         time.sleep(2)
         op = OperatorProcess(cluster.kubeconfig).start()
         rss_idle = rss_mib(op.proc.pid)
@@ -72,28 +75,46 @@ def main() -> None:
         for i in range(args.count):
             name = f"svc-{i:03d}"
             created[name] = time.monotonic()
-            api.create_namespaced_custom_object("kubellm.io", "v1alpha1", ns, "inferenceservices", {
-                "apiVersion": "kubellm.io/v1alpha1", "kind": "InferenceService", "metadata": {"name": name},
-                "spec": {"model": {"uri": "hf://org/model"}, "autoscaling": {"enabled": False}}})
+            api.create_namespaced_custom_object(
+                "kubellm.io",
+                "v1alpha1",
+                ns,
+                "inferenceservices",
+                {
+                    "apiVersion": "kubellm.io/v1alpha1",
+                    "kind": "InferenceService",
+                    "metadata": {"name": name},
+                    "spec": {"model": {"uri": "hf://org/model"}, "autoscaling": {"enabled": False}},
+                },
+            )
         create_s = time.monotonic() - t0
         done.wait(600)
         lat = [children_at[n] - created[n] for n in created if n in children_at]
 
         def ready_count():
             items = api.list_namespaced_custom_object("kubellm.io", "v1alpha1", ns, "inferenceservices")["items"]
-            return sum(any(c["type"] == "Ready" and c["status"] == "True"
-                           for c in (o.get("status") or {}).get("conditions", [])) for o in items)
+            return sum(
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in (o.get("status") or {}).get("conditions", [])
+                )
+                for o in items
+            )
 
         deadline = time.monotonic() + 600
         while ready_count() < args.count and time.monotonic() < deadline:
             time.sleep(1)
         all_ready_s = time.monotonic() - t0
         rss_loaded = rss_mib(op.proc.pid)
-        print("| InferenceServices | create calls (s) | apply → Deployment p50 (s) | p99 (s) | max (s) | "
-              "all Ready after (s) | operator RSS idle / loaded (MiB) |")
+        print(
+            "| InferenceServices | create calls (s) | apply → Deployment p50 (s) | p99 (s) | max (s) | "
+            "all Ready after (s) | operator RSS idle / loaded (MiB) |"
+        )
         print("|---|---|---|---|---|---|---|")
-        print(f"| {args.count} | {create_s:.1f} | {pct(lat, 50):.2f} | {pct(lat, 99):.2f} | {max(lat):.2f} | "
-              f"{all_ready_s:.1f} ({ready_count()} ready) | {rss_idle:.0f} / {rss_loaded:.0f} |")
+        print(
+            f"| {args.count} | {create_s:.1f} | {pct(lat, 50):.2f} | {pct(lat, 99):.2f} | {max(lat):.2f} | "
+            f"{all_ready_s:.1f} ({ready_count()} ready) | {rss_idle:.0f} / {rss_loaded:.0f} |"
+        )
     finally:
         if op:
             op.stop()

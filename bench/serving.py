@@ -30,10 +30,15 @@ from bench.offline import workload  # noqa: E402
 from bench.stand_in import add_device_flags, device_from, stand_in_generate  # noqa: E402
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int,
-                      result: dict):
-    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.6, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: list[int], max_tokens: int, result: dict):
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     stamps = []
     async with session.post(url + "/v1/completions", json=body) as r:
@@ -96,14 +101,28 @@ async def run(args, prompts, out_lens) -> dict:
 
 
 def start_server(args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "kubellm.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(args.port),
-           "--max-waiting-requests", "100000", "--max-queue-time-s", "100000", "--max-num-seqs", str(args.max_num_seqs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubellm.cli",
+        "serve",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--max-waiting-requests",
+        "100000",
+        "--max-queue-time-s",
+        "100000",
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+    ]
     if args.stand_in:
         cmd[1:3] = ["-m", "bench.stand_in"]
         cmd += device_from(args).flags()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL,
-                            stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=open("/tmp/kubellm-bench-serve.log", "wb"))
     start = time.monotonic()
     while time.monotonic() < start + 600:
         try:
@@ -148,8 +167,11 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=None, help="token ids are drawn below this (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stand-in", action="store_true",
-                    help="serve on an emulated device (bench/stand_in.py) and compare with offline on the same")
+    ap.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="serve on an emulated device (bench/stand_in.py) and compare with offline on the same",
+    )
     add_device_flags(ap)
     args = ap.parse_args()
     if not args.concurrency and not args.request_rate:
@@ -166,8 +188,9 @@ def main() -> None:
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
         offline = None
         if args.stand_in:
-            offline, busy = stand_in_generate(args.model, prompts, out_lens, device_from(args),
-                                              max_num_seqs=args.max_num_seqs)
+            offline, busy = stand_in_generate(
+                args.model, prompts, out_lens, device_from(args), max_num_seqs=args.max_num_seqs
+            )
             print(f"offline on the emulated device: {offline:,.0f} tok/s, device busy {busy:.0%} of the time")
         procs = server_processes(proc.pid) if proc else {}
         procs["benchmark client"] = os.getpid()
@@ -180,14 +203,18 @@ def main() -> None:
             proc.wait(timeout=60)
     tokens = sum(r.get("tokens", []))
     mode = f"concurrency {args.concurrency}" if args.concurrency else f"rate {args.request_rate}/s"
-    print("| mode | requests | errors | output tokens | time (s) | output tok/s | TTFT p50/p99 (ms) | "
-          "TPOT p50/p99 (ms) | ITL p50/p99 (ms) |")
+    print(
+        "| mode | requests | errors | output tokens | time (s) | output tok/s | TTFT p50/p99 (ms) | "
+        "TPOT p50/p99 (ms) | ITL p50/p99 (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ms = lambda v, q: f"{pct(v, q) * 1000:.1f}"  # noqa: E731
-    print(f"| {mode} | {len(r.get('e2e', []))} | {len(r.get('errors', []))} | {tokens} | {r['duration']:.2f} | "
-          f"{tokens / r['duration']:,.0f} | {ms(r.get('ttft', []), 50)}/{ms(r.get('ttft', []), 99)} | "
-          f"{ms(r.get('tpot', []), 50)}/{ms(r.get('tpot', []), 99)} | "
-          f"{ms(r.get('itl', []), 50)}/{ms(r.get('itl', []), 99)} |")
+    print(
+        f"| {mode} | {len(r.get('e2e', []))} | {len(r.get('errors', []))} | {tokens} | {r['duration']:.2f} | "
+        f"{tokens / r['duration']:,.0f} | {ms(r.get('ttft', []), 50)}/{ms(r.get('ttft', []), 99)} | "
+        f"{ms(r.get('tpot', []), 50)}/{ms(r.get('tpot', []), 99)} | "
+        f"{ms(r.get('itl', []), 50)}/{ms(r.get('itl', []), 99)} |"
+    )
     if r.get("tpot"):
         print(f"(mean TPOT {statistics.mean(r['tpot']) * 1000:.1f} ms)")
     if offline:

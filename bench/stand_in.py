@@ -44,8 +44,14 @@ class DeviceModel:
 
     def flags(self) -> list[str]:
         """The command-line flags (add_device_flags) that give this device."""
-        return ["--stand-in-fixed-ms", str(self.fixed_ms), "--stand-in-context-ns", str(self.per_context_token_ns),
-                "--stand-in-new-token-us", str(self.per_new_token_us)]
+        return [
+            "--stand-in-fixed-ms",
+            str(self.fixed_ms),
+            "--stand-in-context-ns",
+            str(self.per_context_token_ns),
+            "--stand-in-new-token-us",
+            str(self.per_new_token_us),
+        ]
 
 
 @dataclass
@@ -105,8 +111,9 @@ def stand_in_engine(config: EngineConfig, device: DeviceModel = DeviceModel()) -
     return engine
 
 
-def stand_in_generate(model: str, prompts: list[list[int]], out_lens: list[int], device: DeviceModel,
-                      **engine_options) -> tuple[float, float]:
+def stand_in_generate(
+    model: str, prompts: list[list[int]], out_lens: list[int], device: DeviceModel, **engine_options
+) -> tuple[float, float]:
     """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device: (output tok/s, the
     fraction of the time the device was busy — what is left is host work the device waited for)."""
     from kubellm.runtime import LLM, SamplingParams
@@ -123,10 +130,15 @@ def stand_in_generate(model: str, prompts: list[list[int]], out_lens: list[int],
 def add_device_flags(ap: argparse.ArgumentParser) -> None:
     d = DeviceModel()
     ap.add_argument("--stand-in-fixed-ms", type=float, default=d.fixed_ms, help="emulated device: ms per step")
-    ap.add_argument("--stand-in-context-ns", type=float, default=d.per_context_token_ns,
-                    help="emulated device: ns per context token read per step")
-    ap.add_argument("--stand-in-new-token-us", type=float, default=d.per_new_token_us,
-                    help="emulated device: µs per token computed")
+    ap.add_argument(
+        "--stand-in-context-ns",
+        type=float,
+        default=d.per_context_token_ns,
+        help="emulated device: ns per context token read per step",
+    )
+    ap.add_argument(
+        "--stand-in-new-token-us", type=float, default=d.per_new_token_us, help="emulated device: µs per token computed"
+    )
 
 
 def device_from(args: argparse.Namespace) -> DeviceModel:

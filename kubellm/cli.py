@@ -9,8 +9,16 @@ import sys
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from kubellm.runtime.model.tiny import make_tiny_model
 
-    make_tiny_model(args.dir, args.arch, hidden=args.hidden_size, layers=args.num_layers, heads=args.num_heads,
-                    kv_heads=args.num_kv_heads, dtype=args.dtype, seed=args.seed)
+    make_tiny_model(
+        args.dir,
+        args.arch,
+        hidden=args.hidden_size,
+        layers=args.num_layers,
+        heads=args.num_heads,
+        kv_heads=args.num_kv_heads,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
     print(args.dir)
     return 0
 
@@ -55,29 +63,63 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
-    s.add_argument("--engine-stall-timeout-s", type=float,
-                   help="/health fails when the engine process has not reported for this long (default 120)")
-    for flag, kind in (("--dtype", str), ("--device", str), ("--max-model-len", int), ("--max-num-seqs", int),
-                       ("--max-num-batched-tokens", int), ("--block-size", int), ("--scheduling-policy", str),
-                       ("--preemption-mode", str), ("--gpu-memory-utilization", float),
-                       ("--cpu-kv-cache-bytes", int), ("--seed", int), ("--kernels", str)):
+    s.add_argument(
+        "--engine-stall-timeout-s",
+        type=float,
+        help="/health fails when the engine process has not reported for this long (default 120)",
+    )
+    for flag, kind in (
+        ("--dtype", str),
+        ("--device", str),
+        ("--max-model-len", int),
+        ("--max-num-seqs", int),
+        ("--max-num-batched-tokens", int),
+        ("--block-size", int),
+        ("--scheduling-policy", str),
+        ("--preemption-mode", str),
+        ("--gpu-memory-utilization", float),
+        ("--cpu-kv-cache-bytes", int),
+        ("--seed", int),
+        ("--kernels", str),
+    ):
         s.add_argument(flag, type=kind)
-    s.add_argument("--swap-space", type=float, metavar="GIB",
-                   help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)")
-    s.add_argument("--log-requests", action=argparse.BooleanOptionalAction, default=None,
-                   help="one JSON log line per finished request (default on)")
-    s.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
-                   help="vLLM's spelling of --no-log-requests")
-    s.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
-                   help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'")
-    s.add_argument("--chat-template", help="Jinja chat template (a file, or the template itself) replacing the "
-                                           "model's, e.g. for a model that has none")
-    s.add_argument("--tensor-parallel-size", type=int,
-                   help="split the model across this many GPUs of this machine (default 1)")
+    s.add_argument(
+        "--swap-space",
+        type=float,
+        metavar="GIB",
+        help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)",
+    )
+    s.add_argument(
+        "--log-requests",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one JSON log line per finished request (default on)",
+    )
+    s.add_argument(
+        "--disable-log-requests", dest="log_requests", action="store_false", help="vLLM's spelling of --no-log-requests"
+    )
+    s.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'",
+    )
+    s.add_argument(
+        "--chat-template",
+        help="Jinja chat template (a file, or the template itself) replacing the "
+        "model's, e.g. for a model that has none",
+    )
+    s.add_argument(
+        "--tensor-parallel-size", type=int, help="split the model across this many GPUs of this machine (default 1)"
+    )
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--enforce-eager", action="store_true", default=None)
-    s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="launch the next decode step before the host has this one's tokens (default on)")
+    s.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch the next decode step before the host has this one's tokens (default on)",
+    )
     s.set_defaults(func=_serve)
 
 

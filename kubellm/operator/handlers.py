@@ -117,12 +117,23 @@ def delete_children(body, namespace, name, **_):
 
 # ------------------------------------------------------------------ observed state
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, sharp=False)
-def refresh_status(body, namespace, name, status, patch, deployment_index: kopf.Index, hpa_index: kopf.Index,
-                   pod_index: kopf.Index, isvc_index: kopf.Index, **_):
+def refresh_status(
+    body,
+    namespace,
+    name,
+    status,
+    patch,
+    deployment_index: kopf.Index,
+    hpa_index: kopf.Index,
+    pod_index: kopf.Index,
+    isvc_index: kopf.Index,
+    **_,
+):
     MANAGED.set(len(isvc_index))
     key = (namespace, name)
-    new = compute_status(_snapshot(body), _first(deployment_index, key), _first(hpa_index, key),
-                         list(pod_index.get(key, [])))
+    new = compute_status(
+        _snapshot(body), _first(deployment_index, key), _first(hpa_index, key), list(pod_index.get(key, []))
+    )
     old_conditions = status.get("conditions") or []
     new["conditions"] = merge_conditions(old_conditions, new["conditions"])
     current = {k: status.get(k) for k in new}
@@ -133,8 +144,12 @@ def refresh_status(body, namespace, name, status, patch, deployment_index: kopf.
     before = next((c for c in old_conditions if c.get("type") == "Ready"), {})
     ready = new["conditions"][0]
     if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
-        kopf.event(body, type="Normal" if ready["status"] == "True" else "Warning", reason=ready["reason"],
-                   message=ready["message"][:1000])
+        kopf.event(
+            body,
+            type="Normal" if ready["status"] == "True" else "Warning",
+            reason=ready["reason"],
+            message=ready["message"][:1000],
+        )
 
 
 # ------------------------------------------------------------------ drift repair
@@ -150,13 +165,19 @@ def _repair(kind: str, event, namespace, labels, isvc_index: kopf.Index) -> None
     if repaired:
         REPAIRS.labels(kind).inc()
         what = "deleted" if event.get("type") == "DELETED" else "changed"
-        kopf.event(isvc, type="Normal", reason="DriftRepaired", message=f"{kind} was {what} outside the operator; restored")
+        kopf.event(
+            isvc, type="Normal", reason="DriftRepaired", message=f"{kind} was {what} outside the operator; restored"
+        )
 
 
 def _watch_child(kind: str):
     group, _, version = CHILD_KINDS[kind].rpartition("/")
-    plural = {"Deployment": "deployments", "Service": "services", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
-              "PodDisruptionBudget": "poddisruptionbudgets"}[kind]
+    plural = {
+        "Deployment": "deployments",
+        "Service": "services",
+        "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+        "PodDisruptionBudget": "poddisruptionbudgets",
+    }[kind]
 
     @kopf.on.event(group, version, plural, labels=OURS, id=f"repair-{plural}")
     def on_child_event(event, namespace, labels, isvc_index: kopf.Index, **_):

@@ -52,9 +52,17 @@ class Reconciler:
 
     def apply(self, manifest: dict) -> dict:
         meta = manifest["metadata"]
-        return self._resource(manifest["kind"]).server_side_apply(
-            body=manifest, name=meta["name"], namespace=meta["namespace"], field_manager=FIELD_MANAGER,
-            force_conflicts=True).to_dict()
+        return (
+            self._resource(manifest["kind"])
+            .server_side_apply(
+                body=manifest,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
+            .to_dict()
+        )
 
     def read(self, kind: str, name: str, namespace: str) -> dict | None:
         try:
@@ -112,8 +120,11 @@ class Reconciler:
         if desired is None:
             return self._delete_if_ours(kind, isvc)
         live = self.read(kind, meta["name"], meta["namespace"])
-        if live is not None and is_subset(desired["spec"], live.get("spec")) and is_subset(
-                desired["metadata"]["labels"], live["metadata"].get("labels")):
+        if (
+            live is not None
+            and is_subset(desired["spec"], live.get("spec"))
+            and is_subset(desired["metadata"]["labels"], live["metadata"].get("labels"))
+        ):
             return False
         if not self.owner_exists(isvc):  # the garbage collector is removing it: do not resurrect children
             return False

@@ -21,8 +21,12 @@ QUEUE_METRIC = "kubellm_num_requests_waiting"
 
 
 def labels_for(name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "kubellm-runtime", "app.kubernetes.io/instance": name,
-            "app.kubernetes.io/managed-by": MANAGED_BY, ISVC_LABEL: name}
+    return {
+        "app.kubernetes.io/name": "kubellm-runtime",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        ISVC_LABEL: name,
+    }
 
 
 def selector_for(name: str) -> dict[str, str]:
@@ -35,14 +39,24 @@ def service_url(name: str, namespace: str) -> str:
 
 def _owner(isvc: dict) -> dict:
     meta = isvc["metadata"]
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "uid": meta["uid"],
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _metadata(isvc: dict, extra_labels: dict | None = None) -> dict:
     meta = isvc["metadata"]
-    return {"name": meta["name"], "namespace": meta["namespace"], "labels": {**labels_for(meta["name"]),
-            **(extra_labels or {})}, "ownerReferences": [_owner(isvc)]}
+    return {
+        "name": meta["name"],
+        "namespace": meta["namespace"],
+        "labels": {**labels_for(meta["name"]), **(extra_labels or {})},
+        "ownerReferences": [_owner(isvc)],
+    }
 
 
 def model_location(uri: str) -> tuple[str, dict | None, dict | None]:
@@ -59,12 +73,29 @@ def model_location(uri: str) -> tuple[str, dict | None, dict | None]:
 
 def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> list[str]:
     r, s = spec.runtime, spec.server
-    args = ["serve", model_dir, "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--served-model-name", served_name,
-            "--dtype", r.dtype, "--max-num-seqs", str(r.max_num_seqs),
-            "--max-num-batched-tokens", str(r.max_num_batched_tokens),
-            "--gpu-memory-utilization", str(r.gpu_memory_utilization), "--scheduling-policy", r.scheduling_policy,
-            "--enable-prefix-caching" if r.enable_prefix_caching else "--no-enable-prefix-caching",
-            "--drain-timeout-s", str(s.drain_seconds)]
+    args = [
+        "serve",
+        model_dir,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(HTTP_PORT),
+        "--served-model-name",
+        served_name,
+        "--dtype",
+        r.dtype,
+        "--max-num-seqs",
+        str(r.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(r.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        str(r.gpu_memory_utilization),
+        "--scheduling-policy",
+        r.scheduling_policy,
+        "--enable-prefix-caching" if r.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--drain-timeout-s",
+        str(s.drain_seconds),
+    ]
     if spec.resources.gpus == 0:
         args += ["--device", "cpu"]
     elif spec.resources.gpus > 1:  # one replica spans its GPUs; more throughput is more replicas
@@ -97,12 +128,19 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
     model_dir, model_volume, fetch = model_location(spec.model.uri)
     image = spec.runtime.image or DEFAULT_IMAGE
     drain = spec.server.drain_seconds
-    container_security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                          "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    container_security = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     env = [{"name": "HF_HOME", "value": "/tmp/hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
     env += [{"name": e.name, "value": e.value} for e in spec.runtime.env]
-    mounts = [{"name": "model", "mountPath": MODEL_ROOT, "readOnly": fetch is None},
-              {"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [
+        {"name": "model", "mountPath": MODEL_ROOT, "readOnly": fetch is None},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
     volumes = [model_volume, {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     if spec.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
@@ -117,8 +155,11 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
         "resources": _resources(spec),
         "volumeMounts": mounts,
         # a big model may take long to load: the startup probe holds the others off until /health answers
-        "startupProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
-                         "failureThreshold": max(1, math.ceil(spec.startup.timeout_seconds / 10))},
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": max(1, math.ceil(spec.startup.timeout_seconds / 10)),
+        },
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
@@ -128,13 +169,23 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": PRESTOP_SECONDS + drain + 15,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "enableServiceLinks": False,
     }
     if fetch:
-        init = {**fetch, "image": image, "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
-                "volumeMounts": mounts[:2], "securityContext": container_security}
+        init = {
+            **fetch,
+            "image": image,
+            "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
+            "volumeMounts": mounts[:2],
+            "securityContext": container_security,
+        }
         if spec.model.credentials_secret:
             init["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
         pod_spec["initContainers"] = [init]
@@ -159,9 +210,14 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
         "strategy": strategy,
         "progressDeadlineSeconds": spec.startup.timeout_seconds + 600,
         "template": {
-            "metadata": {"labels": labels_for(name),
-                         "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(HTTP_PORT),
-                                         "prometheus.io/path": "/metrics"}},
+            "metadata": {
+                "labels": labels_for(name),
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(HTTP_PORT),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
             "spec": pod_spec,
         },
     }
@@ -172,29 +228,57 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
 
 def render_service(isvc: dict) -> dict:
     name = isvc["metadata"]["name"]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(isvc), "spec": {
-        "type": "ClusterIP", "selector": selector_for(name),
-        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
-                  {"name": "metrics", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_for(name),
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                {"name": "metrics", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+            ],
+        },
+    }
 
 
 def render_hpa(isvc: dict, spec: InferenceServiceSpec) -> dict:
     a = spec.autoscaling
     name = isvc["metadata"]["name"]
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _metadata(isvc), "spec": {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-        "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
-        "metrics": [{"type": "Pods", "pods": {"metric": {"name": QUEUE_METRIC},
-                                              "target": {"type": "AverageValue",
-                                                         "averageValue": _quantity(a.target_queue_depth)}}}],
-        "behavior": {"scaleUp": {"stabilizationWindowSeconds": a.scale_up_stabilization_seconds},
-                     "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}}}}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": QUEUE_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": _quantity(a.target_queue_depth)},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": a.scale_up_stabilization_seconds},
+                "scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds},
+            },
+        },
+    }
 
 
 def render_pdb(isvc: dict) -> dict:
     name = isvc["metadata"]["name"]
-    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _metadata(isvc),
-            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_for(name)}}}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(isvc),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_for(name)}},
+    }
 
 
 def _quantity(x: float) -> str:
@@ -212,4 +296,3 @@ def render(isvc: dict) -> list[dict]:
     if replicas > 1:
         children.append(render_pdb(isvc))
     return children
-

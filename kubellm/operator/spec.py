@@ -22,13 +22,24 @@ class Spec(BaseModel):
 
 
 class ModelSource(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.uri.matches('^(hf://[^/@]+/[^/@]+(@.+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$')",
-         "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://bucket[/prefix]"),
-    ))
-    uri: str = Field(max_length=2048, description="Where the weights are: hf://org/name[@revision], pvc://claim/path, s3://bucket/prefix")
-    name: str | None = Field(None, description="Served model id (the `model` field clients send); default metadata.name")
-    credentials_secret: str | None = Field(None, description="Secret with HF_TOKEN or AWS_* keys, exposed to the downloader")
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "self.uri.matches('^(hf://[^/@]+/[^/@]+(@.+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$')",
+                "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://bucket[/prefix]",
+            ),
+        )
+    )
+    uri: str = Field(
+        max_length=2048,
+        description="Where the weights are: hf://org/name[@revision], pvc://claim/path, s3://bucket/prefix",
+    )
+    name: str | None = Field(
+        None, description="Served model id (the `model` field clients send); default metadata.name"
+    )
+    credentials_secret: str | None = Field(
+        None, description="Secret with HF_TOKEN or AWS_* keys, exposed to the downloader"
+    )
 
 
 class EnvVar(Spec):
@@ -37,15 +48,21 @@ class EnvVar(Spec):
 
 
 class RuntimeSpec(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.gpuMemoryUtilization > 0.0 && self.gpuMemoryUtilization <= 1.0",
-         "runtime.gpuMemoryUtilization must be in (0, 1]"),
-        ("!has(self.maxModelLen) || self.maxModelLen >= 16", "runtime.maxModelLen must be at least 16"),
-        ("self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host') && "
-         "!a.startsWith('--tensor-parallel-size'))",
-         "runtime.extraArgs must not set --host, --port or --tensor-parallel-size: the operator owns them "
-         "(the model is split across resources.gpus)"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "self.gpuMemoryUtilization > 0.0 && self.gpuMemoryUtilization <= 1.0",
+                "runtime.gpuMemoryUtilization must be in (0, 1]",
+            ),
+            ("!has(self.maxModelLen) || self.maxModelLen >= 16", "runtime.maxModelLen must be at least 16"),
+            (
+                "self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host') && "
+                "!a.startsWith('--tensor-parallel-size'))",
+                "runtime.extraArgs must not set --host, --port or --tensor-parallel-size: the operator owns them "
+                "(the model is split across resources.gpus)",
+            ),
+        )
+    )
     image: str | None = Field(None, description="Runtime image; default from the operator's configuration")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     max_model_len: int | None = None
@@ -64,12 +81,17 @@ class ComputeResources(Spec):
 
 
 class Resources(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.gpus >= 0", "resources.gpus must not be negative"),
-        ("self.gpus <= 64", "resources.gpus must be at most 64"),
-    ))
-    gpus: int = Field(1, description="GPUs per replica (0 runs on CPU); with more than one, the model is split "
-                                     "across them (tensor parallelism: they must divide its attention heads)")
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.gpus >= 0", "resources.gpus must not be negative"),
+            ("self.gpus <= 64", "resources.gpus must be at most 64"),
+        )
+    )
+    gpus: int = Field(
+        1,
+        description="GPUs per replica (0 runs on CPU); with more than one, the model is split "
+        "across them (tensor parallelism: they must divide its attention heads)",
+    )
     gpu_resource_name: str = "nvidia.com/gpu"
     requests: ComputeResources = Field(default_factory=ComputeResources)
     limits: ComputeResources = Field(default_factory=ComputeResources)
@@ -84,11 +106,13 @@ class Scheduling(Spec):
 
 
 class Autoscaling(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
-        ("self.minReplicas >= 1", "autoscaling.minReplicas must be at least 1"),
-        ("self.targetQueueDepth > 0.0", "autoscaling.targetQueueDepth must be positive"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+            ("self.minReplicas >= 1", "autoscaling.minReplicas must be at least 1"),
+            ("self.targetQueueDepth > 0.0", "autoscaling.targetQueueDepth must be positive"),
+        )
+    )
     enabled: bool = True
     min_replicas: int = 1
     max_replicas: int = 4
@@ -98,9 +122,11 @@ class Autoscaling(Spec):
 
 
 class Server(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.drainSeconds >= 0 && self.drainSeconds <= 3600", "server.drainSeconds must be in [0, 3600]"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.drainSeconds >= 0 && self.drainSeconds <= 3600", "server.drainSeconds must be in [0, 3600]"),
+        )
+    )
     api_key_secret: str | None = Field(None, description="Secret whose key `keys` holds API keys, one per line")
     rate_limit_rpm: float | None = Field(None, gt=0)
     rate_limit_burst: int | None = Field(None, ge=1)
@@ -109,22 +135,28 @@ class Server(Spec):
 
 
 class Startup(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.timeoutSeconds >= 30", "startup.timeoutSeconds must be at least 30"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.timeoutSeconds >= 30", "startup.timeoutSeconds must be at least 30"),
+        )
+    )
     timeout_seconds: int = Field(1800, description="Time a replica may take to load the model before it is restarted")
 
 
 class Rollout(Spec):
     strategy: Literal["InPlace", "Surge", "Recreate"] = Field(
-        "InPlace", description="InPlace: replace one pod at a time, no spare GPU needed (never deadlocks); "
-                               "Surge: start the new pod first (needs a spare GPU set); Recreate: all at once")
+        "InPlace",
+        description="InPlace: replace one pod at a time, no spare GPU needed (never deadlocks); "
+        "Surge: start the new pod first (needs a spare GPU set); Recreate: all at once",
+    )
 
 
 class InferenceServiceSpec(Spec):
-    model_config = ConfigDict(json_schema_extra=rules(
-        ("self.replicas >= 0", "replicas must not be negative"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("self.replicas >= 0", "replicas must not be negative"),
+        )
+    )
     model: ModelSource
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     resources: Resources = Field(default_factory=Resources)

@@ -16,13 +16,13 @@ PULL_ERRORS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImage
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _age_seconds(timestamp: str | None, now: dt.datetime) -> float:
     if not timestamp:
         return 0.0
-    t = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    t = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     return (now - t).total_seconds()
 
 
@@ -65,9 +65,10 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str, generation
     return {"type": kind, "status": status, "reason": reason, "message": message, "observedGeneration": generation}
 
 
-def compute_status(isvc: dict, deployment: dict | None, hpa: dict | None, pods: list[dict],
-                   now: dt.datetime | None = None) -> dict:
-    now = now or dt.datetime.now(dt.timezone.utc)
+def compute_status(
+    isvc: dict, deployment: dict | None, hpa: dict | None, pods: list[dict], now: dt.datetime | None = None
+) -> dict:
+    now = now or dt.datetime.now(dt.UTC)
     meta = isvc["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 0)
     spec = parse_spec(isvc.get("spec") or {})
@@ -75,10 +76,15 @@ def compute_status(isvc: dict, deployment: dict | None, hpa: dict | None, pods: 
     ready_replicas = dstatus.get("readyReplicas", 0)
     live_pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
 
-    problems = [pp for p in live_pods if (pp := pod_problem(p, spec.resources.gpu_resource_name,
-                                                             spec.startup.timeout_seconds, now))]
+    problems = [
+        pp
+        for p in live_pods
+        if (pp := pod_problem(p, spec.resources.gpu_resource_name, spec.startup.timeout_seconds, now))
+    ]
     if deployment is None:
-        workload = _condition("WorkloadReady", False, "Creating", "the runtime Deployment does not exist yet", generation)
+        workload = _condition(
+            "WorkloadReady", False, "Creating", "the runtime Deployment does not exist yet", generation
+        )
     elif ready_replicas >= 1:
         msg = f"{ready_replicas}/{dstatus.get('replicas', 0)} replicas ready"
         if problems:
@@ -89,8 +95,9 @@ def compute_status(isvc: dict, deployment: dict | None, hpa: dict | None, pods: 
     elif not live_pods:
         workload = _condition("WorkloadReady", False, "NoReplicas", "no runtime pods exist", generation)
     else:
-        workload = _condition("WorkloadReady", False, "Starting", "replicas are starting (loading the model)",
-                              generation)
+        workload = _condition(
+            "WorkloadReady", False, "Starting", "replicas are starting (loading the model)", generation
+        )
     subs = [workload]
 
     if spec.autoscaling.enabled:
@@ -101,8 +108,9 @@ def compute_status(isvc: dict, deployment: dict | None, hpa: dict | None, pods: 
             subs.append(_condition("AutoscalerReady", None, "Pending", "the HPA has not evaluated yet", generation))
         else:
             ok = active.get("status") == "True"
-            subs.append(_condition("AutoscalerReady", ok, active.get("reason", ""), active.get("message", ""),
-                                   generation))
+            subs.append(
+                _condition("AutoscalerReady", ok, active.get("reason", ""), active.get("message", ""), generation)
+            )
 
     failing = [c for c in subs if c["status"] != "True"]
     if failing:

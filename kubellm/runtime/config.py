@@ -54,7 +54,7 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
     @classmethod
-    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
         """Build from keyword arguments, refusing unknown names (a typo must not be ignored)."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)

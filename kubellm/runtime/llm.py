@@ -51,8 +51,17 @@ class LLM:
         """vLLM's LLM.chat: one conversation (a list of {"role", "content"} messages) or a list of them, each
         rendered with the tokenizer's chat template as `kubellm serve` renders /v1/chat/completions."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, **(chat_template_kwargs or {})), add_special_tokens=False)
-            for conversation in conversations]
+        prompts = [
+            self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(
+                    conversation,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    **(chat_template_kwargs or {}),
+                ),
+                add_special_tokens=False,
+            )
+            for conversation in conversations
+        ]
         return self.generate(prompts, sampling_params)

@@ -25,9 +25,14 @@ def custom_metrics(cluster):
     from tests.support import fake_custom_metrics as fcm
 
     pki = cluster.pki
-    fake = fcm.FakeCustomMetrics(api_url=cluster.server, ca=str(pki / "ca.crt"), cert=str(pki / "admin.crt"),
-                                 key=str(pki / "admin.key"), serving_cert=str(pki / "apiserver.crt"),
-                                 serving_key=str(pki / "apiserver.key")).start()
+    fake = fcm.FakeCustomMetrics(
+        api_url=cluster.server,
+        ca=str(pki / "ca.crt"),
+        cert=str(pki / "admin.crt"),
+        key=str(pki / "admin.key"),
+        serving_cert=str(pki / "apiserver.crt"),
+        serving_key=str(pki / "apiserver.key"),
+    ).start()
     fake.default = 0  # every runtime pod reports an empty queue unless a test says otherwise
     fcm.register(fake)
     try:
@@ -58,8 +63,13 @@ def kubectl(cluster):
     import subprocess
 
     def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
-                           input=input, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {r.stderr}")
         return r
@@ -77,9 +87,13 @@ def crd_installed(kubectl):
 
     kubectl("apply", "-f", str(pathlib.Path(__file__).resolve().parents[2] / "crds"))
     ext = client.ApiextensionsV1Api()
-    wait_for("the CRD to be established", lambda: any(
-        c.type == "Established" and c.status == "True"
-        for c in ext.read_custom_resource_definition("inferenceservices.kubellm.io").status.conditions or []))
+    wait_for(
+        "the CRD to be established",
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition("inferenceservices.kubellm.io").status.conditions or []
+        ),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,11 @@ def condition(obj: dict, kind: str = "Ready") -> dict:
 
 
 def wait_ready(ns: str, name: str, timeout: float = 60) -> dict:
-    return wait_for(f"{name} Ready", lambda: (o := get_isvc(ns, name)) and condition(o).get("status") == "True" and o,
-                    timeout=timeout)
+    return wait_for(
+        f"{name} Ready",
+        lambda: (o := get_isvc(ns, name)) and condition(o).get("status") == "True" and o,
+        timeout=timeout,
+    )
 
 
 def children(ns: str, name: str) -> dict[str, list]:
@@ -46,21 +49,39 @@ def children(ns: str, name: str) -> dict[str, list]:
     return {
         "Deployment": client.AppsV1Api().list_namespaced_deployment(ns, label_selector=sel).items,
         "Service": client.CoreV1Api().list_namespaced_service(ns, label_selector=sel).items,
-        "HorizontalPodAutoscaler": client.AutoscalingV2Api().list_namespaced_horizontal_pod_autoscaler(
-            ns, label_selector=sel).items,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api()
+        .list_namespaced_horizontal_pod_autoscaler(ns, label_selector=sel)
+        .items,
         "PodDisruptionBudget": client.PolicyV1Api().list_namespaced_pod_disruption_budget(ns, label_selector=sel).items,
     }
 
 
 def make_pvc(ns: str, claim: str) -> None:
     pv_name = f"{ns}-{claim}"
-    client.CoreV1Api().create_persistent_volume({
-        "metadata": {"name": pv_name},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadOnlyMany"], "hostPath": {"path": "/models"},
-                 "claimRef": {"namespace": ns, "name": claim}, "persistentVolumeReclaimPolicy": "Retain"}})
-    client.CoreV1Api().create_namespaced_persistent_volume_claim(ns, {
-        "metadata": {"name": claim}, "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
-                                              "volumeName": pv_name, "resources": {"requests": {"storage": "10Gi"}}}})
+    client.CoreV1Api().create_persistent_volume(
+        {
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "hostPath": {"path": "/models"},
+                "claimRef": {"namespace": ns, "name": claim},
+                "persistentVolumeReclaimPolicy": "Retain",
+            },
+        }
+    )
+    client.CoreV1Api().create_namespaced_persistent_volume_claim(
+        ns,
+        {
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    )
 
 
 @pytest.mark.parametrize("example", ["minimal", "gpu-autoscaled", "pvc"])
@@ -90,26 +111,47 @@ def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
     assert "True" in table and status["url"] in table and status["modelName"] in table
 
     def ready_event():
-        events = kubectl("get", "events", "-n", namespace, "--field-selector",
-                         f"involvedObject.kind=InferenceService,involvedObject.name={name}", "-o", "json").stdout
+        events = kubectl(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            f"involvedObject.kind=InferenceService,involvedObject.name={name}",
+            "-o",
+            "json",
+        ).stdout
         return any(e["reason"] == "Ready" for e in json.loads(events)["items"])
 
     wait_for("a Ready event on the InferenceService", ready_event, timeout=20)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ({"model": {"uri": "ftp://x/y"}}, "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://"),
-    ({"model": {"uri": "hf://a/b"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
-     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
-    ({"model": {"uri": "hf://a/b"}, "resources": {"gpus": -1}}, "resources.gpus must not be negative"),
-    ({"model": {"uri": "hf://a/b"}, "runtime": {"gpuMemoryUtilization": 1.5}},
-     "runtime.gpuMemoryUtilization must be in (0, 1]"),
-    ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--port=9"]}}, "must not set --host, --port or"),
-    ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--tensor-parallel-size=4"]}}, "--tensor-parallel-size"),
-    ({"model": {"uri": "hf://a/b"}, "startup": {"timeoutSeconds": 5}}, "startup.timeoutSeconds must be at least 30"),
-    ({"model": {"uri": "hf://a/b"}, "runtime": {"dtype": "int3"}}, "Unsupported value"),
-    ({"runtime": {}}, "spec.model: Required value"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"model": {"uri": "ftp://x/y"}}, "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://"),
+        (
+            {"model": {"uri": "hf://a/b"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+            "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+        ),
+        ({"model": {"uri": "hf://a/b"}, "resources": {"gpus": -1}}, "resources.gpus must not be negative"),
+        (
+            {"model": {"uri": "hf://a/b"}, "runtime": {"gpuMemoryUtilization": 1.5}},
+            "runtime.gpuMemoryUtilization must be in (0, 1]",
+        ),
+        ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--port=9"]}}, "must not set --host, --port or"),
+        (
+            {"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--tensor-parallel-size=4"]}},
+            "--tensor-parallel-size",
+        ),
+        (
+            {"model": {"uri": "hf://a/b"}, "startup": {"timeoutSeconds": 5}},
+            "startup.timeoutSeconds must be at least 30",
+        ),
+        ({"model": {"uri": "hf://a/b"}, "runtime": {"dtype": "int3"}}, "Unsupported value"),
+        ({"runtime": {}}, "spec.model: Required value"),
+    ],
+)
 def test_invalid_objects_are_rejected_with_clear_messages(crd_installed, namespace, spec, message):
     with pytest.raises(ApiException) as err:
         create_isvc(namespace, "bad", spec)
@@ -119,9 +161,11 @@ def test_invalid_objects_are_rejected_with_clear_messages(crd_installed, namespa
 
 def test_more_gpus_than_the_cluster_has_is_insufficient_gpu(operator, namespace):
     create_isvc(namespace, "huge", {"model": {"uri": "hf://a/b"}, "resources": {"gpus": 16}})
-    obj = wait_for("Ready=False InsufficientGPU",
-                   lambda: (o := get_isvc(namespace, "huge")) and condition(o).get("reason") == "InsufficientGPU" and o,
-                   timeout=30)
+    obj = wait_for(
+        "Ready=False InsufficientGPU",
+        lambda: (o := get_isvc(namespace, "huge")) and condition(o).get("reason") == "InsufficientGPU" and o,
+        timeout=30,
+    )
     ready = condition(obj)
     assert ready["status"] == "False" and "nvidia.com/gpu" in ready["message"]
     assert condition(obj, "WorkloadReady")["reason"] == "InsufficientGPU"
@@ -138,24 +182,41 @@ def test_drift_is_repaired_spec_changes_roll_and_deletion_cleans_up(operator, na
     apps.delete_namespaced_deployment("svc", namespace)
     wait_for("a new Deployment", lambda: (d := children(namespace, "svc")["Deployment"]) and d[0].metadata.uid != uid)
     # edited by hand → restored
-    apps.patch_namespaced_deployment("svc", namespace, {"spec": {"replicas": 5, "template": {"spec": {
-        "containers": [{"name": "runtime", "image": "evil/image:1"}]}}}})
-    wait_for("the edit to be undone", lambda: (d := apps.read_namespaced_deployment("svc", namespace))
-             and d.spec.replicas == 2 and d.spec.template.spec.containers[0].image == "example.invalid/kubellm:test")
+    apps.patch_namespaced_deployment(
+        "svc",
+        namespace,
+        {"spec": {"replicas": 5, "template": {"spec": {"containers": [{"name": "runtime", "image": "evil/image:1"}]}}}},
+    )
+    wait_for(
+        "the edit to be undone",
+        lambda: (
+            (d := apps.read_namespaced_deployment("svc", namespace))
+            and d.spec.replicas == 2
+            and d.spec.template.spec.containers[0].image == "example.invalid/kubellm:test"
+        ),
+    )
     core.patch_namespaced_service("svc", namespace, [{"op": "replace", "path": "/spec/ports/0/port", "value": 81}])
-    wait_for("the Service port restored",
-             lambda: core.read_namespaced_service("svc", namespace).spec.ports[0].port == 80)
+    wait_for(
+        "the Service port restored", lambda: core.read_namespaced_service("svc", namespace).spec.ports[0].port == 80
+    )
     # a spec change rolls the Deployment
     before = apps.read_namespaced_deployment("svc", namespace).metadata.generation
     custom().patch_namespaced_custom_object(G, V, namespace, P, "svc", {"spec": {"runtime": {"maxNumSeqs": 32}}})
-    dep = wait_for("a new template", lambda: (d := apps.read_namespaced_deployment("svc", namespace))
-                   and d.metadata.generation > before and d)
+    dep = wait_for(
+        "a new template",
+        lambda: (d := apps.read_namespaced_deployment("svc", namespace)) and d.metadata.generation > before and d,
+    )
     args = dep.spec.template.spec.containers[0].args
     assert args[args.index("--max-num-seqs") + 1] == "32"
-    wait_for("the rollout to finish", lambda: all(
-        "--max-num-seqs" in p.spec.containers[0].args and "32" in p.spec.containers[0].args
-        for p in core.list_namespaced_pod(namespace, label_selector="kubellm.io/inferenceservice=svc").items
-        if not p.metadata.deletion_timestamp), timeout=60)
+    wait_for(
+        "the rollout to finish",
+        lambda: all(
+            "--max-num-seqs" in p.spec.containers[0].args and "32" in p.spec.containers[0].args
+            for p in core.list_namespaced_pod(namespace, label_selector="kubellm.io/inferenceservice=svc").items
+            if not p.metadata.deletion_timestamp
+        ),
+        timeout=60,
+    )
     wait_ready(namespace, "svc")
     # deleting the InferenceService removes every child
     custom().delete_namespaced_custom_object(G, V, namespace, P, "svc")
@@ -163,15 +224,28 @@ def test_drift_is_repaired_spec_changes_roll_and_deletion_cleans_up(operator, na
 
 
 def test_the_hpa_scales_on_queue_depth(operator, namespace, custom_metrics):
-    create_isvc(namespace, "busy", {"model": {"uri": "hf://a/b"}, "autoscaling": {
-        "minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 5, "scaleDownStabilizationSeconds": 0}})
+    create_isvc(
+        namespace,
+        "busy",
+        {
+            "model": {"uri": "hf://a/b"},
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "targetQueueDepth": 5,
+                "scaleDownStabilizationSeconds": 0,
+            },
+        },
+    )
     wait_ready(namespace, "busy")
     apps = client.AppsV1Api()
     custom_metrics.set(namespace, "kubellm_num_requests_waiting", 30)  # 30 waiting per pod, target 5
     wait_for("scale up to 3", lambda: apps.read_namespaced_deployment("busy", namespace).spec.replicas == 3, timeout=90)
     wait_for("3 ready replicas", lambda: get_isvc(namespace, "busy")["status"]["readyReplicas"] == 3, timeout=60)
     custom_metrics.set(namespace, "kubellm_num_requests_waiting", 0)
-    wait_for("scale down to 1", lambda: apps.read_namespaced_deployment("busy", namespace).spec.replicas == 1, timeout=90)
+    wait_for(
+        "scale down to 1", lambda: apps.read_namespaced_deployment("busy", namespace).spec.replicas == 1, timeout=90
+    )
 
 
 def test_operator_restart_converges_without_duplicates(operator, namespace):
@@ -182,8 +256,13 @@ def test_operator_restart_converges_without_duplicates(operator, namespace):
     custom().patch_namespaced_custom_object(G, V, namespace, P, "first", {"spec": {"runtime": {"maxNumSeqs": 8}}})
     operator.start()
     wait_ready(namespace, "second")
-    wait_for("first's change applied", lambda: "8" in client.AppsV1Api().read_namespaced_deployment(
-        "first", namespace).spec.template.spec.containers[0].args)
+    wait_for(
+        "first's change applied",
+        lambda: (
+            "8"
+            in client.AppsV1Api().read_namespaced_deployment("first", namespace).spec.template.spec.containers[0].args
+        ),
+    )
     for name in ("first", "second"):
         kids = children(namespace, name)
         assert [len(kids[k]) for k in ("Deployment", "Service", "HorizontalPodAutoscaler")] == [1, 1, 1]

@@ -18,14 +18,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def reconciles(op: OperatorProcess) -> float:
     text = httpx.get(f"http://127.0.0.1:{op.metrics_port}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith('kubellm_operator_reconciles_total{result="ok"}'))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('kubellm_operator_reconciles_total{result="ok"}')
+    )
 
 
 def test_peered_replicas_register_and_serve(cluster, operator, kubectl, namespace):
     kubectl("apply", "-f", str(ROOT / "manifests/peering.yaml"), check=False)  # CRDs first: retry once
-    wait_for("the peering CRDs", lambda: kubectl("apply", "-f", str(ROOT / "manifests/peering.yaml"),
-                                                 check=False).returncode == 0, timeout=30)
+    wait_for(
+        "the peering CRDs",
+        lambda: kubectl("apply", "-f", str(ROOT / "manifests/peering.yaml"), check=False).returncode == 0,
+        timeout=30,
+    )
     operator.kill()  # the session's standalone operator would act regardless of peering
     replicas = [OperatorProcess(cluster.kubeconfig, "--peering=kubellm", f"--priority={p}") for p in (100, 50)]
     try:
@@ -33,8 +39,10 @@ def test_peered_replicas_register_and_serve(cluster, operator, kubectl, namespac
             r.start()
 
         def peers():
-            obj = client.CustomObjectsApi().get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "kubellm")
-            return len((obj.get("status") or {})) >= 2
+            obj = client.CustomObjectsApi().get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", "kubellm"
+            )
+            return len(obj.get("status") or {}) >= 2
 
         wait_for("both replicas in the ClusterKopfPeering", peers, timeout=30)
         create_isvc(namespace, "ha", {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}})
@@ -61,7 +69,8 @@ def test_an_operator_limited_to_namespaces_ignores_the_others(cluster, operator,
         wait_ready(namespace, "mine")
         assert not client.AppsV1Api().list_namespaced_deployment(other).items
         assert "status" not in client.CustomObjectsApi().get_namespaced_custom_object(
-            "kubellm.io", "v1alpha1", other, "inferenceservices", "not-mine")
+            "kubellm.io", "v1alpha1", other, "inferenceservices", "not-mine"
+        )
     finally:
         scoped.stop()
         operator.start()

@@ -18,9 +18,19 @@ def key_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(tiny_model, key_file):
-    s = ServerProcess(tiny_model, "--api-key-file", str(key_file), "--max-model-len", "256",
-                      "--max-body-bytes", "65536", "--served-model-name", "tiny",
-                      "--allowed-origins", "https://ui.example")
+    s = ServerProcess(
+        tiny_model,
+        "--api-key-file",
+        str(key_file),
+        "--max-model-len",
+        "256",
+        "--max-body-bytes",
+        "65536",
+        "--served-model-name",
+        "tiny",
+        "--allowed-origins",
+        "https://ui.example",
+    )
     try:
         yield s.wait_ready()
     finally:

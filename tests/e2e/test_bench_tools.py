@@ -37,8 +37,11 @@ def test_offline_on_the_emulated_device_keeps_it_busy(word_level_model):
 def test_step_times_account_for_every_step_and_token(word_level_model):
     out = bench("bench/offline.py", "--model", word_level_model, "--step-times", *SMALL)
     steps = int(re.search(r"(\d+) steps in [\d.]+ s", out).group(1))
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith(("| computes prompt tokens", "| decode, "))]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith(("| computes prompt tokens", "| decode, "))
+    ]
     from bench.offline import workload
 
     prompts, out_lens = workload(8, 10, 30, 5, 20, 151936, 0)
@@ -49,8 +52,9 @@ def test_step_times_account_for_every_step_and_token(word_level_model):
 
 def test_serving_benchmark_against_the_stand_in_server(word_level_model):
     """Every request completes over HTTP with its tokens counted, and the offline comparison is printed."""
-    out = bench("bench/serving.py", "--model", word_level_model, "--stand-in", "--concurrency", "4",
-                "--port", "8137", *SMALL)
+    out = bench(
+        "bench/serving.py", "--model", word_level_model, "--stand-in", "--concurrency", "4", "--port", "8137", *SMALL
+    )
     row = next(line for line in out.splitlines() if line.startswith("| concurrency 4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     requests, errors, tokens = int(cells[1]), int(cells[2]), int(cells[3])

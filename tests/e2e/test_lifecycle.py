@@ -180,11 +180,14 @@ def test_a_tensor_parallel_server_answers_like_hf_and_sigterm_stops_every_rank(t
         expected = tok.decode(hf_greedy(tiny_model, [ids], 20)[0])
         before = s.metric("kubellm_generation_tokens_total")  # the warm-up generation's
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
-        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         assert "".join(chunk.choices[0].text for chunk in stream) == expected
-        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 20,
-                                                        "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            s.url + "/v1/completions",
+            json={"model": "tiny", "prompt": ids, "max_tokens": 20, "temperature": 0, "ignore_eos": True},
+        )
         assert r.json()["choices"][0]["text"] == expected
         assert s.metric("kubellm_generation_tokens_total") - before == 40
     finally:

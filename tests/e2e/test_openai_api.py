@@ -24,8 +24,9 @@ def test_models_lists_the_served_name(client):
 
 
 def test_completion_matches_the_offline_engine(client, tiny_model):
-    out = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny", prompt="Hello world", max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     ref = LLM(tiny_model).generate("Hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     assert out.choices[0].text == ref.outputs[0].text
     assert out.choices[0].finish_reason == "length"
@@ -38,11 +39,13 @@ def test_chat_uses_the_chat_template(client, tiny_model):
     from transformers import AutoTokenizer
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
-    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
-                                         extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
     ref = LLM(tiny_model).generate([ids], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == ref.outputs[0].text
@@ -50,8 +53,13 @@ def test_chat_uses_the_chat_template(client, tiny_model):
 
 
 def test_streaming_chat_adds_up_to_the_non_streaming_answer(client):
-    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=16, temperature=0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -63,8 +71,12 @@ def test_streaming_chat_adds_up_to_the_non_streaming_answer(client):
 
 
 def test_streaming_completion_ends_with_done(server):
-    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "Once", "max_tokens": 5, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": "Once", "max_tokens": 5, "stream": True},
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -75,8 +87,12 @@ def test_streaming_completion_ends_with_done(server):
 def test_async_client_many_concurrent_requests(server):
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
-        calls = [aclient.completions.create(model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=0,
-                                            extra_body={"ignore_eos": True}) for i in range(24)]
+        calls = [
+            aclient.completions.create(
+                model="tiny", prompt=f"Request {i}", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+            )
+            for i in range(24)
+        ]
         return await asyncio.gather(*calls)
 
     outs = asyncio.run(main())
@@ -84,36 +100,67 @@ def test_async_client_many_concurrent_requests(server):
 
 
 def test_n_seed_stop_and_logprobs(client):
-    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3, seed=7, temperature=1.0,
-                                    logprobs=2, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny",
+        prompt="Hello",
+        max_tokens=8,
+        n=3,
+        seed=7,
+        temperature=1.0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in out.choices) == [0, 1, 2]
     assert out.usage.completion_tokens == 24
-    again = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, n=3, seed=7, temperature=1.0,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=8, n=3, seed=7, temperature=1.0, extra_body={"ignore_eos": True}
+    )
     assert [c.text for c in again.choices] == [c.text for c in out.choices]
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == 8 and all(len(t) == 2 for t in lp.top_logprobs)
-    full = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    full = (
+        client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = full[5:8]
-    cut = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]
+    cut = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=20, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
 def test_logit_bias_matches_the_offline_engine(client, tiny_model):
     bias = {5: 100.0, 6: -100.0}
-    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0,
-                                    logit_bias={str(t): b for t, b in bias.items()}, extra_body={"ignore_eos": True})
-    ref = LLM(tiny_model).generate("Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                                                           logit_bias=bias))[0].outputs[0]
+    out = client.completions.create(
+        model="tiny",
+        prompt="Hello",
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(t): b for t, b in bias.items()},
+        extra_body={"ignore_eos": True},
+    )
+    ref = (
+        LLM(tiny_model)
+        .generate("Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias=bias))[0]
+        .outputs[0]
+    )
     assert ref.token_ids == [5] * 6
     assert out.choices[0].text == ref.text
 
 
 def test_chat_logprobs(client):
-    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                         logprobs=True, top_logprobs=3, temperature=0, extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy picks the top one
@@ -121,31 +168,54 @@ def test_chat_logprobs(client):
 
 def test_fields_that_ask_for_nothing_are_accepted(client):
     """SDKs and gateways send defaults of features we lack (plain-text response format, no tools): fine."""
-    out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                         response_format={"type": "text"}, tool_choice="auto", tools=[],
-                                         extra_body={"best_of": 1, "ignore_eos": True})
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        tool_choice="auto",
+        tools=[],
+        extra_body={"best_of": 1, "ignore_eos": True},
+    )
     assert out.usage.completion_tokens == 2
 
 
 def test_request_id_is_echoed(server):
-    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc-123"},
-                   json={"prompt": "Hi", "max_tokens": 2})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "abc-123"},
+        json={"prompt": "Hi", "max_tokens": 2},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     assert r.json()["id"] == "cmpl-abc-123"
     assert '"request_id": "abc-123"' in server.logs()
 
 
 def test_echo_prepends_the_prompt(client):
-    plain = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0,
-                                      extra_body={"ignore_eos": True}).choices[0].text
-    echoed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0, echo=True,
-                                       extra_body={"ignore_eos": True}).choices[0].text
+    plain = (
+        client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    echoed = (
+        client.completions.create(
+            model="tiny", prompt="Hello there", max_tokens=4, temperature=0, echo=True, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     assert echoed == "Hello there" + plain
 
 
 def test_max_tokens_defaults_to_what_the_context_leaves(server):
-    r = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"prompt": [5] * 200, "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": [5] * 200, "ignore_eos": True},
+        timeout=60,
+    )
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 256 - 200  # the server runs with --max-model-len 256
     assert r.json()["choices"][0]["finish_reason"] == "length"
@@ -154,15 +224,17 @@ def test_max_tokens_defaults_to_what_the_context_leaves(server):
 def test_server_side_detokenization_matches_the_engine(client, tiny_model):
     """The server process decodes streamed tokens itself (the engine only for stop strings): its text, streamed
     or not, equals the offline engine's for the same seeded samples, partial UTF-8 bytes included."""
-    kwargs = dict(model="tiny", prompt="Once upon", max_tokens=60, n=2, seed=3, temperature=1.0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="tiny", prompt="Once upon", max_tokens=60, n=2, seed=3, temperature=1.0, extra_body={"ignore_eos": True}
+    )
     whole = client.completions.create(**kwargs)
     streamed = {0: "", 1: ""}
     for chunk in client.completions.create(**kwargs, stream=True):
         for c in chunk.choices:
             streamed[c.index] += c.text
-    ref = LLM(tiny_model).generate("Once upon", SamplingParams(n=2, seed=3, temperature=1.0, max_tokens=60,
-                                                               ignore_eos=True))[0]
+    ref = LLM(tiny_model).generate(
+        "Once upon", SamplingParams(n=2, seed=3, temperature=1.0, max_tokens=60, ignore_eos=True)
+    )[0]
     expected = [o.text for o in ref.outputs]
     assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == expected
     assert [streamed[0], streamed[1]] == expected
@@ -176,18 +248,25 @@ def test_chat_template_flag_replaces_the_models_template(tiny_model, tmp_path):
     from tests.support.server import ServerProcess
 
     path = tmp_path / "template.jinja"
-    path.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    path.write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     s = ServerProcess(tiny_model, "--chat-template", str(path), "--served-model-name", "tiny").wait_ready()
     try:
-        body = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": "Tell me a story."}],
-                "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         out = httpx.post(s.url + "/v1/chat/completions", json=body).json()
     finally:
         s.stop()
-    ids = AutoTokenizer.from_pretrained(tiny_model).encode("<system>Be brief.\n<user>Tell me a story.\n<assistant>",
-                                                           add_special_tokens=False)
+    ids = AutoTokenizer.from_pretrained(tiny_model).encode(
+        "<system>Be brief.\n<user>Tell me a story.\n<assistant>", add_special_tokens=False
+    )
     ref = LLM(tiny_model).generate([ids], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert out["usage"]["prompt_tokens"] == len(ids)
     assert out["choices"][0]["message"]["content"] == ref.outputs[0].text
@@ -214,23 +293,25 @@ def test_tokenize_and_detokenize_agree_with_the_tokenizer_and_the_engine(client,
     completion = client.completions.create(model="tiny", prompt=text, max_tokens=1)
     assert completion.usage.prompt_tokens == got["count"]
     assert call("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"] == tok.encode(
-        text, add_special_tokens=False)
+        text, add_special_tokens=False
+    )
 
     messages = [{"role": "user", "content": "Tell me a story."}]
     chat = call("/tokenize", {"messages": messages})
     assert "token_strs" not in chat
     answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
     assert chat["count"] == answer.usage.prompt_tokens
-    assert chat["tokens"] == tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                                        add_special_tokens=False)
+    assert chat["tokens"] == tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
 
     # vLLM's continue_final_message: the answer goes on from the last assistant message, no new turn
     story = messages + [{"role": "assistant", "content": "Once upon a"}]
     body = {"messages": story, "add_generation_prompt": False, "continue_final_message": True}
     continued = call("/tokenize", body)
-    assert continued["tokens"] == tok.encode(tok.apply_chat_template(story, tokenize=False,
-                                                                     continue_final_message=True),
-                                             add_special_tokens=False)
+    assert continued["tokens"] == tok.encode(
+        tok.apply_chat_template(story, tokenize=False, continue_final_message=True), add_special_tokens=False
+    )
     assert tok.decode(continued["tokens"]).endswith("Once upon a")
     answer = call("/v1/chat/completions", {**body, "max_tokens": 1})
     assert answer["usage"]["prompt_tokens"] == continued["count"]
@@ -244,28 +325,43 @@ def test_structured_output_through_the_openai_client(client):
     answer matches; JSON mode gives an object."""
     import json
 
-    schema = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
-              "properties": {"city": {"enum": ["Paris", "Rome"]}, "rank": {"type": "integer", "minimum": 1,
-                                                                         "maximum": 9}}}
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["city", "rank"],
+        "properties": {"city": {"enum": ["Paris", "Rome"]}, "rank": {"type": "integer", "minimum": 1, "maximum": 9}},
+    }
     messages = [{"role": "user", "content": "Name a city."}]
-    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, n=2, temperature=1.0,
-                                         response_format={"type": "json_schema",
-                                                          "json_schema": {"name": "city", "schema": schema}})
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=60,
+        n=2,
+        temperature=1.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
     for choice in out.choices:
         answer = json.loads(choice.message.content)
         assert answer["city"] in ("Paris", "Rome") and 1 <= answer["rank"] <= 9
         assert choice.finish_reason == "stop"
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, stream=True,
-                                            extra_body={"guided_choice": ["north", "south"]})
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=20, stream=True, extra_body={"guided_choice": ["north", "south"]}
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("north", "south")
-    done = client.completions.create(model="tiny", prompt="Code:", max_tokens=20, temperature=1.0,
-                                     extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{2}"})  # \d: any script's digits
+    done = client.completions.create(
+        model="tiny", prompt="Code:", max_tokens=20, temperature=1.0, extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{2}"}
+    )  # \d: any script's digits
     assert re.fullmatch(r"[A-Z]{3}-[0-9]{2}", done.choices[0].text), done.choices[0].text
-    newer = client.completions.create(model="tiny", prompt="Pick:", max_tokens=20,  # vLLM ≥ 0.10's spelling
-                                      extra_body={"structured_outputs": {"choice": ["up", "down"]}})
+    newer = client.completions.create(
+        model="tiny",
+        prompt="Pick:",
+        max_tokens=20,  # vLLM ≥ 0.10's spelling
+        extra_body={"structured_outputs": {"choice": ["up", "down"]}},
+    )
     assert newer.choices[0].text in ("up", "down")
-    any_json = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40,
-                                              response_format={"type": "json_object"})
+    any_json = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=40, response_format={"type": "json_object"}
+    )
     text = any_json.choices[0].message.content
     assert text.startswith("{")
     if any_json.choices[0].finish_reason == "stop":  # a random model may also run out of tokens first

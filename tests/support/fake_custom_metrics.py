@@ -18,11 +18,22 @@ GV = f"{GROUP}/{VERSION}"
 
 
 class FakeCustomMetrics:
-    def __init__(self, *, api_url, ca, cert, key, serving_cert, serving_key,
-                 metrics=("kubellm_num_requests_waiting",), host="127.0.0.1", port=0):
+    def __init__(
+        self,
+        *,
+        api_url,
+        ca,
+        cert,
+        key,
+        serving_cert,
+        serving_key,
+        metrics=("kubellm_num_requests_waiting",),
+        host="127.0.0.1",
+        port=0,
+    ):
         self.metrics = set(metrics)
-        self._values = {}                  # (namespace, metric) -> float | callable(list[pod]) -> dict[pod, float]
-        self.default = None                # value for namespaces the test did not set (None: no metrics)
+        self._values = {}  # (namespace, metric) -> float | callable(list[pod]) -> dict[pod, float]
+        self.default = None  # value for namespaces the test did not set (None: no metrics)
         self._lock = threading.Lock()
         self._api_url = api_url
         self._client_ctx = ssl.create_default_context(cafile=ca)
@@ -45,7 +56,8 @@ class FakeCustomMetrics:
         return self
 
     def stop(self):
-        self._httpd.shutdown(); self._httpd.server_close()
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
     # --- internals ----------------------------------------------------------
     def _running_pods(self, namespace, label_selector):
@@ -53,9 +65,11 @@ class FakeCustomMetrics:
         url = f"{self._api_url}/api/v1/namespaces/{namespace}/pods?{q}"
         with urllib.request.urlopen(url, context=self._client_ctx, timeout=5) as r:
             items = json.load(r)["items"]
-        return [p["metadata"]["name"] for p in items
-                if p.get("status", {}).get("phase") == "Running"
-                and not p["metadata"].get("deletionTimestamp")]
+        return [
+            p["metadata"]["name"]
+            for p in items
+            if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
 
     def _items(self, namespace, metric, pods):
         with self._lock:
@@ -63,12 +77,17 @@ class FakeCustomMetrics:
         if v is None:
             return []
         per_pod = v(pods) if callable(v) else {p: v for p in pods}
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return [{"describedObject": {"kind": "Pod", "namespace": namespace, "name": p, "apiVersion": "/v1"},
-                 "metric": {"name": metric},
-                 "timestamp": now, "windowSeconds": 60,
-                 "value": f"{int(round(float(x) * 1000))}m"}
-                for p, x in per_pod.items()]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return [
+            {
+                "describedObject": {"kind": "Pod", "namespace": namespace, "name": p, "apiVersion": "/v1"},
+                "metric": {"name": metric},
+                "timestamp": now,
+                "windowSeconds": 60,
+                "value": f"{int(round(float(x) * 1000))}m",
+            }
+            for p, x in per_pod.items()
+        ]
 
     def _handler_class(self):
         outer = self
@@ -92,29 +111,69 @@ class FakeCustomMetrics:
                 parts = [urllib.parse.unquote(p) for p in u.path.split("/") if p]  # "*" arrives as %2A
                 qs = urllib.parse.parse_qs(u.query)
                 if parts == ["apis"]:
-                    return self._send(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
-                        "name": GROUP, "versions": [{"groupVersion": GV, "version": VERSION}],
-                        "preferredVersion": {"groupVersion": GV, "version": VERSION}}]})
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIGroupList",
+                            "apiVersion": "v1",
+                            "groups": [
+                                {
+                                    "name": GROUP,
+                                    "versions": [{"groupVersion": GV, "version": VERSION}],
+                                    "preferredVersion": {"groupVersion": GV, "version": VERSION},
+                                }
+                            ],
+                        },
+                    )
                 if parts == ["apis", GROUP, VERSION]:
-                    return self._send(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GV,
-                        "resources": [{"name": f"pods/{m}", "singularName": "", "namespaced": True,
-                                       "kind": "MetricValueList", "verbs": ["get"]}
-                                      for m in sorted(outer.metrics)]})
+                    return self._send(
+                        200,
+                        {
+                            "kind": "APIResourceList",
+                            "apiVersion": "v1",
+                            "groupVersion": GV,
+                            "resources": [
+                                {
+                                    "name": f"pods/{m}",
+                                    "singularName": "",
+                                    "namespaced": True,
+                                    "kind": "MetricValueList",
+                                    "verbs": ["get"],
+                                }
+                                for m in sorted(outer.metrics)
+                            ],
+                        },
+                    )
                 # /apis/custom.metrics.k8s.io/v1beta2/namespaces/<ns>/pods/<name|*>/<metric>
-                if (len(parts) == 8 and parts[:4] == ["apis", GROUP, VERSION, "namespaces"]
-                        and parts[5] == "pods" and parts[7] in outer.metrics):
+                if (
+                    len(parts) == 8
+                    and parts[:4] == ["apis", GROUP, VERSION, "namespaces"]
+                    and parts[5] == "pods"
+                    and parts[7] in outer.metrics
+                ):
                     ns, name, metric = parts[4], parts[6], parts[7]
                     try:
                         pods = outer._running_pods(ns, qs.get("labelSelector", [""])[0])
                     except Exception as e:  # surface as 503 so the HPA reports it
-                        return self._send(503, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                "message": str(e), "code": 503})
+                        return self._send(
+                            503,
+                            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": str(e), "code": 503},
+                        )
                     if name != "*":
                         pods = [p for p in pods if p == name]
-                    return self._send(200, {"kind": "MetricValueList", "apiVersion": GV, "metadata": {},
-                                            "items": outer._items(ns, metric, pods)})
-                return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                        "reason": "NotFound", "code": 404})
+                    return self._send(
+                        200,
+                        {
+                            "kind": "MetricValueList",
+                            "apiVersion": GV,
+                            "metadata": {},
+                            "items": outer._items(ns, metric, pods),
+                        },
+                    )
+                return self._send(
+                    404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+                )
+
         return H
 
 
@@ -126,15 +185,31 @@ def register(fake: FakeCustomMetrics, timeout: float = 60) -> None:
     """Point the aggregator at the fake server (ExternalName → 127.0.0.1) and wait until it is Available."""
     from kubernetes import client
 
-    client.CoreV1Api().create_namespaced_service(SERVICE_NAMESPACE, {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE_NAME},
-        "spec": {"type": "ExternalName", "externalName": "127.0.0.1"}})
+    client.CoreV1Api().create_namespaced_service(
+        SERVICE_NAMESPACE,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": SERVICE_NAME},
+            "spec": {"type": "ExternalName", "externalName": "127.0.0.1"},
+        },
+    )
     reg = client.ApiregistrationV1Api()
-    reg.create_api_service({
-        "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": APISERVICE},
-        "spec": {"group": GROUP, "version": VERSION, "groupPriorityMinimum": 100, "versionPriority": 200,
-                 "insecureSkipTLSVerify": True,
-                 "service": {"name": SERVICE_NAME, "namespace": SERVICE_NAMESPACE, "port": fake.port}}})
+    reg.create_api_service(
+        {
+            "apiVersion": "apiregistration.k8s.io/v1",
+            "kind": "APIService",
+            "metadata": {"name": APISERVICE},
+            "spec": {
+                "group": GROUP,
+                "version": VERSION,
+                "groupPriorityMinimum": 100,
+                "versionPriority": 200,
+                "insecureSkipTLSVerify": True,
+                "service": {"name": SERVICE_NAME, "namespace": SERVICE_NAMESPACE, "port": fake.port},
+            },
+        }
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         conds = reg.read_api_service(APISERVICE).status.conditions or []

@@ -22,8 +22,8 @@ import urllib.request
 
 BUILD_SCRIPT = pathlib.Path(__file__).with_name("build-k8s-bins.sh")
 
-SERVICE_CIDR = "10.96.0.0/16"      # first IP 10.96.0.1 is in the apiserver cert SANs
-POD_CIDR = "10.244.0.0/16"         # kwok hands out fake pod IPs from here
+SERVICE_CIDR = "10.96.0.0/16"  # first IP 10.96.0.1 is in the apiserver cert SANs
+POD_CIDR = "10.244.0.0/16"  # kwok hands out fake pod IPs from here
 
 
 def _free_port():
@@ -53,7 +53,7 @@ class LocalCluster:
         self.bin = pathlib.Path(bin_dir)
         self.work = pathlib.Path(work_dir)
         self.pki = self.work / "pki"
-        self.procs = []                       # [(name, Popen, logpath)]
+        self.procs = []  # [(name, Popen, logpath)]
         self.ports = {n: _free_port() for n in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler")}
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
         self.kubeconfig = self.work / "admin.kubeconfig"
@@ -67,28 +67,76 @@ class LocalCluster:
             subprocess.run(a, cwd=d, check=True, capture_output=True)
 
         def ca(name, cn):
-            run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-                "-subj", f"/CN={cn}", "-keyout", f"{name}.key", "-out", f"{name}.crt",
-                "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+            run(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "3650",
+                "-subj",
+                f"/CN={cn}",
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.crt",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            )
 
-        common = ("subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-                  "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n")
+        common = (
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        )
 
         def leaf(name, subj, ca_name, ext):
             (self.pki / f"{name}.ext").write_text(common + ext)
-            run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", subj,
-                "-keyout", f"{name}.key", "-out", f"{name}.csr")
-            run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca_name}.crt",
-                "-CAkey", f"{ca_name}.key", "-CAcreateserial", "-days", "3650",
-                "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+            run(
+                "openssl",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                subj,
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.csr",
+            )
+            run(
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                f"{name}.csr",
+                "-CA",
+                f"{ca_name}.crt",
+                "-CAkey",
+                f"{ca_name}.key",
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                f"{name}.ext",
+                "-out",
+                f"{name}.crt",
+            )
 
         ca("ca", "kube-test-ca")
         ca("front-proxy-ca", "kube-test-front-proxy-ca")
-        leaf("apiserver", "/CN=kube-apiserver", "ca",
-             "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
-             "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
-             "DNS:kubernetes.default.svc.cluster.local\n")
+        leaf(
+            "apiserver",
+            "/CN=kube-apiserver",
+            "ca",
+            "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,"
+            "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+            "DNS:kubernetes.default.svc.cluster.local\n",
+        )
         leaf("admin", "/O=system:masters/CN=kubernetes-admin", "ca", "extendedKeyUsage=clientAuth\n")
         leaf("front-proxy-client", "/CN=front-proxy-client", "front-proxy-ca", "extendedKeyUsage=clientAuth\n")
         run("openssl", "genrsa", "-out", "sa.key", "2048")
@@ -96,20 +144,35 @@ class LocalCluster:
 
     def _write_kubeconfig(self):
         p = self.pki
-        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "local",
-               "clusters": [{"name": "local", "cluster": {"server": self.server,
-                                                         "certificate-authority": str(p / "ca.crt")}}],
-               "users": [{"name": "admin", "user": {"client-certificate": str(p / "admin.crt"),
-                                                   "client-key": str(p / "admin.key")}}],
-               "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}]}
-        self.kubeconfig.write_text(json.dumps(cfg, indent=1))   # JSON is valid YAML
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "local",
+            "clusters": [
+                {"name": "local", "cluster": {"server": self.server, "certificate-authority": str(p / "ca.crt")}}
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {"client-certificate": str(p / "admin.crt"), "client-key": str(p / "admin.key")},
+                }
+            ],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}],
+        }
+        self.kubeconfig.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
 
     # ---------------------------------------------------------- processes ---
     def _spawn(self, name, args):
         log = self.work / f"{name}.log"
         f = open(log, "wb")
-        proc = subprocess.Popen([str(self.bin / args[0]), *args[1:]], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=self.work, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(self.bin / args[0]), *args[1:]],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.work,
+            start_new_session=True,
+        )
         self.procs.append((name, proc, log))
         return proc, log
 
@@ -130,65 +193,117 @@ class LocalCluster:
 
         etcd_url = f"http://127.0.0.1:{port['etcd']}"
         peer_url = f"http://127.0.0.1:{port['etcd_peer']}"
-        proc, log = self._spawn("etcd", [
-            "etcd", "--name=node0", f"--data-dir={self.work / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=node0={peer_url}",
-            "--unsafe-no-fsync=true", "--auto-compaction-retention=1",
-            "--quota-backend-bytes=2147483648", "--log-level=warn"])
-        _wait("etcd", lambda: b'"health":"true"' in urllib.request.urlopen(etcd_url + "/health", timeout=2).read(),
-              30, proc, log)
+        proc, log = self._spawn(
+            "etcd",
+            [
+                "etcd",
+                "--name=node0",
+                f"--data-dir={self.work / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=node0={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--auto-compaction-retention=1",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+        )
+        _wait(
+            "etcd",
+            lambda: b'"health":"true"' in urllib.request.urlopen(etcd_url + "/health", timeout=2).read(),
+            30,
+            proc,
+            log,
+        )
 
-        proc, log = self._spawn("kube-apiserver", [
+        proc, log = self._spawn(
             "kube-apiserver",
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", f"--secure-port={port['apiserver']}",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--tls-cert-file={P / 'apiserver.crt'}", f"--tls-private-key-file={P / 'apiserver.key'}",
-            f"--client-ca-file={P / 'ca.crt'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={P / 'sa.pub'}",
-            f"--service-account-signing-key-file={P / 'sa.key'}",
-            "--authorization-mode=RBAC", "--allow-privileged=true",
-            f"--requestheader-client-ca-file={P / 'front-proxy-ca.crt'}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={P / 'front-proxy-client.crt'}",
-            f"--proxy-client-key-file={P / 'front-proxy-client.key'}",
-            "--profiling=false", "--v=1"])
+            [
+                "kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port['apiserver']}",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--tls-cert-file={P / 'apiserver.crt'}",
+                f"--tls-private-key-file={P / 'apiserver.key'}",
+                f"--client-ca-file={P / 'ca.crt'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={P / 'sa.pub'}",
+                f"--service-account-signing-key-file={P / 'sa.key'}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                f"--requestheader-client-ca-file={P / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={P / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={P / 'front-proxy-client.key'}",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         _wait("kube-apiserver", lambda: self._https_ok(self.server + "/readyz"), 120, proc, log)
 
-        common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
-                  f"--authorization-kubeconfig={kc}", "--bind-address=127.0.0.1",
-                  "--leader-elect=false", "--v=1"]
-        proc, log = self._spawn("kube-controller-manager", [
-            "kube-controller-manager", *common, f"--secure-port={port['kcm']}",
-            f"--service-account-private-key-file={P / 'sa.key'}", f"--root-ca-file={P / 'ca.crt'}",
-            "--use-service-account-credentials=false",
-            "--node-monitor-period=2s",
-            "--horizontal-pod-autoscaler-sync-period=2s",
-            "--horizontal-pod-autoscaler-downscale-stabilization=0s"])
-        _wait("kube-controller-manager",
-              lambda: self._https_ok(f"https://127.0.0.1:{port['kcm']}/healthz", verify=False), 60, proc, log)
+        common = [
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1",
+            "--leader-elect=false",
+            "--v=1",
+        ]
+        proc, log = self._spawn(
+            "kube-controller-manager",
+            [
+                "kube-controller-manager",
+                *common,
+                f"--secure-port={port['kcm']}",
+                f"--service-account-private-key-file={P / 'sa.key'}",
+                f"--root-ca-file={P / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--node-monitor-period=2s",
+                "--horizontal-pod-autoscaler-sync-period=2s",
+                "--horizontal-pod-autoscaler-downscale-stabilization=0s",
+            ],
+        )
+        _wait(
+            "kube-controller-manager",
+            lambda: self._https_ok(f"https://127.0.0.1:{port['kcm']}/healthz", verify=False),
+            60,
+            proc,
+            log,
+        )
 
-        proc, log = self._spawn("kube-scheduler", [
-            "kube-scheduler", *common, f"--secure-port={port['scheduler']}"])
-        _wait("kube-scheduler",
-              lambda: self._https_ok(f"https://127.0.0.1:{port['scheduler']}/healthz", verify=False), 60, proc, log)
+        proc, log = self._spawn("kube-scheduler", ["kube-scheduler", *common, f"--secure-port={port['scheduler']}"])
+        _wait(
+            "kube-scheduler",
+            lambda: self._https_ok(f"https://127.0.0.1:{port['scheduler']}/healthz", verify=False),
+            60,
+            proc,
+            log,
+        )
 
-        self._spawn("kwok", [
-            "kwok", f"--kubeconfig={kc}", "--manage-all-nodes=true",
-            f"--config={self.bin / 'kwok-stages.yaml'}",
-            "--node-lease-duration-seconds=40", f"--cidr={POD_CIDR}"])
+        self._spawn(
+            "kwok",
+            [
+                "kwok",
+                f"--kubeconfig={kc}",
+                "--manage-all-nodes=true",
+                f"--config={self.bin / 'kwok-stages.yaml'}",
+                "--node-lease-duration-seconds=40",
+                f"--cidr={POD_CIDR}",
+            ],
+        )
         return self
 
     def stop(self):
         """Stop every process we started (whole process groups), newest first; safe to call twice."""
-        for name, proc, _ in reversed(self.procs):
+        for _name, proc, _ in reversed(self.procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -205,15 +320,26 @@ class LocalCluster:
 
         res = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
         core = client.CoreV1Api()
-        core.create_node({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name,
-                         "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
-                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                    "kubernetes.io/arch": "amd64", "type": "kwok",
-                                    "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": product,
-                                    "nvidia.com/gpu.count": str(gpus)}},
-            "status": {"capacity": res, "allocatable": res}})
+        core.create_node(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"node.alpha.kubernetes.io/ttl": "0", "kwok.x-k8s.io/node": "fake"},
+                    "labels": {
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
+                        "nvidia.com/gpu.present": "true",
+                        "nvidia.com/gpu.product": product,
+                        "nvidia.com/gpu.count": str(gpus),
+                    },
+                },
+                "status": {"capacity": res, "allocatable": res},
+            }
+        )
         deadline = time.monotonic() + timeout  # Ready (kwok) and the not-ready taint removed (KCM)
         while time.monotonic() < deadline:
             n = core.read_node(name)
@@ -269,8 +395,11 @@ if __name__ == "__main__":
     work = tempfile.mkdtemp(prefix="kubellm-cluster-")
     c = start_cluster(work, DEFAULT_GPU_NODES)
     kubectl = c.bin / "kubectl"
-    print(f"cluster running; in another shell:\n  export KUBECONFIG={c.kubeconfig}\n  {kubectl} get nodes\n"
-          "Ctrl-C stops it.", flush=True)
+    print(
+        f"cluster running; in another shell:\n  export KUBECONFIG={c.kubeconfig}\n  {kubectl} get nodes\n"
+        "Ctrl-C stops it.",
+        flush=True,
+    )
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

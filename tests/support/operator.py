@@ -18,14 +18,25 @@ class OperatorProcess:
         self.log_path = f"/tmp/kubellm-operator-{os.getpid()}-{id(self)}.log"
         self.metrics_port = free_port()
 
-    def start(self) -> "OperatorProcess":
+    def start(self) -> OperatorProcess:
         port = free_port()
         self.health = f"http://127.0.0.1:{port}/healthz"
         env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBELLM_RUNTIME_IMAGE": "example.invalid/kubellm:test"}
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kubellm.cli", "operator", f"--liveness={self.health}",
-                                      f"--metrics-port={self.metrics_port}", *self.extra_args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kubellm.cli",
+                "operator",
+                f"--liveness={self.health}",
+                f"--metrics-port={self.metrics_port}",
+                *self.extra_args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         wait_http_ok("kubellm operator", self.health, self.proc, self.log_path, 60)
         return self
 

@@ -43,13 +43,23 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or f"/tmp/kubellm-serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "kubellm.cli", "serve", model_dir, "--host", "127.0.0.1",
-               "--port", str(self.port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kubellm.cli",
+            "serve",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *args,
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout: float = 120) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
         wait_http_ok("kubellm serve", self.url + "/ready", self.proc, self.log_path, timeout)
         return self
 

@@ -17,8 +17,13 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
-                 torch.int32: "i32"}
+POINTER_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
 TARGETS = ((90, 227 * 1024), (80, 163 * 1024))  # (compute capability, shared memory per block): H100, A100
 
 
@@ -53,8 +58,15 @@ def model_launches(dtype, heads: int, kv_heads: int, head_dim: int, hidden: int,
     TA.paged_decode_attention(q, cache, cache, tables, lens, 0.1, 100)  # one partition
     TA.paged_decode_attention(q, cache, cache, tables, lens, 0.1, 40960)  # split, and the merge kernel
     info, tiles = TA.prefill_tiles([tokens], [tokens], TA.prefill_block_q(dtype, heads // kv_heads))
-    TA.paged_prefill_attention(torch.zeros(tokens, heads, head_dim, dtype=dtype), cache, cache, tables[:1],
-                               torch.tensor(info), torch.tensor(tiles), 0.1)
+    TA.paged_prefill_attention(
+        torch.zeros(tokens, heads, head_dim, dtype=dtype),
+        cache,
+        cache,
+        tables[:1],
+        torch.tensor(info),
+        torch.tensor(tiles),
+        0.1,
+    )
     x, w = torch.zeros(tokens, hidden, dtype=dtype), torch.zeros(hidden, dtype=dtype)
     TO.rms_norm(x, w, 1e-6)
     TO.rms_norm(x, w, 1e-6, x.clone())
@@ -62,8 +74,9 @@ def model_launches(dtype, heads: int, kv_heads: int, head_dim: int, hidden: int,
     qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
     rope, positions = torch.zeros(64, head_dim), torch.zeros(tokens, dtype=torch.long)
     for qk_norm in (None, torch.zeros(head_dim, dtype=dtype)):
-        TO.qkv_rope_write(qkv, positions, rope, rope, qk_norm, qk_norm, 1e-6, cache, cache, positions, heads,
-                          kv_heads, head_dim)
+        TO.qkv_rope_write(
+            qkv, positions, rope, rope, qk_norm, qk_norm, 1e-6, cache, cache, positions, heads, kv_heads, head_dim
+        )
     TO.sample(torch.zeros(4, vocab, dtype=dtype), torch.zeros(4), 12345)  # the LM head's output, as it is
 
 

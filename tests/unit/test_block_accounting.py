@@ -9,15 +9,17 @@ from hypothesis import strategies as st
 from kubellm.runtime import SamplingParams
 from kubellm.runtime.engine.engine import LLMEngine
 
-request = st.fixed_dictionaries({
-    "length": st.integers(1, 120),
-    "shared_prefix": st.booleans(),  # start with a common 40-token prefix: exercises prefix-cache sharing
-    "max_tokens": st.integers(1, 40),
-    "n": st.integers(1, 3),
-    "priority": st.integers(0, 3),
-    "arrive_at": st.integers(0, 10),  # step at which it is added
-    "abort_at": st.one_of(st.none(), st.integers(0, 30)),  # step at which it is aborted
-})
+request = st.fixed_dictionaries(
+    {
+        "length": st.integers(1, 120),
+        "shared_prefix": st.booleans(),  # start with a common 40-token prefix: exercises prefix-cache sharing
+        "max_tokens": st.integers(1, 40),
+        "n": st.integers(1, 3),
+        "priority": st.integers(0, 3),
+        "arrive_at": st.integers(0, 10),  # step at which it is added
+        "abort_at": st.one_of(st.none(), st.integers(0, 30)),  # step at which it is aborted
+    }
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -30,9 +32,16 @@ request = st.fixed_dictionaries({
     cpu_blocks=st.integers(0, 30),
 )
 def test_blocks_balance_under_random_workloads(tiny_model, requests, mode, policy, num_blocks, budget, cpu_blocks):
-    engine = LLMEngine.from_kwargs(tiny_model, block_size=8, num_gpu_blocks=num_blocks, max_num_batched_tokens=budget,
-                                   preemption_mode=mode, scheduling_policy=policy, num_cpu_blocks=cpu_blocks,
-                                   max_num_seqs=6)
+    engine = LLMEngine.from_kwargs(
+        tiny_model,
+        block_size=8,
+        num_gpu_blocks=num_blocks,
+        max_num_batched_tokens=budget,
+        preemption_mode=mode,
+        scheduling_policy=policy,
+        num_cpu_blocks=cpu_blocks,
+        max_num_seqs=6,
+    )
     bm, sched = engine.block_manager, engine.scheduler
     step, pending = 0, list(enumerate(requests))
     while pending or engine.has_unfinished_requests():

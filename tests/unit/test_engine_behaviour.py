@@ -35,8 +35,14 @@ def test_prefix_cache_off_computes_everything(tiny_model):
 
 
 def test_priority_request_overtakes_and_preempted_ones_finish_unchanged(tiny_model):
-    engine = LLMEngine.from_kwargs(tiny_model, scheduling_policy="priority", num_gpu_blocks=24, block_size=16,
-                                   max_num_batched_tokens=256, enable_prefix_caching=False)
+    engine = LLMEngine.from_kwargs(
+        tiny_model,
+        scheduling_policy="priority",
+        num_gpu_blocks=24,
+        block_size=16,
+        max_num_batched_tokens=256,
+        enable_prefix_caching=False,
+    )
     prompts = random_prompts(seed=5, lengths=[60, 60, 60, 60, 60, 100])
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
     for i, p in enumerate(prompts[:5]):
@@ -74,8 +80,10 @@ def test_top_k_one_is_greedy_and_min_p_one_is_greedy(tiny_model):
     llm = LLM(tiny_model)
     prompt = random_prompts(seed=9, lengths=[20])[0]
     greedy = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
-    for params in (SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True),
-                   SamplingParams(temperature=1.5, min_p=1.0, max_tokens=12, ignore_eos=True)):
+    for params in (
+        SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.5, min_p=1.0, max_tokens=12, ignore_eos=True),
+    ):
         assert llm.generate(prompt, params)[0].outputs[0].token_ids == greedy
 
 
@@ -84,8 +92,14 @@ def test_repetition_penalty_matches_hf(tiny_model):
 
     prompt = random_prompts(seed=11, lengths=[25])[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, repetition_penalty=1.3,
-                      eos_token_id=None, pad_token_id=3)[0, 25:].tolist()
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=16,
+        do_sample=False,
+        repetition_penalty=1.3,
+        eos_token_id=None,
+        pad_token_id=3,
+    )[0, 25:].tolist()
     params = SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=16, ignore_eos=True)
     assert LLM(tiny_model).generate(prompt, params)[0].outputs[0].token_ids == ref
 
@@ -219,8 +233,9 @@ def test_async_scheduling_changes_no_output(tiny_model):
     ]
 
     def run(async_scheduling: bool):
-        engine = LLMEngine.from_kwargs(tiny_model, max_num_batched_tokens=64, num_gpu_blocks=30,
-                                       async_scheduling=async_scheduling)
+        engine = LLMEngine.from_kwargs(
+            tiny_model, max_num_batched_tokens=64, num_gpu_blocks=30, async_scheduling=async_scheduling
+        )
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             engine.add_request(f"r{i}", prompt, p)
         engine.add_request("gone", prompts[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
@@ -228,9 +243,16 @@ def test_async_scheduling_changes_no_output(tiny_model):
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    finished[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
-                                                 [(lp.token_id, round(lp.logprob, 5)) for lp in c.logprobs or []])
-                                                for c in out.outputs]
+                    finished[out.request_id] = [
+                        (
+                            c.token_ids,
+                            c.text,
+                            c.finish_reason,
+                            c.stop_reason,
+                            [(lp.token_id, round(lp.logprob, 5)) for lp in c.logprobs or []],
+                        )
+                        for c in out.outputs
+                    ]
             steps += 1
             if steps == 30:
                 engine.abort_request("gone")
@@ -269,12 +291,17 @@ def test_grammars_constrain_the_output_and_end_it(tiny_model):
     from kubellm.runtime import grammar_for
 
     llm = LLM(tiny_model)
-    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
-              "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0,
-                                                                           "maximum": 99}}}
-    cases = [("choice", ["red", "green", "blue"], lambda t: t in ("red", "green", "blue")),
-             ("json", schema, lambda t: json.loads(t)["answer"] in ("yes", "no") and 0 <= json.loads(t)["count"] <= 99),
-             ("regex", r"[a-c]{2,4}!", lambda t: re.fullmatch(r"[a-c]{2,4}!", t) is not None)]
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["answer", "count"],
+        "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+    }
+    cases = [
+        ("choice", ["red", "green", "blue"], lambda t: t in ("red", "green", "blue")),
+        ("json", schema, lambda t: json.loads(t)["answer"] in ("yes", "no") and 0 <= json.loads(t)["count"] <= 99),
+        ("regex", r"[a-c]{2,4}!", lambda t: re.fullmatch(r"[a-c]{2,4}!", t) is not None),
+    ]
     free = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
     for kind, spec, valid in cases:
         guided = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=60, grammar=grammar_for(kind, spec))
@@ -300,10 +327,14 @@ def test_offline_chat_renders_the_template_and_matches_hf(tiny_model):
     llm = LLM(tiny_model)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outs = llm.chat([first, second], params)
-    ids = [tok.encode(tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True),
-                      add_special_tokens=False),
-           tok.encode(tok.apply_chat_template(second, tokenize=False, add_generation_prompt=True),
-                      add_special_tokens=False)]
+    ids = [
+        tok.encode(
+            tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        ),
+        tok.encode(
+            tok.apply_chat_template(second, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        ),
+    ]
     assert [o.prompt_token_ids for o in outs] == ids
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(tiny_model, ids, 8)
     continued = llm.chat(second, params, add_generation_prompt=False, continue_final_message=True)[0]

@@ -22,8 +22,9 @@ def random_prompts(seed: int = 0, lengths=LENGTHS) -> list[list[int]]:
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
+    ),
 ]
 
 
@@ -35,8 +36,15 @@ def test_greedy_matches_hf_with_chunked_prefill_and_preemption(tiny_models, arch
     expected = hf_greedy(tiny_models[arch], prompts, NEW_TOKENS)
     # 64-token budget: every prompt over 64 tokens is prefilled in chunks. 48 blocks of 16 tokens hold
     # 768 tokens, far less than the ~1,600 the batch needs at once: preemption is forced.
-    llm = LLM(tiny_models[arch], max_num_batched_tokens=64, block_size=16, num_gpu_blocks=48,
-              preemption_mode=mode, num_cpu_blocks=256, device=device)
+    llm = LLM(
+        tiny_models[arch],
+        max_num_batched_tokens=64,
+        block_size=16,
+        num_gpu_blocks=48,
+        preemption_mode=mode,
+        num_cpu_blocks=256,
+        device=device,
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
     got = [o.outputs[0].token_ids for o in outs]
     assert llm.engine.scheduler.num_preemptions > 0

@@ -16,9 +16,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def isvc(spec: dict, name: str = "chat", generation: int = 1) -> dict:
-    return {"apiVersion": "kubellm.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": name, "namespace": "team-a", "uid": "uid-1", "generation": generation},
-            "spec": spec}
+    return {
+        "apiVersion": "kubellm.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": "team-a", "uid": "uid-1", "generation": generation},
+        "spec": spec,
+    }
 
 
 def by_kind(children):
@@ -26,8 +29,9 @@ def by_kind(children):
 
 
 def test_checked_in_crd_matches_the_pydantic_spec():
-    assert (ROOT / "crds/inferenceservices.kubellm.io.yaml").read_text() == crd_yaml(), \
+    assert (ROOT / "crds/inferenceservices.kubellm.io.yaml").read_text() == crd_yaml(), (
         "crds/ drifted from kubellm/operator/spec.py: run `kubellm crd > crds/inferenceservices.kubellm.io.yaml`"
+    )
 
 
 def test_minimal_spec_gets_defaults_and_all_children():
@@ -63,17 +67,38 @@ def test_minimal_spec_gets_defaults_and_all_children():
 
 
 def test_full_spec_maps_every_field():
-    spec = {"model": {"uri": "pvc://store/llama", "name": "llama"},
-            "runtime": {"image": "reg/rt:2", "dtype": "bfloat16", "maxModelLen": 4096, "maxNumSeqs": 64,
-                        "maxNumBatchedTokens": 2048, "gpuMemoryUtilization": 0.8, "enablePrefixCaching": False,
-                        "schedulingPolicy": "priority", "extraArgs": ["--seed", "3"], "env": [{"name": "A", "value": "b"}]},
-            "resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu", "requests": {"cpu": "4", "memory": "16Gi"},
-                          "limits": {"memory": "32Gi"}},
-            "scheduling": {"nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "gpu", "operator": "Exists"}],
-                           "priorityClassName": "high", "runtimeClassName": "nvidia"},
-            "autoscaling": {"enabled": False}, "replicas": 3,
-            "server": {"apiKeySecret": "keys", "rateLimitRpm": 60, "maxQueueLength": 10, "drainSeconds": 90},
-            "startup": {"timeoutSeconds": 600}, "rollout": {"strategy": "Surge"}}
+    spec = {
+        "model": {"uri": "pvc://store/llama", "name": "llama"},
+        "runtime": {
+            "image": "reg/rt:2",
+            "dtype": "bfloat16",
+            "maxModelLen": 4096,
+            "maxNumSeqs": 64,
+            "maxNumBatchedTokens": 2048,
+            "gpuMemoryUtilization": 0.8,
+            "enablePrefixCaching": False,
+            "schedulingPolicy": "priority",
+            "extraArgs": ["--seed", "3"],
+            "env": [{"name": "A", "value": "b"}],
+        },
+        "resources": {
+            "gpus": 2,
+            "gpuResourceName": "amd.com/gpu",
+            "requests": {"cpu": "4", "memory": "16Gi"},
+            "limits": {"memory": "32Gi"},
+        },
+        "scheduling": {
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            "priorityClassName": "high",
+            "runtimeClassName": "nvidia",
+        },
+        "autoscaling": {"enabled": False},
+        "replicas": 3,
+        "server": {"apiKeySecret": "keys", "rateLimitRpm": 60, "maxQueueLength": 10, "drainSeconds": 90},
+        "startup": {"timeoutSeconds": 600},
+        "rollout": {"strategy": "Surge"},
+    }
     kids = by_kind(render(isvc(spec)))
     assert set(kids) == {"Deployment", "Service", "PodDisruptionBudget"}  # no HPA; 3 replicas: a PDB
     dep = kids["Deployment"]
@@ -83,17 +108,28 @@ def test_full_spec_maps_every_field():
     args = c["args"]
     assert args[1] == "/models/llama" and "initContainers" not in pod
     assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "store", "readOnly": True}
-    for flag, value in [("--served-model-name", "llama"), ("--dtype", "bfloat16"), ("--max-model-len", "4096"),
-                        ("--max-num-seqs", "64"), ("--max-num-batched-tokens", "2048"),
-                        ("--gpu-memory-utilization", "0.8"), ("--scheduling-policy", "priority"),
-                        ("--rate-limit-rpm", "60.0"), ("--max-waiting-requests", "10"), ("--drain-timeout-s", "90"),
-                        ("--api-key-file", "/etc/kubellm/api-keys/keys"), ("--seed", "3"),
-                        ("--tensor-parallel-size", "2")]:
+    for flag, value in [
+        ("--served-model-name", "llama"),
+        ("--dtype", "bfloat16"),
+        ("--max-model-len", "4096"),
+        ("--max-num-seqs", "64"),
+        ("--max-num-batched-tokens", "2048"),
+        ("--gpu-memory-utilization", "0.8"),
+        ("--scheduling-policy", "priority"),
+        ("--rate-limit-rpm", "60.0"),
+        ("--max-waiting-requests", "10"),
+        ("--drain-timeout-s", "90"),
+        ("--api-key-file", "/etc/kubellm/api-keys/keys"),
+        ("--seed", "3"),
+        ("--tensor-parallel-size", "2"),
+    ]:
         assert args[args.index(flag) + 1] == value, flag
     assert "--no-enable-prefix-caching" in args
     assert c["image"] == "reg/rt:2"
-    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
-                              "limits": {"memory": "32Gi", "amd.com/gpu": "2"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"memory": "32Gi", "amd.com/gpu": "2"},
+    }
     assert {"name": "A", "value": "b"} in c["env"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
     assert pod["priorityClassName"] == "high" and pod["runtimeClassName"] == "nvidia"
@@ -104,36 +140,49 @@ def test_full_spec_maps_every_field():
 
 
 def test_cpu_only_and_recreate():
-    kids = by_kind(render(isvc({"model": {"uri": "s3://bucket/m"}, "resources": {"gpus": 0},
-                                "rollout": {"strategy": "Recreate"}})))
+    kids = by_kind(
+        render(isvc({"model": {"uri": "s3://bucket/m"}, "resources": {"gpus": 0}, "rollout": {"strategy": "Recreate"}}))
+    )
     c = kids["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert "limits" not in c["resources"] and c["args"][c["args"].index("--device") + 1] == "cpu"
     assert kids["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def pod(ready=False, scheduled=None, waiting=None, terminated=None, age_s=10):
-    start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)).strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
     if scheduled:
         conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": scheduled})
-    cs = {"name": "runtime", "state": {"waiting": {"reason": waiting}} if waiting else {},
-          "lastState": {"terminated": {"reason": terminated}} if terminated else {}}
-    return {"metadata": {"name": "p", "creationTimestamp": start},
-            "status": {"conditions": conditions, "containerStatuses": [cs], "startTime": start}}
+    cs = {
+        "name": "runtime",
+        "state": {"waiting": {"reason": waiting}} if waiting else {},
+        "lastState": {"terminated": {"reason": terminated}} if terminated else {},
+    }
+    return {
+        "metadata": {"name": "p", "creationTimestamp": start},
+        "status": {"conditions": conditions, "containerStatuses": [cs], "startTime": start},
+    }
 
 
-@pytest.mark.parametrize("p,reason", [
-    (pod(scheduled="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."), "InsufficientGPU"),
-    (pod(scheduled="0/4 nodes are available: 4 node(s) didn't match Pod's node affinity."), "Unschedulable"),
-    (pod(waiting="ImagePullBackOff"), "ImagePullBackOff"),
-    (pod(waiting="CrashLoopBackOff"), "CrashLoopBackOff"),
-    (pod(waiting="CrashLoopBackOff", terminated="OOMKilled"), "OOMKilled"),
-    (pod(age_s=4000), "StartupTimeout"),
-    (pod(age_s=10), "Starting"),
-])
+@pytest.mark.parametrize(
+    "p,reason",
+    [
+        (pod(scheduled="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."), "InsufficientGPU"),
+        (pod(scheduled="0/4 nodes are available: 4 node(s) didn't match Pod's node affinity."), "Unschedulable"),
+        (pod(waiting="ImagePullBackOff"), "ImagePullBackOff"),
+        (pod(waiting="CrashLoopBackOff"), "CrashLoopBackOff"),
+        (pod(waiting="CrashLoopBackOff", terminated="OOMKilled"), "OOMKilled"),
+        (pod(age_s=4000), "StartupTimeout"),
+        (pod(age_s=10), "Starting"),
+    ],
+)
 def test_not_ready_reasons_come_from_the_pods(p, reason):
-    s = compute_status(isvc({"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}}),
-                       {"status": {"replicas": 1, "readyReplicas": 0}}, None, [p])
+    s = compute_status(
+        isvc({"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}}),
+        {"status": {"replicas": 1, "readyReplicas": 0}},
+        None,
+        [p],
+    )
     ready = s["conditions"][0]
     assert ready["type"] == "Ready" and ready["status"] == "False" and ready["reason"] == reason
 
@@ -142,11 +191,19 @@ def test_ready_needs_a_ready_replica_and_an_active_autoscaler():
     spec = {"model": {"uri": "hf://a/b", "name": "served"}}
     dep = {"status": {"replicas": 2, "readyReplicas": 1}}
     hpa_ok = {"status": {"conditions": [{"type": "ScalingActive", "status": "True", "reason": "ValidMetricFound"}]}}
-    hpa_bad = {"status": {"conditions": [{"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric",
-                                          "message": "no metrics"}]}}
+    hpa_bad = {
+        "status": {
+            "conditions": [
+                {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric", "message": "no metrics"}
+            ]
+        }
+    }
     s = compute_status(isvc(spec), dep, hpa_ok, [pod(ready=True)])
-    assert [(c["type"], c["status"]) for c in s["conditions"]] == [("Ready", "True"), ("WorkloadReady", "True"),
-                                                                   ("AutoscalerReady", "True")]
+    assert [(c["type"], c["status"]) for c in s["conditions"]] == [
+        ("Ready", "True"),
+        ("WorkloadReady", "True"),
+        ("AutoscalerReady", "True"),
+    ]
     assert s["url"] == "http://chat.team-a.svc.cluster.local" and s["modelName"] == "served"
     assert s["readyReplicas"] == 1 and s["selector"].startswith("kubellm.io/inferenceservice=chat")
     bad = compute_status(isvc(spec), dep, hpa_bad, [pod(ready=True)])

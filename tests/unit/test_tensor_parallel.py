@@ -19,10 +19,19 @@ from tests.unit.test_engine_exactness import NEW_TOKENS, random_prompts
 
 def run_two_ranks(model_dir: str, prompts: list[list[int]], device: str = "cpu") -> LLM:
     # as in test_engine_exactness: 64-token chunks, and 48 blocks for a batch that needs ~100: preemption
-    llm = LLM(model_dir, tensor_parallel_size=2, max_num_batched_tokens=64, block_size=16, num_gpu_blocks=48,
-              preemption_mode="swap", num_cpu_blocks=256, device=device)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                                                detokenize=False))
+    llm = LLM(
+        model_dir,
+        tensor_parallel_size=2,
+        max_num_batched_tokens=64,
+        block_size=16,
+        num_gpu_blocks=48,
+        preemption_mode="swap",
+        num_cpu_blocks=256,
+        device=device,
+    )
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+    )
     expected = hf_greedy(model_dir, prompts, NEW_TOKENS)
     for i, (out, e) in enumerate(zip(outs, expected)):
         assert out.outputs[0].token_ids == e, f"prompt {i} (length {len(prompts[i])}) diverged"
@@ -32,11 +41,16 @@ def run_two_ranks(model_dir: str, prompts: list[list[int]], device: str = "cpu")
     return llm
 
 
-@pytest.mark.parametrize("device", [
-    "cpu",  # gloo; on two GPUs: NCCL, Triton kernels and CUDA graphs with the all-reduces captured
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                                                     reason="needs 2 CUDA GPUs")]),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",  # gloo; on two GPUs: NCCL, Triton kernels and CUDA graphs with the all-reduces captured
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")],
+        ),
+    ],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_two_ranks_match_hf(tiny_models, arch, device):
     """llama: untied head, llama3 RoPE; qwen3: per-head q/k norms, head_dim apart from hidden / heads."""

@@ -88,8 +88,12 @@ def freeze_startup_heap() -> None:
 
 
 # ---------------------------------------------------------------------- the engine-core process
-def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
-                    make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+def run_engine_core(
+    config: EngineConfig,
+    inbox: Connection,
+    outbox: Connection,
+    make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+) -> None:
     """Entry point of the engine process: load, report ready, then step while there is work. Signals are
     the server's business (it drains first); the pipe closing means the server is gone. make_engine: a
     picklable factory (bench/stand_in.py swaps the model for an emulated device). Ends the process."""
@@ -99,8 +103,9 @@ def run_engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
         exit_process(0)
 
 
-def _engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
-                 make_engine: Callable[[EngineConfig], LLMEngine]) -> None:
+def _engine_core(
+    config: EngineConfig, inbox: Connection, outbox: Connection, make_engine: Callable[[EngineConfig], LLMEngine]
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -109,8 +114,14 @@ def _engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
         outbox.send(("failed", traceback.format_exc()))
         return
     freeze_startup_heap()
-    outbox.send(("ready", EngineInfo(engine.max_model_len, engine.vocab_size, engine.runner.num_gpu_blocks,
-                                     str(engine.runner.device))))
+    outbox.send(
+        (
+            "ready",
+            EngineInfo(
+                engine.max_model_len, engine.vocab_size, engine.runner.num_gpu_blocks, str(engine.runner.device)
+            ),
+        )
+    )
     num_added = 0
     try:
         while True:
@@ -122,8 +133,15 @@ def _engine_core(config: EngineConfig, inbox: Connection, outbox: Connection,
                     if kind == "add":
                         num_added += 1
                         try:
-                            engine.add(engine.make_request(payload.request_id, payload.prompt_token_ids,
-                                                           payload.params, payload.priority, payload.arrival_time))
+                            engine.add(
+                                engine.make_request(
+                                    payload.request_id,
+                                    payload.prompt_token_ids,
+                                    payload.params,
+                                    payload.priority,
+                                    payload.arrival_time,
+                                )
+                            )
                         except ValueError as e:
                             errors.append((payload.request_id, str(e)))
                     elif kind == "abort":
@@ -202,8 +220,9 @@ class AsyncLLMEngine:
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
         _widen_pipe(outbox_r)
         # not daemonic: it starts the tensor-parallel ranks' processes; stopped at exit at the latest
-        self._process = ctx.Process(target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_engine),
-                                    name="kubellm-engine-core")
+        self._process = ctx.Process(
+            target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_engine), name="kubellm-engine-core"
+        )
         self._process.start()
         atexit.register(self.shutdown)
         inbox_r.close()
@@ -261,15 +280,17 @@ class AsyncLLMEngine:
         return time.monotonic() - arrival if arrival is not None else 0.0
 
     # ------------------------------------------------------------------ requests
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                     priority: int = 0) -> Submission:
+    def make_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> Submission:
         """Tokenize and validate here, so a bad request is refused without a round trip."""
         text, ids = tokenize_prompt(self.tokenizer, prompt)
         check_request(ids, params, self.vocab_size, self.max_model_len)
         return Submission(request_id, text, ids, params, priority, time.monotonic())
 
-    def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[RequestOutput]:
         return self.generate_request(self.make_request(request_id, prompt, params, priority))
 
     async def generate_request(self, sub: Submission) -> AsyncIterator[RequestOutput]:
@@ -281,15 +302,22 @@ class AsyncLLMEngine:
         self._streams[sub.request_id] = stream
         params = sub.params
         if params.detokenize and not params.stop:
-            self._decoding[sub.request_id] = (params.skip_special_tokens,
-                                              [DecodeState.after_prompt(sub.prompt_token_ids) for _ in range(params.n)])
+            self._decoding[sub.request_id] = (
+                params.skip_special_tokens,
+                [DecodeState.after_prompt(sub.prompt_token_ids) for _ in range(params.n)],
+            )
             sub = replace(sub, params=replace(params, detokenize=False))
         self._num_sent += 1
         self._outgoing.put(("add", sub))
         logprobs = params.logprobs is not None
-        out = RequestOutput(sub.request_id, sub.prompt, sub.prompt_token_ids,
-                            [CompletionOutput(i, "", [], None, [] if logprobs else None) for i in range(sub.params.n)],
-                            False, arrival_time=sub.arrival_time)
+        out = RequestOutput(
+            sub.request_id,
+            sub.prompt,
+            sub.prompt_token_ids,
+            [CompletionOutput(i, "", [], None, [] if logprobs else None) for i in range(sub.params.n)],
+            False,
+            arrival_time=sub.arrival_time,
+        )
         try:
             while not out.finished:
                 await stream.event.wait()

@@ -191,6 +191,8 @@ class BlockManager:
                 counts[block_id] += 1
             cpu_held.extend(seq.cpu_block_table)
         for block in self.blocks:
-            assert block.ref_count == counts[block.block_id], f"block {block.block_id}: {block.ref_count} != {counts[block.block_id]}"
+            assert block.ref_count == counts[block.block_id], (
+                f"block {block.block_id}: {block.ref_count} != {counts[block.block_id]}"
+            )
             assert (block.ref_count == 0) == (block.block_id in self.free), f"block {block.block_id} free-list mismatch"
         assert sorted(cpu_held + self.cpu_free) == list(range(self.num_cpu_blocks)), "CPU swap pool leaked"

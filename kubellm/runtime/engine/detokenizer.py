@@ -30,7 +30,7 @@ class DecodeState:
     text: str = ""
 
     @classmethod
-    def after_prompt(cls, prompt_token_ids: list[int]) -> "DecodeState":
+    def after_prompt(cls, prompt_token_ids: list[int]) -> DecodeState:
         tail = list(prompt_token_ids[-PROMPT_CONTEXT:])
         return cls(tail, 0, len(tail))
 

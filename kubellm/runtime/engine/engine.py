@@ -55,8 +55,14 @@ class Request:
 
     def delta(self) -> RequestDelta:
         first = self.seqs[0]
-        return (self.request_id, self.finished, first.num_cached_tokens, first.first_scheduled_time,
-                self.first_token_time, [s.take_delta() for s in self.seqs])
+        return (
+            self.request_id,
+            self.finished,
+            first.num_cached_tokens,
+            first.first_scheduled_time,
+            self.first_token_time,
+            [s.take_delta() for s in self.seqs],
+        )
 
 
 @dataclass
@@ -130,7 +136,7 @@ class LLMEngine:
         self.num_steps_ahead = 0
 
     @classmethod
-    def from_kwargs(cls, model: str, **kwargs) -> "LLMEngine":
+    def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
         return cls(EngineConfig.from_kwargs(model, **kwargs))
 
     # ------------------------------------------------------------------ intake
@@ -166,7 +172,9 @@ class LLMEngine:
         for seq in req.seqs:
             self.scheduler.add(seq)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> None:
         self.add(self.make_request(request_id, prompt, params or SamplingParams(), priority))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -197,9 +205,17 @@ class LLMEngine:
     def snapshot(self) -> EngineSnapshot:
         bm = self.block_manager
         arrivals = [s.arrival_time for s in self.scheduler.waiting if s.first_scheduled_time is None]
-        return EngineSnapshot(self.num_running, self.num_waiting, bm.usage, bm.prefix_cache_queries,
-                              bm.prefix_cache_hits, self.scheduler.num_preemptions, self.stats.prompt_tokens,
-                              self.stats.generation_tokens, min(arrivals, default=None))
+        return EngineSnapshot(
+            self.num_running,
+            self.num_waiting,
+            bm.usage,
+            bm.prefix_cache_queries,
+            bm.prefix_cache_hits,
+            self.scheduler.num_preemptions,
+            self.stats.prompt_tokens,
+            self.stats.generation_tokens,
+            min(arrivals, default=None),
+        )
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -260,8 +276,9 @@ class LLMEngine:
                 del self.requests[request_id]
         return results
 
-    def _launch_ahead(self, out: SchedulerOutput,
-                      launched: LaunchedStep) -> tuple[SchedulerOutput, LaunchedStep] | None:
+    def _launch_ahead(
+        self, out: SchedulerOutput, launched: LaunchedStep
+    ) -> tuple[SchedulerOutput, LaunchedStep] | None:
         """Launch the step after `launched` now, while it runs, when the scheduler could only repeat it: every
         row sampled (so each continues with one decode), nobody waiting or swapped out, no penalties (they
         need the token being sampled). Rows of sequences that end with the running step's token (their

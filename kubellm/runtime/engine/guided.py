@@ -75,8 +75,7 @@ def mask_disallowed(logits: torch.Tensor, rows: list[int], matchers: list) -> No
     vocab = logits.shape[1]
     words = (vocab + 31) // 32
     bits = np.zeros((len(rows), words), dtype=np.int32)
-    _executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bits.ctypes.data, words * 4,
-                                      len(rows))
+    _executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bits.ctypes.data, words * 4, len(rows))
     allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # bit i of word w: 32w+i
     forbidden = torch.from_numpy(allowed == 0).to(logits.device)
     index = torch.tensor(rows, device=logits.device)

@@ -160,8 +160,14 @@ class Sequence:
         Runs for every sequence every step, so it avoids property calls."""
         text = self.visible_text() if self.params.stop else self.text
         logprobs = self.logprobs
-        delta = (self.index, self.token_ids[self.num_prompt_tokens + self.sent_tokens :], text[self.sent_text :],
-                 None if logprobs is None else logprobs[self.sent_logprobs :], self.finish_reason, self.stop_reason)
+        delta = (
+            self.index,
+            self.token_ids[self.num_prompt_tokens + self.sent_tokens :],
+            text[self.sent_text :],
+            None if logprobs is None else logprobs[self.sent_logprobs :],
+            self.finish_reason,
+            self.stop_reason,
+        )
         self.sent_tokens = len(self.token_ids) - self.num_prompt_tokens
         self.sent_text = len(text)
         if logprobs is not None:

@@ -15,7 +15,6 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kubellm.runtime.model.kernels import use_triton
 
-
 DENSE_MASK_LIMIT = 1 << 20  # query × key elements up to which a prefill chunk uses an explicit mask
 
 
@@ -44,7 +43,9 @@ def get_context() -> AttentionMetadata:
     return _CONTEXT
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     # caches: [blocks, block_size, kv_heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
@@ -57,8 +58,9 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
     return x.flatten(1, 2)[:, :length]
 
 
-def _triton_paged_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+def _triton_paged_attention(
+    meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+) -> torch.Tensor:
     """The CUDA path: one kernel for the decodes, one for all prefill chunks, each writing its rows of out."""
     from kubellm.runtime.model import triton_attention as T
     from kubellm.runtime.model.sampler import to_device
@@ -67,15 +69,20 @@ def _triton_paged_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: t
     nd = meta.num_decodes
     if nd:
         bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
-        T.paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale,
-                                 bound, out=out[:nd])
+        T.paged_decode_attention(
+            q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale, bound, out=out[:nd]
+        )
     if len(meta.query_lens) > nd:
         if meta.prefill_tiles is None:  # built by the first layer, reused by the others
-            seq_info, tiles = T.prefill_tiles(meta.query_lens[nd:], meta.context_lens_list[nd:],
-                                              T.prefill_block_q(q.dtype, q.shape[1] // k_cache.shape[2]))
+            seq_info, tiles = T.prefill_tiles(
+                meta.query_lens[nd:],
+                meta.context_lens_list[nd:],
+                T.prefill_block_q(q.dtype, q.shape[1] // k_cache.shape[2]),
+            )
             meta.prefill_tiles = to_device(seq_info, q.device), to_device(tiles, q.device)
-        T.paged_prefill_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles, scale,
-                                  out=out[nd:])
+        T.paged_prefill_attention(
+            q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles, scale, out=out[nd:]
+        )
     return out
 
 
@@ -119,8 +126,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         elif qlen == ctx:
             o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         else:
-            o = torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx),
-                                                                 scale=scale)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=causal_lower_right(qlen, ctx), scale=scale
+            )
         out[start : start + qlen] = o[0].transpose(0, 1)
         start += qlen
     return out

@@ -37,7 +37,7 @@ class ModelShape:
     sliding_window: int | None
 
     @classmethod
-    def from_hf(cls, cfg) -> "ModelShape":
+    def from_hf(cls, cfg) -> ModelShape:
         model_type = cfg.model_type
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
@@ -69,7 +69,11 @@ class Attention(nn.Module):
     def __init__(self, shape: ModelShape, rotary: RotaryEmbedding):
         super().__init__()
         tp = parallel.size()
-        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads // tp, shape.num_kv_heads // tp, shape.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            shape.num_heads // tp,
+            shape.num_kv_heads // tp,
+            shape.head_dim,
+        )
         self.q_size, self.kv_size = self.num_heads * shape.head_dim, self.num_kv_heads * shape.head_dim
         self.qkv_proj = MergedLinear(shape.hidden_size, [self.q_size, self.kv_size, self.kv_size], shape.attention_bias)
         self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size)
@@ -86,11 +90,21 @@ class Attention(nn.Module):
         if use_triton():  # one kernel: q/k norm, rotary, K/V into the cache
             from kubellm.runtime.model.triton_ops import qkv_rope_write
 
-            q = qkv_rope_write(qkv, positions, self.rotary.cos, self.rotary.sin,
-                               self.q_norm.weight if self.qk_norm else None,
-                               self.k_norm.weight if self.qk_norm else None,
-                               self.q_norm.eps if self.qk_norm else 0.0, self.k_cache, self.v_cache,
-                               get_context().slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
+            q = qkv_rope_write(
+                qkv,
+                positions,
+                self.rotary.cos,
+                self.rotary.sin,
+                self.q_norm.weight if self.qk_norm else None,
+                self.k_norm.weight if self.qk_norm else None,
+                self.q_norm.eps if self.qk_norm else 0.0,
+                self.k_cache,
+                self.v_cache,
+                get_context().slot_mapping,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
         else:
             q = self._rope_write(positions, qkv)
         o = paged_attention(q, self.k_cache, self.v_cache, self.scale)
@@ -127,8 +141,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) → (this layer's MLP output, the residual stream before it): HF's
         `x = x + attn(norm(x)); x = x + mlp(norm(x))` with each add done inside the next norm, where the
         CUDA path fuses it."""

@@ -13,9 +13,13 @@ def fetch_model(uri: str, dest: str) -> str:
         from huggingface_hub import snapshot_download
 
         repo, _, revision = rest.partition("@")
-        return snapshot_download(repo_id=repo, revision=revision or None, local_dir=dest,
-                                 token=os.environ.get("HF_TOKEN"),
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(
+            repo_id=repo,
+            revision=revision or None,
+            local_dir=dest,
+            token=os.environ.get("HF_TOKEN"),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
     if scheme == "s3":
         try:
             import boto3

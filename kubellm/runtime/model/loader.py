@@ -98,7 +98,7 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
 def _check_complete(model: DecoderForCausalLM, loaded: set[str], shape: ModelShape) -> None:
     missing = []
     for name, module in model.named_modules():
-        for leaf, param in module.named_parameters(recurse=False):
+        for leaf, _ in module.named_parameters(recurse=False):
             full = f"{name}.{leaf}" if name else leaf
             if hasattr(module, "out_sizes"):
                 if leaf == "bias" and not shape.attention_bias:

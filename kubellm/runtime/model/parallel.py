@@ -42,18 +42,24 @@ def size() -> int:
     return _SIZE
 
 
-def init_group(tp_rank: int, tp_size: int, port: int, device: torch.device,
-               check_workers: Callable[[], None] | None = None) -> None:
+def init_group(
+    tp_rank: int, tp_size: int, port: int, device: torch.device, check_workers: Callable[[], None] | None = None
+) -> None:
     """Join the group. check_workers (rank 0) raises if a worker process has exited."""
     global _RANK, _SIZE, _STORE
     _RANK, _SIZE = tp_rank, tp_size
     if tp_size == 1:
         return
-    _STORE = dist.TCPStore("127.0.0.1", port, tp_size, is_master=tp_rank == 0, timeout=TIMEOUT,
-                           wait_for_workers=False)
+    _STORE = dist.TCPStore("127.0.0.1", port, tp_size, is_master=tp_rank == 0, timeout=TIMEOUT, wait_for_workers=False)
     checkpoint("joined", check_workers)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_STORE, rank=tp_rank,
-                            world_size=tp_size, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=_STORE,
+        rank=tp_rank,
+        world_size=tp_size,
+        timeout=TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
 
 
 def checkpoint(name: str, check_workers: Callable[[], None] | None = None) -> None:
@@ -90,8 +96,11 @@ def all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.
 
 def check_divisible(shape, tp_size: int) -> None:
     """Refuse, before any process starts, a split that does not divide the model evenly."""
-    for what, n in (("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads),
-                    ("MLP columns (intermediate_size)", shape.intermediate_size)):
+    for what, n in (
+        ("attention heads", shape.num_heads),
+        ("key/value heads", shape.num_kv_heads),
+        ("MLP columns (intermediate_size)", shape.intermediate_size),
+    ):
         if n % tp_size:
             raise ValueError(f"tensor_parallel_size={tp_size} must divide the model's {what} ({n})")
 
@@ -107,8 +116,9 @@ def load_shard(dest: torch.Tensor, source, dim: int | None) -> None:
         return
     n = dest.shape[dim]
     if -(-shape[dim] // _SIZE) != n:
-        raise ValueError(f"checkpoint tensor of shape {tuple(shape)} does not fit {tuple(dest.shape)} "
-                         f"on each of {_SIZE} rank(s)")
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(shape)} does not fit {tuple(dest.shape)} on each of {_SIZE} rank(s)"
+        )
     start = _RANK * n
     length = max(min(n, shape[dim] - start), 0)
     index = [slice(None)] * len(shape)
@@ -205,8 +215,12 @@ class Workers:
         self.conns, self.procs = [], []
         for r in range(1, config.tensor_parallel_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(config, info, max_model_len, r, self.port, child),
-                               name=f"kubellm-tp-{r}", daemon=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(config, info, max_model_len, r, self.port, child),
+                name=f"kubellm-tp-{r}",
+                daemon=True,
+            )
             proc.start()
             child.close()
             self.conns.append(parent)

@@ -85,7 +85,7 @@ class HostBlockTables:
 class _EagerReplay:
     """A decode "graph" where CUDA graphs do not exist: replay() runs the forward on the static buffers."""
 
-    def __init__(self, runner: "ModelRunner", meta: AttentionMetadata, hidden: torch.Tensor):
+    def __init__(self, runner: ModelRunner, meta: AttentionMetadata, hidden: torch.Tensor):
         self.runner, self.meta, self.hidden = runner, meta, hidden
 
     def replay(self) -> None:
@@ -100,7 +100,9 @@ def pick_device(name: str, tp_size: int = 1, tp_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and tp_size > 1:
         if torch.cuda.device_count() < tp_size:
-            raise ValueError(f"tensor_parallel_size={tp_size} needs {tp_size} GPUs; {torch.cuda.device_count()} visible")
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} needs {tp_size} GPUs; {torch.cuda.device_count()} visible"
+            )
         return torch.device("cuda", tp_rank)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -111,8 +113,7 @@ class ModelRunner:
     """One rank's model and KV cache. Rank 0 (tp_rank=0) is the engine's: with tensor parallelism it starts
     the other ranks' processes, which build the same runner on their shard (parallel.py)."""
 
-    def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int, tp_rank: int = 0,
-                 port: int = 0):
+    def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int, tp_rank: int = 0, port: int = 0):
         self.config = config
         self.info = info
         tp = config.tensor_parallel_size
@@ -154,15 +155,21 @@ class ModelRunner:
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
         self.max_model_len = max_model_len
-        self.host_tables = HostBlockTables(max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) //
-                                           self.block_size)
+        self.host_tables = HostBlockTables(
+            max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) // self.block_size
+        )
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | _EagerReplay, torch.Tensor]] = {}
         if not config.enforce_eager and triton:  # graphs need the Triton kernels (no host-side shapes)
             self._capture_decode_graphs()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels%s",
-            self.num_gpu_blocks, self.block_size, self.num_gpu_blocks * self.block_bytes / 2**20,
-            self.num_cpu_blocks, self.device, info.dtype, "Triton" if triton else "torch",
+            self.num_gpu_blocks,
+            self.block_size,
+            self.num_gpu_blocks * self.block_bytes / 2**20,
+            self.num_cpu_blocks,
+            self.device,
+            info.dtype,
+            "Triton" if triton else "torch",
             f", tensor-parallel rank {tp_rank} of {tp}" if tp > 1 else "",
         )
 
@@ -211,8 +218,15 @@ class ModelRunner:
         with torch.inference_mode():
             for bs in reversed(sizes):  # largest first: the others reuse its memory pool
                 # a replay may see any context up to the model's length: size the decode split for that
-                meta = AttentionMetadata(self.g_slots[:bs], self.g_tables[:bs], self.g_context[:bs], [1] * bs,
-                                         [1] * bs, bs, max_decode_context=self.max_model_len)
+                meta = AttentionMetadata(
+                    self.g_slots[:bs],
+                    self.g_tables[:bs],
+                    self.g_context[:bs],
+                    [1] * bs,
+                    [1] * bs,
+                    bs,
+                    max_decode_context=self.max_model_len,
+                )
                 if dev.type != "cuda":
                     hidden = torch.empty(bs, self.info.shape.hidden_size, dtype=self.info.dtype)
                     self.graphs[bs] = (_EagerReplay(self, meta, hidden), hidden)
@@ -230,8 +244,7 @@ class ModelRunner:
             torch.cuda.synchronize()
         log.info("decode graphs (%s) for batch sizes %s", "CUDA" if dev.type == "cuda" else "eager replays", sizes)
 
-    def _decode_plan(self, seqs: list[Sequence], positions: list[int | None],
-                     input_ids: list[int] | None) -> "StepPlan":
+    def _decode_plan(self, seqs: list[Sequence], positions: list[int | None], input_ids: list[int] | None) -> StepPlan:
         """The plan of a decode step (one-token rows, every row sampled): a graph replay at the smallest
         captured size that fits, padded to it, or an eager forward beyond the largest. A None position is a
         row that computes nothing useful: it attends to one token and writes its K/V to the scratch block.
@@ -254,10 +267,19 @@ class ModelRunner:
         # padded rows (n … size-1) attend to one token through whatever table their row holds and write
         # their K/V to the scratch block; their outputs are dropped
         pad = size - n
-        return StepPlan(n, None if input_ids is None else input_ids + [0] * pad, pos + [0] * pad,
-                        slots + [scratch] * pad, ctx + [1] * pad, tables, None, n, graph_size=size)
+        return StepPlan(
+            n,
+            None if input_ids is None else input_ids + [0] * pad,
+            pos + [0] * pad,
+            slots + [scratch] * pad,
+            ctx + [1] * pad,
+            tables,
+            None,
+            n,
+            graph_size=size,
+        )
 
-    def _replay(self, plan: "StepPlan", input_ids: torch.Tensor | None) -> torch.Tensor:
+    def _replay(self, plan: StepPlan, input_ids: torch.Tensor | None) -> torch.Tensor:
         size, n = plan.graph_size, plan.num_rows
         graph, hidden = self.graphs[size]
         rows = [plan.positions, plan.slots, plan.context_lens] + ([plan.input_ids] if input_ids is None else [])
@@ -286,7 +308,7 @@ class ModelRunner:
         dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=dst.device.type != "cpu")
 
     # ------------------------------------------------------------------ a step
-    def _prepare(self, batch: list[tuple[Sequence, int]]) -> "StepPlan":
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepPlan:
         """The plan of a mixed batch (decodes first), run eagerly. Per-token values (positions, cache slots)
         are computed with numpy over the whole batch: an 8k-token prefill step is 8k of each."""
         input_ids: list[int] = []
@@ -305,10 +327,19 @@ class ModelRunner:
         positions = np.arange(len(input_ids)) + np.repeat(np.array(starts) - (np.cumsum(qlens) - qlens), qlens)
         slots = self.host_tables.array[row_of_token, positions // self.block_size] * self.block_size
         slots += positions % self.block_size
-        return StepPlan(len(input_ids), input_ids, positions, slots, context_lens, tables, query_lens,
-                        sum(1 for q in query_lens if q == 1), sample_rows)
+        return StepPlan(
+            len(input_ids),
+            input_ids,
+            positions,
+            slots,
+            context_lens,
+            tables,
+            query_lens,
+            sum(1 for q in query_lens if q == 1),
+            sample_rows,
+        )
 
-    def run_plan(self, plan: "StepPlan", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run_plan(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Swap blocks and run the forward a plan describes; the hidden states of the rows to sample.
         Every rank of a tensor-parallel group runs this with the same plan (input ids given: on the device)."""
         self._copy_blocks(plan.swap_out, self.kv_cache, self.cpu_cache)
@@ -320,13 +351,18 @@ class ModelRunner:
         dev = self.device
         if input_ids is None:
             input_ids = to_device(plan.input_ids, dev)
-        meta = AttentionMetadata(to_device(plan.slots, dev), to_device(plan.tables, dev),
-                                 to_device(plan.context_lens, dev), plan.query_lens, plan.context_lens,
-                                 plan.num_decodes)
+        meta = AttentionMetadata(
+            to_device(plan.slots, dev),
+            to_device(plan.tables, dev),
+            to_device(plan.context_lens, dev),
+            plan.query_lens,
+            plan.context_lens,
+            plan.num_decodes,
+        )
         hidden = self._forward(input_ids, to_device(plan.positions, dev), meta)
         return hidden if plan.sample_rows is None else hidden[to_device(plan.sample_rows, dev)]
 
-    def _run(self, plan: "StepPlan", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Rank 0: run a plan here and on the other ranks (their ids, if on the device, by broadcast)."""
         if self.workers is not None:
             self.workers.send(plan)
@@ -334,7 +370,7 @@ class ModelRunner:
                 torch.distributed.broadcast(input_ids.contiguous(), 0)
         return self.run_plan(plan, input_ids)
 
-    def run_plan_as_worker(self, plan: "StepPlan") -> None:
+    def run_plan_as_worker(self, plan: StepPlan) -> None:
         """Ranks ≥ 1: the same forward as rank 0, and the same logits collective; rank 0 samples."""
         input_ids = None
         if plan.input_ids is None:

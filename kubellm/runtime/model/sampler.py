@@ -20,8 +20,9 @@ from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
 from kubellm.runtime.model.kernels import use_triton
 
 
-def to_device(values: list | np.ndarray | torch.Tensor, device: torch.device,
-              dtype: torch.dtype = torch.long) -> torch.Tensor:
+def to_device(
+    values: list | np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
     """Host values on the device without waiting for the device: through pinned memory, queued on the
     stream. (A plain copy waits for everything queued before it, which would stall a step launched ahead.)"""
     if isinstance(values, np.ndarray):

@@ -7,7 +7,7 @@ from __future__ import annotations
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Qwen2's split regex: transformers 5.x rebuilds qwen2/qwen3 tokenizers with exactly this pipeline
-QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (one regex)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]  # ids 0..3
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -65,7 +65,9 @@ def build_tokenizer(vocab_size: int = 512):
     return hf
 
 
-def build_config(arch: str, vocab_size: int, *, hidden: int, layers: int, heads: int, kv_heads: int, max_positions: int):
+def build_config(
+    arch: str, vocab_size: int, *, hidden: int, layers: int, heads: int, kv_heads: int, max_positions: int
+):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -82,8 +84,14 @@ def build_config(arch: str, vocab_size: int, *, hidden: int, layers: int, heads:
         rms_norm_eps=1e-6,
     )
     if arch == "llama":  # untied, with llama3 RoPE scaling
-        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
         return LlamaConfig(**common, bos_token_id=1, tie_word_embeddings=False, rope_parameters=rope)
     if arch == "mistral":
         return MistralConfig(**common, bos_token_id=1, tie_word_embeddings=False, sliding_window=None)
@@ -113,8 +121,15 @@ def make_tiny_model(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     tok = build_tokenizer()
-    cfg = build_config(arch, len(tok) + extra_vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                       max_positions=max_positions)
+    cfg = build_config(
+        arch,
+        len(tok) + extra_vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        max_positions=max_positions,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
     model.generation_config = GenerationConfig(

@@ -40,14 +40,33 @@ def _online_softmax_block(acc, l_i, m_i, q, k, v, scale, mask, IEEE: tl.constexp
 # new value can trigger a compile in the middle of serving
 @triton.jit(do_not_specialize=["num_parts", "part_tokens"])
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale,
-    stride_q_seq, stride_q_head,
-    stride_c_block, stride_c_tok, stride_c_head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    scale,
+    stride_q_seq,
+    stride_q_head,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
     stride_bt_seq,
-    stride_o_seq, stride_o_head,
-    num_parts, part_tokens, NUM_HEADS: tl.constexpr, SPLIT: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TOKENS: tl.constexpr, IEEE: tl.constexpr,
+    stride_o_seq,
+    stride_o_head,
+    num_parts,
+    part_tokens,
+    NUM_HEADS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its query heads), one partition of the context. With one
     partition it writes the output; otherwise the unnormalized accumulator and (max, sum) for the reduce."""
@@ -62,8 +81,11 @@ def _paged_decode_kernel(
         offs_d = tl.arange(0, HEAD_DIM)
         g_mask = offs_g < GROUP
         heads = kv_head * GROUP + offs_g
-        q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
+            mask=g_mask[:, None],
+            other=0.0,
+        )
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -77,8 +99,11 @@ def _paged_decode_kernel(
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, valid[None, :], IEEE)
         if not SPLIT:
-            tl.store(out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :],
-                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            tl.store(
+                out_ptr + seq * stride_o_seq + heads[:, None] * stride_o_head + offs_d[None, :],
+                (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None],
+            )
         else:
             row = (seq * NUM_HEADS + heads) * num_parts + part  # [GROUP_PAD] rows of the partial buffers
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
@@ -88,8 +113,17 @@ def _paged_decode_kernel(
 
 @triton.jit(do_not_specialize=["num_parts", "part_tokens"])
 def _reduce_partitions_kernel(
-    part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr, stride_o_seq, stride_o_head, num_parts, part_tokens,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr,
+    part_acc_ptr,
+    part_ml_ptr,
+    context_lens_ptr,
+    out_ptr,
+    stride_o_seq,
+    stride_o_head,
+    num_parts,
+    part_tokens,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """One program per (sequence, query head): rescale every used partition to the global max and sum,
     CHUNK partitions at a time (the grid may be sized for far longer contexts than this one)."""
@@ -126,8 +160,9 @@ def decode_launch(head_dim: int) -> tuple[int, int, int]:
     return (32, 2, 3) if head_dim <= 64 else (64, 4, 3)
 
 
-def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.device,
-               part_tokens: int, tokens: int) -> tuple[int, int]:
+def split_plan(
+    seqs: int, kv_heads: int, max_context_len: int, device: torch.device, part_tokens: int, tokens: int
+) -> tuple[int, int]:
     """(partitions, tokens per partition). Contexts are split only when there are too few (sequence, KV
     head) programs to fill the GPU, into at most MAX_PARTITIONS of at least part_tokens tokens. (Triton's
     CPU interpreter has no SMs to fill: it always splits, so the CPU tests cover the split path.)"""
@@ -142,11 +177,18 @@ def split_plan(seqs: int, kv_heads: int, max_context_len: int, device: torch.dev
     return triton.cdiv(max_context_len, per), per
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           max_context_len: int, part_tokens: int = PARTITION_TOKENS,
-                           out: torch.Tensor | None = None,
-                           launch: tuple[int, int, int] | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int,
+    part_tokens: int = PARTITION_TOKENS,
+    out: torch.Tensor | None = None,
+    launch: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
     max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split. Written
     into `out` when given (rows of the whole batch's output: no copy afterwards). `launch` overrides
@@ -163,27 +205,75 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_acc = part_ml = out  # unused
     _paged_decode_kernel[(seqs, kv_heads, parts)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml, scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_acc,
+        part_ml,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        parts, per_part, NUM_HEADS=heads, SPLIT=parts > 1,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TOKENS=tokens, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        out.stride(0),
+        out.stride(1),
+        parts,
+        per_part,
+        NUM_HEADS=heads,
+        SPLIT=parts > 1,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TOKENS=tokens,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if parts > 1:
         _reduce_partitions_kernel[(seqs, heads)](
-            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), parts, per_part,
-            NUM_HEADS=heads, HEAD_DIM=head_dim, CHUNK=16,
+            part_acc,
+            part_ml,
+            context_lens,
+            out,
+            out.stride(0),
+            out.stride(1),
+            parts,
+            per_part,
+            NUM_HEADS=heads,
+            HEAD_DIM=head_dim,
+            CHUNK=16,
         )
     return out
 
 
 @triton.jit
-def _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d, scale, lo, hi,
-                    stride_c_block, stride_c_tok,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr):
+def _prefill_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    kv_offset,
+    offs_d,
+    scale,
+    lo,
+    hi,
+    stride_c_block,
+    stride_c_tok,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Online softmax over keys lo … hi-1, BLOCK_N at a time. MASKED: the blocks on the tile's diagonal
     (causal mask, a partial last block); otherwise every key is visible to every query and nothing is masked."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -211,14 +301,31 @@ def _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles"])
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_info_ptr, tiles_ptr, out_ptr, scale,
-    stride_q_tok, stride_q_head,
-    stride_c_block, stride_c_tok, stride_c_head,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_info_ptr,
+    tiles_ptr,
+    out_ptr,
+    scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
     stride_bt_seq,
-    stride_o_tok, stride_o_head,
-    num_seqs, num_tiles,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    stride_o_tok,
+    stride_o_head,
+    num_seqs,
+    num_tiles,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """One program: BLOCK_Q consecutive query tokens of one prefill chunk, with all query heads of one KV head
     (GQA: BLOCK_Q × GROUP_PAD rows share each K/V load). The chunk's queries sit at the end of its context
@@ -238,8 +345,11 @@ def _paged_prefill_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = (tok < q_len) & (rows % GROUP_PAD < GROUP)
     q_pos = ctx - q_len + tok
-    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
-                mask=m_mask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
@@ -249,14 +359,53 @@ def _paged_prefill_kernel(
     # up to the tile's last query (every query sees key 0, so no row's max stays -inf: no NaN)
     unmasked = (ctx - q_len + first) // BLOCK_N * BLOCK_N
     hi = tl.minimum(ctx, ctx - q_len + first + BLOCK_Q)
-    acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
-                                    scale, 0, unmasked, stride_c_block, stride_c_tok,
-                                    BLOCK_SIZE, BLOCK_N, False, IEEE)
-    acc, l_i, m_i = _prefill_blocks(acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_offset, offs_d,
-                                    scale, unmasked, hi, stride_c_block, stride_c_tok,
-                                    BLOCK_SIZE, BLOCK_N, True, IEEE)
-    tl.store(out_ptr + (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
-             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+    acc, l_i, m_i = _prefill_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_ptr,
+        kv_offset,
+        offs_d,
+        scale,
+        0,
+        unmasked,
+        stride_c_block,
+        stride_c_tok,
+        BLOCK_SIZE,
+        BLOCK_N,
+        False,
+        IEEE,
+    )
+    acc, l_i, m_i = _prefill_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        q_pos,
+        k_cache_ptr,
+        v_cache_ptr,
+        table_ptr,
+        kv_offset,
+        offs_d,
+        scale,
+        unmasked,
+        hi,
+        stride_c_block,
+        stride_c_tok,
+        BLOCK_SIZE,
+        BLOCK_N,
+        True,
+        IEEE,
+    )
+    tl.store(
+        out_ptr + (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
+        (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None],
+    )
 
 
 def prefill_block_q(dtype: torch.dtype, group: int, block_m: int | None = None) -> int:
@@ -280,10 +429,19 @@ def prefill_tiles(query_lens: list[int], context_lens: list[int], block_q: int) 
     return starts + list(query_lens) + list(context_lens), tile_seqs + tile_firsts
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, seq_info: torch.Tensor, tiles: torch.Tensor,
-                            scale: float, out: torch.Tensor | None = None, block_m: int | None = None,
-                            block_n: int | None = None, **launch) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_info: torch.Tensor,
+    tiles: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    **launch,
+) -> torch.Tensor:
     """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
     block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…, prefill_block_q(dtype, group,
     block_m)) on the device. block_m (rows per tile), block_n and `launch` (num_warps, num_stages) are tuning
@@ -295,14 +453,31 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q = prefill_block_q(q.dtype, group, block_m)
     out = torch.empty_like(q) if out is None else out
     _paged_prefill_kernel[(num_tiles, kv_heads)](
-        q, k_cache, v_cache, block_tables, seq_info, tiles, out, scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_info,
+        tiles,
+        out,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        num_seqs, num_tiles,
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_N=block_n or (32 if q.dtype == torch.float32 else 64), IEEE=q.dtype == torch.float32,
+        out.stride(0),
+        out.stride(1),
+        num_seqs,
+        num_tiles,
+        GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n or (32 if q.dtype == torch.float32 else 64),
+        IEEE=q.dtype == torch.float32,
         **launch,
     )
     return out

@@ -26,8 +26,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -43,8 +55,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [..., hidden], normalized over the last dimension. Returns (normalized, the updated residual
     x + residual — written in place into `residual` — or None when no residual was given)."""
     n = x.shape[-1]
@@ -52,9 +65,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     out = torch.empty_like(rows)
     res = residual.view(-1, n) if residual is not None else rows
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, res, rows.stride(0), res.stride(0), out.stride(0), n,
-                                       eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                       num_warps=8 if block >= 4096 else 4, enable_fp_fusion=False)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows,
+        res,
+        weight,
+        out,
+        res,
+        rows.stride(0),
+        res.stride(0),
+        out.stride(0),
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
+        enable_fp_fusion=False,
+    )
     return out.view(x.shape), residual
 
 
@@ -74,17 +100,33 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, n = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
-                                                        BLOCK=block)
+    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block)
     return out
 
 
 @triton.jit
 def _qkv_rope_write_kernel(
-    qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, slots_ptr,
-    q_out_ptr, k_cache_ptr, v_cache_ptr, eps,
-    stride_qkv, stride_q_tok, stride_q_head, stride_c_slot, stride_c_head, stride_rope,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
+    qkv_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    slots_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    eps,
+    stride_qkv,
+    stride_q_tok,
+    stride_q_head,
+    stride_c_slot,
+    stride_c_head,
+    stride_rope,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    QK_NORM: tl.constexpr,
 ):
     """One program: one token, one head of q (head < NUM_HEADS) or one KV head (then its V too)."""
     tok = tl.program_id(0)
@@ -124,20 +166,48 @@ def _qkv_rope_write_kernel(
         tl.store(v_dst + half + offs, tl.load(v_src + half + offs))
 
 
-def qkv_rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                   num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+def qkv_rope_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
     """qkv: [tokens, (heads + 2 kv_heads) * head_dim]; cos/sin: [positions, head_dim] fp32; caches: [blocks,
     block_size, kv_heads, head_dim]. Writes rotated K and V at `slots`, returns rotated Q [tokens, heads, dim]."""
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     norm_w = q_norm if q_norm is not None else q  # unused when QK_NORM is off
     _qkv_rope_write_kernel[(tokens, num_heads + num_kv_heads)](
-        qkv, positions, cos, sin, norm_w, k_norm if k_norm is not None else norm_w, slots,
-        q, k_cache, v_cache, eps,
-        qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
+        qkv,
+        positions,
+        cos,
+        sin,
+        norm_w,
+        k_norm if k_norm is not None else norm_w,
+        slots,
+        q,
+        k_cache,
+        v_cache,
+        eps,
+        qkv.stride(0),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        cos.stride(0),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        QK_NORM=q_norm is not None,
         num_warps=1,  # a program handles one head: head_dim / 2 elements per vector
         enable_fp_fusion=False,  # x * cos + rot * sin rounded twice, as HF's separate torch ops (no FMA)
     )
@@ -149,8 +219,18 @@ SAMPLE_BLOCK = 1024  # vocabulary columns per loop iteration
 
 # a new seed every call, and a part size that follows the batch size: neither is specialized on (no recompiles)
 @triton.jit(do_not_specialize=["seed", "part_cols"])
-def _sample_kernel(logits_ptr, stride, temps_ptr, part_best_ptr, part_idx_ptr, seed, vocab, part_cols,
-                   PARTS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_kernel(
+    logits_ptr,
+    stride,
+    temps_ptr,
+    part_best_ptr,
+    part_idx_ptr,
+    seed,
+    vocab,
+    part_cols,
+    PARTS_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program per (row, part of the vocabulary): the Gumbel-max trick, argmax(logits / T + Gumbel noise),
     is a draw from softmax(logits / T); T == 0 is the plain argmax. Writes the part's best value and its lowest
     index; the noise of a column depends only on (seed, row, column), so the split changes nothing."""
@@ -214,7 +294,17 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: int) -> torch
     part_best = torch.empty(rows, pad, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows, pad, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    _sample_kernel[(rows, parts)](logits, logits.stride(0), temperatures, part_best, part_idx, seed, vocab,
-                                  part_cols, PARTS_PAD=pad, BLOCK=SAMPLE_BLOCK)
+    _sample_kernel[(rows, parts)](
+        logits,
+        logits.stride(0),
+        temperatures,
+        part_best,
+        part_idx,
+        seed,
+        vocab,
+        part_cols,
+        PARTS_PAD=pad,
+        BLOCK=SAMPLE_BLOCK,
+    )
     _sample_merge_kernel[(rows,)](part_best, part_idx, out, parts, PARTS_PAD=pad)
     return out

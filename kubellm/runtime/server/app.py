@@ -34,14 +34,21 @@ log = logging.getLogger("kubellm.server")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
 
     def response(self) -> JSONResponse:
-        body = p.ErrorResponse(error=p.ErrorInfo(message=self.message, type=self.type, param=self.param,
-                                                 code=self.status))
+        body = p.ErrorResponse(
+            error=p.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.status)
+        )
         return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
@@ -106,9 +113,13 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.add_middleware(RequestIdMiddleware)
     if config.allowed_origins:  # outermost: preflight requests are answered before auth, as browsers need
-        app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                           expose_headers=["X-Request-Id", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(ApiError)
@@ -132,8 +143,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         presented = header[7:].strip() if header.lower().startswith("bearer ") else None
         if not keys.check(presented):
             metrics.rejected.labels("unauthorized").inc()
-            raise ApiError(401, "missing or invalid API key", "authentication_error",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "missing or invalid API key", "authentication_error", headers={"WWW-Authenticate": "Bearer"}
+            )
         return presented
 
     async def admit(request: Request, model_cls: type[BaseModel], shed_load: bool = True):
@@ -142,8 +154,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         presented = authorize(request)
         if state.draining or not state.ready or not engine.alive:
             metrics.rejected.labels("unavailable").inc()
-            raise ApiError(503, "the server is draining" if state.draining else "the server is not ready",
-                           "service_unavailable", headers=_retry_after(5))
+            raise ApiError(
+                503,
+                "the server is draining" if state.draining else "the server is not ready",
+                "service_unavailable",
+                headers=_retry_after(5),
+            )
         caller = presented or (request.client.host if request.client else "anonymous")
         wait = limiter.acquire(caller)
         if wait is not None:
@@ -210,16 +226,22 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         compiled = await asyncio.to_thread(grammar, *asked) if asked else None
         try:
             return SamplingParams(
-                n=req.n, max_tokens=max_tokens,
+                n=req.n,
+                max_tokens=max_tokens,
                 temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 seed=None if req.seed in (None, -1) else req.seed,
                 stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-                stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=req.skip_special_tokens, logit_bias=dict(req.logit_bias or {}),
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                logit_bias=dict(req.logit_bias or {}),
                 grammar=compiled,
             )
         except ValueError as e:
@@ -228,9 +250,13 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     def check_context(prompt_len: int, max_tokens: int | None) -> None:
         limit = engine.max_model_len
         if prompt_len + (max_tokens or 1) > limit:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                                f"{prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the messages, "
-                                f"{max_tokens or 1} in the completion).", param="max_tokens")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the messages, "
+                f"{max_tokens or 1} in the completion).",
+                param="max_tokens",
+            )
 
     def make_requests(prompts: list[str | list[int]], params: SamplingParams, priority: int, max_tokens):
         """Tokenize and validate every prompt before queueing any."""
@@ -299,9 +325,17 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 if i not in done:  # client gone or error: the engine aborts it (see generate_request)
                     metrics.finished.labels("abort").inc(r.params.n)
                     if config.log_requests:
-                        log.info(json.dumps({"event": "request_aborted", "request_id": request.state.request_id,
-                                             "engine_id": r.request_id, "model": model_name,
-                                             "latency_s": round(time.monotonic() - start, 4)}))
+                        log.info(
+                            json.dumps(
+                                {
+                                    "event": "request_aborted",
+                                    "request_id": request.state.request_id,
+                                    "engine_id": r.request_id,
+                                    "model": model_name,
+                                    "latency_s": round(time.monotonic() - start, 4),
+                                }
+                            )
+                        )
 
     def finish(out: RequestOutput, request: Request, start: float) -> None:
         now = time.monotonic()
@@ -313,13 +347,22 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         for c in out.outputs:
             metrics.finished.labels(c.finish_reason or "unknown").inc()
         if config.log_requests:
-            log.info(json.dumps({
-                "event": "request_finished", "request_id": request.state.request_id, "engine_id": out.request_id,
-                "model": model_name, "prompt_tokens": len(out.prompt_token_ids),
-                "completion_tokens": sum(len(c.token_ids) for c in out.outputs),
-                "cached_tokens": out.num_cached_tokens,
-                "ttft_s": round(out.first_token_time - out.arrival_time, 4) if out.first_token_time else None,
-                "latency_s": round(now - start, 4), "finish_reason": [c.finish_reason for c in out.outputs]}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "request_finished",
+                        "request_id": request.state.request_id,
+                        "engine_id": out.request_id,
+                        "model": model_name,
+                        "prompt_tokens": len(out.prompt_token_ids),
+                        "completion_tokens": sum(len(c.token_ids) for c in out.outputs),
+                        "cached_tokens": out.num_cached_tokens,
+                        "ttft_s": round(out.first_token_time - out.arrival_time, 4) if out.first_token_time else None,
+                        "latency_s": round(now - start, 4),
+                        "finish_reason": [c.finish_reason for c in out.outputs],
+                    }
+                )
+            )
 
     async def until_disconnect(request: Request, work):
         """Run a coroutine; cancel it (aborting its engine requests) if the client goes away first."""
@@ -341,14 +384,19 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     def timeout_error() -> ApiError:
         metrics.rejected.labels("queue_timeout").inc()
-        return ApiError(429, "the request waited too long in the queue; retry later", "overloaded",
-                        headers=_retry_after(5))
+        return ApiError(
+            429, "the request waited too long in the queue; retry later", "overloaded", headers=_retry_after(5)
+        )
 
     def usage(outs: list[RequestOutput]) -> p.Usage:
         prompt = sum(len(o.prompt_token_ids) for o in outs)
         completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                       prompt_tokens_details={"cached_tokens": sum(o.num_cached_tokens for o in outs)})
+        return p.Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details={"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+        )
 
     def text_of(token_id: int) -> str:
         if token_id not in token_text:
@@ -371,9 +419,14 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             s = text_of(t)
             return p.TopLogprob(token=s, logprob=v, bytes=list(s.encode()))
 
-        return p.ChatLogprobs(content=[
-            p.TokenLogprobEntry(**entry(lp.token_id, lp.logprob).model_dump(),
-                                top_logprobs=[entry(t, v) for t, v in lp.top]) for lp in lps])
+        return p.ChatLogprobs(
+            content=[
+                p.TokenLogprobEntry(
+                    **entry(lp.token_id, lp.logprob).model_dump(), top_logprobs=[entry(t, v) for t, v in lp.top]
+                )
+                for lp in lps
+            ]
+        )
 
     def sse(obj) -> str:
         data = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=True)
@@ -398,8 +451,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 yield sse(json.dumps({"error": {"message": e.message, "type": e.type, "code": e.status}}))
                 yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -408,8 +462,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             return ApiError(503, f"engine loop is not running: {engine.error!r}", "service_unavailable").response()
         silent = engine.silent_for()
         if silent > config.engine_stall_timeout_s:
-            return ApiError(503, f"the engine has not reported for {silent:.0f} s (stuck)",
-                            "service_unavailable").response()
+            return ApiError(
+                503, f"the engine has not reported for {silent:.0f} s (stuck)", "service_unavailable"
+            ).response()
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -427,8 +482,13 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request):
         authorize(request)
-        card = p.ModelCard(id=model_name, created=created, root=config.model, max_model_len=engine.max_model_len,
-                            vocab_size=engine.vocab_size)
+        card = p.ModelCard(
+            id=model_name,
+            created=created,
+            root=config.model,
+            max_model_len=engine.max_model_len,
+            vocab_size=engine.vocab_size,
+        )
         return p.ModelList(data=[card]).model_dump()
 
     @app.post("/v1/completions")
@@ -438,10 +498,13 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         requests = make_requests(req.prompts(), params, req.priority, req.max_tokens)
         rid, n = f"cmpl-{request.state.request_id}", req.n
         created_at = int(time.time())  # one timestamp for every chunk of the response, as OpenAI's
-        echo = [(r.prompt if r.prompt is not None else tokenizer.decode(r.prompt_token_ids)) if req.echo else ""
-                for r in requests]
+        echo = [
+            (r.prompt if r.prompt is not None else tokenizer.decode(r.prompt_token_ids)) if req.echo else ""
+            for r in requests
+        ]
 
         if req.stream:
+
             async def events():
                 sent: dict[int, int] = {}
                 sent_lp: dict[int, int] = {}
@@ -460,17 +523,24 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                         sent[idx] = len(c.text)
                         lps = None
                         if req.logprobs is not None and c.logprobs:
-                            lps = completion_logprobs(c.logprobs[sent_lp.get(idx, 0):], start)
+                            lps = completion_logprobs(c.logprobs[sent_lp.get(idx, 0) :], start)
                             sent_lp[idx] = len(c.logprobs)
-                        choice = p.CompletionChoice(index=idx, text=prefix + delta, logprobs=lps,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                        yield sse(p.CompletionResponse(id=rid, created=created_at, model=model_name,
-                                                       choices=[choice]))
+                        choice = p.CompletionChoice(
+                            index=idx,
+                            text=prefix + delta,
+                            logprobs=lps,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                        yield sse(p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=[choice]))
                     if out.finished:
                         finals.append(out)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse(p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=[],
-                                                   usage=usage(finals)))
+                    yield sse(
+                        p.CompletionResponse(
+                            id=rid, created=created_at, model=model_name, choices=[], usage=usage(finals)
+                        )
+                    )
                 yield "data: [DONE]\n\n"
 
             return await stream_response(events())
@@ -489,11 +559,18 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 if c.finish_reason == "timeout" and not c.token_ids:
                     raise timeout_error()
                 lps = completion_logprobs(c.logprobs, 0) if req.logprobs is not None and c.logprobs else None
-                choices.append(p.CompletionChoice(index=i * n + c.index, text=echo[i] + c.text,
-                                                  logprobs=lps, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason))
-        return p.CompletionResponse(id=rid, created=created_at, model=model_name, choices=choices,
-                                    usage=usage(outs)).model_dump()
+                choices.append(
+                    p.CompletionChoice(
+                        index=i * n + c.index,
+                        text=echo[i] + c.text,
+                        logprobs=lps,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        return p.CompletionResponse(
+            id=rid, created=created_at, model=model_name, choices=choices, usage=usage(outs)
+        ).model_dump()
 
     # chat_template_kwargs are variables for the template; the call's own arguments (tokenize, chat_template,
     # return_dict, …) would change what comes back or which template runs
@@ -502,15 +579,16 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     def render_chat(req: p.ChatCompletionRequest | p.TokenizeRequest) -> str:
         reserved = sorted(template_call_args & set(req.chat_template_kwargs or {}))
         if reserved:
-            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
-                           param="chat_template_kwargs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=req.add_generation_prompt,
-                                                 continue_final_message=req.continue_final_message,
-                                                 **(req.chat_template_kwargs or {}))
+            return tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
         except Exception as e:  # the template rejected these messages (roles, order, …)
             raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from None
 
@@ -522,8 +600,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         else:
             ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return p.TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
-                                  token_strs=strs).model_dump(exclude_none=True)
+        return p.TokenizeResponse(
+            count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs
+        ).model_dump(exclude_none=True)
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -544,6 +623,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         created_at = int(time.time())
 
         if req.stream:
+
             async def events():
                 sent: dict[int, int] = {}
                 sent_lp: dict[int, int] = {}
@@ -554,27 +634,37 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                             raise timeout_error()
                         chunks = []
                         if c.index not in sent:
-                            chunks.append(p.ChatChunkChoice(index=c.index, delta=p.DeltaMessage(role="assistant", content="")))
+                            chunks.append(
+                                p.ChatChunkChoice(index=c.index, delta=p.DeltaMessage(role="assistant", content=""))
+                            )
                             sent[c.index] = 0
                         start = sent[c.index]
                         delta = c.text[start:]
                         if delta or c.finish_reason is not None:
                             lps = None
                             if req.logprobs and c.logprobs:
-                                lps = chat_logprobs(c.logprobs[sent_lp.get(c.index, 0):])
+                                lps = chat_logprobs(c.logprobs[sent_lp.get(c.index, 0) :])
                                 sent_lp[c.index] = len(c.logprobs)
-                            chunks.append(p.ChatChunkChoice(index=c.index, delta=p.DeltaMessage(content=delta),
-                                                            logprobs=lps, finish_reason=c.finish_reason,
-                                                            stop_reason=c.stop_reason))
+                            chunks.append(
+                                p.ChatChunkChoice(
+                                    index=c.index,
+                                    delta=p.DeltaMessage(content=delta),
+                                    logprobs=lps,
+                                    finish_reason=c.finish_reason,
+                                    stop_reason=c.stop_reason,
+                                )
+                            )
                             sent[c.index] = len(c.text)
                         for ch in chunks:
-                            yield sse(p.ChatCompletionChunk(id=rid, created=created_at, model=model_name,
-                                                            choices=[ch]))
+                            yield sse(p.ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=[ch]))
                     if out.finished:
                         final = out
                 if req.stream_options and req.stream_options.include_usage:
-                    yield sse(p.ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=[],
-                                                    usage=usage([final])))
+                    yield sse(
+                        p.ChatCompletionChunk(
+                            id=rid, created=created_at, model=model_name, choices=[], usage=usage([final])
+                        )
+                    )
                 yield "data: [DONE]\n\n"
 
             return await stream_response(events())
@@ -591,10 +681,17 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             if c.finish_reason == "timeout" and not c.token_ids:
                 raise timeout_error()
             lps = chat_logprobs(c.logprobs) if req.logprobs and c.logprobs else None
-            choices.append(p.ChatChoice(index=c.index, message=p.AssistantMessage(content=c.text), logprobs=lps,
-                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        return p.ChatCompletionResponse(id=rid, created=created_at, model=model_name, choices=choices,
-                                        usage=usage([out])).model_dump()
+            choices.append(
+                p.ChatChoice(
+                    index=c.index,
+                    message=p.AssistantMessage(content=c.text),
+                    logprobs=lps,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        return p.ChatCompletionResponse(
+            id=rid, created=created_at, model=model_name, choices=choices, usage=usage([out])
+        ).model_dump()
 
     return app
-

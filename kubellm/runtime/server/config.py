@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -81,7 +82,7 @@ class ServerConfig(BaseSettings):
         return {name: getattr(self, name) for name in shared}
 
     @classmethod
-    def load(cls, flags: dict, yaml_path: str | None = None) -> "ServerConfig":
+    def load(cls, flags: dict, yaml_path: str | None = None) -> ServerConfig:
         """Flags win over KUBELLM_* environment variables, which win over the YAML file, then defaults."""
         values: dict = {}
         if yaml_path:

@@ -6,8 +6,30 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 
 
 class EngineCollector:
@@ -35,10 +57,12 @@ class EngineCollector:
             yield self._gauge(f"{prefix}num_requests_waiting", "Requests waiting (queued or swapped out).", waiting)
         yield self._gauge("kubellm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", usage)
         yield self._gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", usage)
-        yield self._counter("kubellm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                            e.prefix_cache_queries)
-        yield self._counter("kubellm_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-                            e.prefix_cache_hits)
+        yield self._counter(
+            "kubellm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.prefix_cache_queries
+        )
+        yield self._counter(
+            "kubellm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_cache_hits
+        )
         yield self._counter("kubellm_num_preemptions", "Sequences preempted.", e.num_preemptions)
         yield self._counter("kubellm_prompt_tokens", "Prompt tokens computed.", e.prompt_tokens)
         yield self._counter("kubellm_generation_tokens", "Tokens generated.", e.generation_tokens)
@@ -58,5 +82,6 @@ class ServerMetrics:
         self.e2e = hist("kubellm_e2e_request_latency_seconds", "Arrival to last token.")
         self.queue = hist("kubellm_request_queue_time_seconds", "Arrival to first scheduling.")
         self.rejected = Counter("kubellm_rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
-        self.finished = Counter("kubellm_request_success", "Finished requests, by finish reason.",
-                                ["finished_reason"], registry=r)
+        self.finished = Counter(
+            "kubellm_request_success", "Finished requests, by finish reason.", ["finished_reason"], registry=r
+        )

@@ -39,9 +39,12 @@ def _off(value) -> bool:
 # implement: refused with a 400 naming the field (unknown fields are otherwise ignored), so nobody asking for
 # a tool call gets free text back. name → whether a value asks for nothing.
 UNSUPPORTED_FIELDS = {
-    "tools": _off, "functions": _off,
-    "tool_choice": lambda v: _off(v) or v == "auto", "function_call": lambda v: _off(v) or v == "auto",
-    "best_of": lambda v: v in (None, 1), "prompt_logprobs": _off,
+    "tools": _off,
+    "functions": _off,
+    "tool_choice": lambda v: _off(v) or v == "auto",
+    "function_call": lambda v: _off(v) or v == "auto",
+    "best_of": lambda v: v in (None, 1),
+    "prompt_logprobs": _off,
 }
 
 
@@ -101,7 +104,8 @@ class SamplingFields(OpenAIModel):
     # token id (a JSON key, so a string of digits) → bias added to its logit; at most 300 entries, which bounds
     # what one request adds to every step of the batch it runs in
     logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, max_length=300)
+        None, max_length=300
+    )
     user: str | None = None
     # vLLM extensions (the openai SDK sends them through extra_body)
     top_k: int | None = Field(None, ge=-1)
@@ -126,14 +130,22 @@ class SamplingFields(OpenAIModel):
         if rf is not None and rf.type != "text":
             schema = {"type": "object"} if rf.type == "json_object" else rf.json_schema.schema_
             asked.append(("response_format", "json", schema))
-        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                           ("guided_grammar", "lark")):
+        for name, kind in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "lark"),
+        ):
             if getattr(self, name) is not None:
                 asked.append((name, kind, getattr(self, name)))
         so = self.structured_outputs
         if so is not None:
-            for key, kind, value in (("json", "json", so.json_), ("regex", "regex", so.regex),
-                                     ("choice", "choice", so.choice), ("grammar", "lark", so.grammar)):
+            for key, kind, value in (
+                ("json", "json", so.json_),
+                ("regex", "regex", so.regex),
+                ("choice", "choice", so.choice),
+                ("grammar", "lark", so.grammar),
+            ):
                 if value is not None:
                     asked.append((f"structured_outputs.{key}", kind, value))
         if len(asked) > 1:
@@ -161,7 +173,11 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_prompt(self):
-        if self.prompt == "" or self.prompt == [] or (isinstance(self.prompt, list) and any(p in ("", []) for p in self.prompt)):
+        if (
+            self.prompt == ""
+            or self.prompt == []
+            or (isinstance(self.prompt, list) and any(p in ("", []) for p in self.prompt))
+        ):
             raise ValueError("prompt must not be empty")
         if self.suffix:
             raise ValueError("suffix is not supported")
