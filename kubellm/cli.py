@@ -7,7 +7,7 @@ import sys
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from kubellm.runtime.model.tiny import make_tiny_model
+    from kubellm.weights.tiny import make_tiny_model
 
     make_tiny_model(
         args.dir,
@@ -137,7 +137,7 @@ def _crd(args: argparse.Namespace) -> int:
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from kubellm.runtime.model.fetch import fetch_model
+    from kubellm.weights.fetch import fetch_model
 
     print(fetch_model(args.uri, args.dest))
     return 0

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from kubellm.demo_model import demo_model_dir
+from kubellm.runtime.process import free_port
+from kubellm.weights.smollm2 import demo_model_dir
 
 
 def main() -> int:
@@ -20,9 +20,7 @@ def main() -> int:
     t0 = time.monotonic()
     model = demo_model_dir()
     print(f"model: {model} (ready in {time.monotonic() - t0:.1f}s)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",

@@ -15,7 +15,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from kubellm.runtime.model.tiny import make_tiny_model
+    from kubellm.weights.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     return {arch: make_tiny_model(str(root / arch), arch) for arch in ARCHITECTURES}

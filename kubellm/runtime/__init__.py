@@ -1,8 +1,23 @@
-"""The inference runtime: engine, model code and (in server/) the OpenAI-compatible HTTP server."""
+"""The inference runtime: engine, model code and (in server/) the OpenAI-compatible HTTP server.
 
-from kubellm.runtime.engine.guided import grammar_for
-from kubellm.runtime.engine.sequence import CompletionOutput, RequestOutput, TokenLogprob
-from kubellm.runtime.llm import LLM
-from kubellm.runtime.sampling_params import SamplingParams
+The offline API is imported lazily, so `import kubellm.runtime.<light module>` does not load torch."""
 
-__all__ = ["LLM", "SamplingParams", "grammar_for", "RequestOutput", "CompletionOutput", "TokenLogprob"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLM": "kubellm.runtime.llm",
+    "SamplingParams": "kubellm.runtime.sampling_params",
+    "grammar_for": "kubellm.runtime.engine.guided",
+    "RequestOutput": "kubellm.runtime.engine.sequence",
+    "CompletionOutput": "kubellm.runtime.engine.sequence",
+    "TokenLogprob": "kubellm.runtime.engine.sequence",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kubellm.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -21,7 +21,7 @@ pytestmark = [
 def test_smollm2_greedy_chat_matches_hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubellm.demo_model import demo_model_dir
+    from kubellm.weights.smollm2 import demo_model_dir
 
     model_dir = demo_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)

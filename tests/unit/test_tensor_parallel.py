@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.model.tiny import make_tiny_model
+from kubellm.weights.tiny import make_tiny_model
 from tests.support.hf_reference import hf_greedy
 from tests.unit.test_engine_exactness import NEW_TOKENS, random_prompts
 

@@ -34,7 +34,7 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
 from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_request, tokenize_prompt
 from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
-from kubellm.runtime.model.kernels import exit_process
+from kubellm.runtime.process import exit_process
 from kubellm.runtime.sampling_params import SamplingParams
 
 log = logging.getLogger("kubellm.engine")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import sys
 
 import torch
 
@@ -53,11 +52,3 @@ def select(choice: str, device: torch.device, head_dim: int) -> bool:
 
 def use_triton() -> bool:
     return _use_triton
-
-
-def exit_process(code: int) -> None:
-    """End a finished process (server, engine, tensor-parallel rank) without interpreter teardown: there,
-    Triton's bindings print pages of bogus nanobind "leak" reports into the pod's JSON logs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -20,7 +20,6 @@ import datetime
 import gc
 import multiprocessing
 import pickle
-import socket
 import time
 import traceback
 import weakref
@@ -31,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kubellm.runtime.model.kernels import exit_process
+from kubellm.runtime.process import exit_process, free_port
 
 _RANK, _SIZE = 0, 1
 _STORE: dist.TCPStore | None = None  # rank 0 serves it; the group's rendezvous and the start checkpoints
@@ -179,12 +178,6 @@ class ParallelLMHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- worker processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker_main(config, info, max_model_len: int, tp_rank: int, port: int, conn) -> None:
     """A rank ≥ 1: build the same runner on its shard, then run every plan rank 0 sends until None."""
     from kubellm.runtime.model.runner import ModelRunner
@@ -210,7 +203,7 @@ class Workers:
     (A daemonic process may not start children: the server's engine process is not daemonic.)"""
 
     def __init__(self, config, info, max_model_len: int):
-        self.port = _free_port()
+        self.port = free_port()
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
         self.conns, self.procs = [], []
         for r in range(1, config.tensor_parallel_size):

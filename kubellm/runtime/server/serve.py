@@ -17,7 +17,7 @@ import uvicorn
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine
 from kubellm.runtime.engine.engine import LLMEngine
-from kubellm.runtime.model.kernels import exit_process
+from kubellm.runtime.process import exit_process
 from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
 

@@ -1,0 +1,1 @@
+"""Weight tools, not model code: random tiny test models, downloads for the init container, the demo model."""
