@@ -11,37 +11,12 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from tests.support.isvc import G, P, V, condition, create_isvc, custom, get_isvc, wait_ready
 from tests.support.kube import wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests/examples"
-G, V, P = "kubellm.io", "v1alpha1", "inferenceservices"
-
-
-def custom():
-    return client.CustomObjectsApi()
-
-
-def get_isvc(ns: str, name: str) -> dict:
-    return custom().get_namespaced_custom_object(G, V, ns, P, name)
-
-
-def create_isvc(ns: str, name: str, spec: dict) -> dict:
-    body = {"apiVersion": f"{G}/{V}", "kind": "InferenceService", "metadata": {"name": name}, "spec": spec}
-    return custom().create_namespaced_custom_object(G, V, ns, P, body)
-
-
-def condition(obj: dict, kind: str = "Ready") -> dict:
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
-
-
-def wait_ready(ns: str, name: str, timeout: float = 60) -> dict:
-    return wait_for(
-        f"{name} Ready",
-        lambda: (o := get_isvc(ns, name)) and condition(o).get("status") == "True" and o,
-        timeout=timeout,
-    )
 
 
 def children(ns: str, name: str) -> dict[str, list]:

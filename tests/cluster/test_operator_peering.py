@@ -8,7 +8,7 @@ import httpx
 import pytest
 from kubernetes import client
 
-from tests.cluster.test_operator import create_isvc, wait_ready
+from tests.support.isvc import create_isvc, wait_ready
 from tests.support.kube import wait_for
 from tests.support.operator import OperatorProcess
 

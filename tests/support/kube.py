@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from tests.support.wait import wait_until
 
 
 def wait_for(what: str, fn, timeout: float = 60, interval: float = 0.3):
-    """Poll fn until it returns something truthy; fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    """Poll fn until it returns something truthy (the cluster tests' spelling of wait_until, what first)."""
+    return wait_until(fn, timeout=timeout, interval=interval, what=what)
