@@ -11,6 +11,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
+from kubellm.operator.policy import Refused
 from kubellm.operator.reconcile import CHILD_KINDS, Reconciler
 from kubellm.operator.render import ISVC_LABEL, MANAGED_BY
 from kubellm.operator.spec import GROUP, PLURAL, VERSION
@@ -26,6 +27,10 @@ STATUS_UPDATES = Counter("kubellm_operator_status_updates", "Status patches writ
 MANAGED = Gauge("kubellm_operator_inferenceservices", "InferenceServices this operator manages.")
 
 _reconciler: Reconciler | None = None
+# why the operator does not act on an InferenceService as written: (namespace, name) → Refused; set and
+# cleared by every reconcile (a restart re-reconciles on resume), read by the status timer
+_refusals: dict[tuple[str, str], Refused] = {}
+REFUSED_RETRY_S = 30  # a policy edit or a conflicting object's removal is picked up this soon
 
 
 def reconciler() -> Reconciler:
@@ -91,6 +96,14 @@ def pod_index(namespace, labels, body, **_):
 def reconcile(body, namespace, name, **_):
     try:
         changed = reconciler().reconcile(_snapshot(body))
+    except Refused as e:
+        RECONCILES.labels("refused").inc()
+        before = _refusals.get((namespace, name))
+        if before is None or before.args != e.args:  # say it once, not at every retry
+            kopf.event(body, type="Warning", reason=e.reason, message=e.message[:1000])
+            log.warning("refused: %s", e, extra={"isvc": f"{namespace}/{name}"})
+        _refusals[(namespace, name)] = e
+        raise kopf.TemporaryError(str(e), delay=REFUSED_RETRY_S) from None
     except ValidationError as e:  # the CRD's schema should have stopped this; say why and do not retry
         RECONCILES.labels("invalid").inc()
         kopf.event(body, type="Warning", reason="InvalidSpec", message=str(e)[:1000])
@@ -101,18 +114,20 @@ def reconcile(body, namespace, name, **_):
             kopf.event(body, type="Warning", reason="ApplyRejected", message=f"{e.status}: {e.body}"[:1000])
             raise kopf.TemporaryError(f"apply rejected: {e.reason}", delay=30) from None
         raise kopf.TemporaryError(f"apply failed: {e.reason}", delay=5) from None
+    _refusals.pop((namespace, name), None)
     RECONCILES.labels("ok").inc()
-    log.info("%s/%s: applied %s", namespace, name, ", ".join(changed))
+    log.info("applied %s", ", ".join(changed), extra={"isvc": f"{namespace}/{name}"})
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 def delete_children(body, namespace, name, **_):
     # kopf already holds a finalizer for the status timer; use it to remove the children at once
+    _refusals.pop((namespace, name), None)
     try:
         deleted = reconciler().delete_children(_snapshot(body))
     except ApiException as e:
         raise kopf.TemporaryError(f"deleting children failed: {e.reason}", delay=5) from None
-    log.info("%s/%s: deleted %s", namespace, name, ", ".join(deleted) or "nothing (already gone)")
+    log.info("deleted %s", ", ".join(deleted) or "nothing (already gone)", extra={"isvc": f"{namespace}/{name}"})
 
 
 # ------------------------------------------------------------------ observed state
@@ -131,8 +146,13 @@ def refresh_status(
 ):
     MANAGED.set(len(isvc_index))
     key = (namespace, name)
+    refused = _refusals.get(key)
     new = compute_status(
-        _snapshot(body), _first(deployment_index, key), _first(hpa_index, key), list(pod_index.get(key, []))
+        _snapshot(body),
+        _first(deployment_index, key),
+        _first(hpa_index, key),
+        list(pod_index.get(key, [])),
+        refusal=(refused.reason, refused.message) if refused else None,
     )
     old_conditions = status.get("conditions") or []
     new["conditions"] = merge_conditions(old_conditions, new["conditions"])
@@ -157,10 +177,14 @@ def _repair(kind: str, event, namespace, labels, isvc_index: kopf.Index) -> None
     isvc = _first(isvc_index, (namespace, labels.get(ISVC_LABEL)))
     if isvc is None or isvc["metadata"].get("deletionTimestamp"):
         return  # the owner is gone: the garbage collector removes the rest
+    where = {"isvc": f"{namespace}/{isvc['metadata']['name']}"}
     try:
         repaired = reconciler().repair(isvc, kind)
+    except Refused as e:  # the reconcile handler reports it (condition, event) and retries
+        log.info("not repairing %s: %s", kind, e, extra=where)
+        return
     except ApiException as e:
-        log.warning("could not repair %s of %s/%s: %s", kind, namespace, isvc["metadata"]["name"], e.reason)
+        log.warning("could not repair %s: %s", kind, e.reason, extra=where)
         return
     if repaired:
         REPAIRS.labels(kind).inc()
@@ -177,6 +201,7 @@ def _watch_child(kind: str):
         "Service": "services",
         "HorizontalPodAutoscaler": "horizontalpodautoscalers",
         "PodDisruptionBudget": "poddisruptionbudgets",
+        "NetworkPolicy": "networkpolicies",
     }[kind]
 
     @kopf.on.event(group, version, plural, labels=OURS, id=f"repair-{plural}")

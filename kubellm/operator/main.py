@@ -4,10 +4,44 @@ peering for HA, and Prometheus metrics."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
 
 import kopf
 from prometheus_client import start_http_server
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the InferenceService a line is about
+    (`namespace`, `name`: from our `extra={"isvc": "ns/name"}` or from kopf's per-object loggers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        ref = getattr(record, "k8s_ref", None) or {}
+        isvc = getattr(record, "isvc", None) or (
+            f"{ref.get('namespace')}/{ref.get('name')}" if ref.get("kind") == "InferenceService" else None
+        )
+        if isvc:
+            line["namespace"], _, line["name"] = isvc.partition("/")
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)
+    # kopf logs every handler run at INFO (a timer per object every 2 s): keep its per-object chatter out
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def run_operator(
@@ -15,13 +49,7 @@ def run_operator(
 ) -> int:
     import kubellm.operator.handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "msg": %(message)r}',
-    )
-    # kopf logs every handler run at INFO (a timer per object every 2 s): keep its per-object chatter out
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure_logging()
     if metrics_port:
         start_http_server(metrics_port)
     asyncio.run(

@@ -1,24 +1,35 @@
 """Reconciler: make the cluster hold exactly the rendered children of an InferenceService (server-side
-apply with our field manager), delete children it should no longer have, and repair drift."""
+apply with our field manager), delete children it should no longer have, and repair drift.
+
+It never takes over an object it does not own: a child name held by anything without this InferenceService's
+uid among its owner references is a `ChildConflict`, and every write carries the uid it expects (a fresh
+one when creating, so that an object created in the meantime fails the write instead of being adopted).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from kubellm.operator.policy import Policy, Refused, admit, policy_from_configmap
 from kubellm.operator.render import render
-from kubellm.operator.spec import GROUP, PLURAL, VERSION
+from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 
 log = logging.getLogger("kubellm.operator")
 FIELD_MANAGER = "kubellm-operator"
+# the cluster admin's allow-list (namespace/name of a ConfigMap, see manifests/policy.yaml); "" turns it off
+POLICY_CONFIGMAP = os.environ.get("KUBELLM_POLICY_CONFIGMAP", "kubellm-system/kubellm-policy")
 CHILD_KINDS = {  # kind → apiVersion
     "Deployment": "apps/v1",
     "Service": "v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }
 
 
@@ -38,19 +49,62 @@ def is_subset(desired, live) -> bool:
     return desired == live or str(desired) == str(live)
 
 
+def owned_by(live: dict | None, isvc: dict) -> bool:
+    owners = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(o.get("uid") == isvc["metadata"]["uid"] for o in owners)
+
+
 class Reconciler:
-    def __init__(self, api_client: client.ApiClient | None = None):
+    def __init__(self, api_client: client.ApiClient | None = None, policy_configmap: str = POLICY_CONFIGMAP):
         api_client = api_client or client.ApiClient()
         self.dynamic = DynamicClient(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.policy_configmap = policy_configmap
         self._resources: dict[str, object] = {}
+
+    def policy(self) -> Policy:
+        """The admin's allow-list, read afresh (an edit applies at the next reconcile); none when absent."""
+        if not self.policy_configmap:
+            return Policy()
+        namespace, _, name = self.policy_configmap.partition("/")
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return Policy()
+            raise Refused(
+                "PolicyUnavailable", f"cannot read the policy ConfigMap {self.policy_configmap}: {e.reason}"
+            ) from None
+        return policy_from_configmap(cm.data, f"ConfigMap {self.policy_configmap}")
+
+    def desired(self, isvc: dict) -> list[dict]:
+        """The children to apply, once the spec passes the operator's checks (raises Refused otherwise)."""
+        admit(parse_spec(isvc.get("spec") or {}), self.policy())
+        return render(isvc)
 
     def _resource(self, kind: str):
         if kind not in self._resources:
             self._resources[kind] = self.dynamic.resources.get(api_version=CHILD_KINDS[kind], kind=kind)
         return self._resources[kind]
 
-    def apply(self, manifest: dict) -> dict:
+    def apply(self, manifest: dict, live: dict | None, isvc: dict) -> dict:
+        """Server-side apply one child that is ours (`live`) or absent (None); never over anyone else's."""
+        meta = manifest["metadata"]
+        if live is not None and not owned_by(live, isvc):
+            raise conflict([(manifest["kind"], meta)])
+        # the uid is a precondition: ours when updating; a fresh one when creating, which any object that
+        # appeared since we looked fails (a create ignores it and assigns the real uid)
+        expected = live["metadata"]["uid"] if live is not None else str(uuid.uuid4())
+        body = {**manifest, "metadata": {**meta, "uid": expected}}
+        try:
+            return self._server_side_apply(body)
+        except ApiException as e:
+            if e.status in (409, 422) and live is None and self.read(manifest["kind"], meta["name"], meta["namespace"]):
+                raise conflict([(manifest["kind"], meta)]) from None
+            raise
+
+    def _server_side_apply(self, manifest: dict) -> dict:
         meta = manifest["metadata"]
         return (
             self._resource(manifest["kind"])
@@ -75,22 +129,28 @@ class Reconciler:
     def _delete_if_ours(self, kind: str, isvc: dict) -> bool:
         meta = isvc["metadata"]
         live = self.read(kind, meta["name"], meta["namespace"])
-        owners = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
-        if not any(o.get("uid") == meta["uid"] for o in owners):
+        if not owned_by(live, isvc):
             return False
-        try:
-            self._resource(kind).delete(name=meta["name"], namespace=meta["namespace"])
+        try:  # the uid precondition: never an object that replaced ours since we read it
+            self._resource(kind).delete(
+                name=meta["name"], namespace=meta["namespace"], body={"preconditions": {"uid": live["metadata"]["uid"]}}
+            )
         except ApiException as e:
-            if e.status != 404:
+            if e.status not in (404, 409):
                 raise
         return True
 
     def reconcile(self, isvc: dict) -> list[str]:
-        """Apply every rendered child and delete the kinds no longer rendered; returns what changed."""
-        children = render(isvc)
+        """Apply every rendered child and delete the kinds no longer rendered; returns what changed. Raises
+        Refused, touching nothing, when the spec fails a check or a child's name is taken by a stranger."""
+        children = self.desired(isvc)
+        live = {c["kind"]: self.read(c["kind"], c["metadata"]["name"], c["metadata"]["namespace"]) for c in children}
+        taken = [c for c in children if live[c["kind"]] is not None and not owned_by(live[c["kind"]], isvc)]
+        if taken:
+            raise conflict([(c["kind"], c["metadata"]) for c in taken])
         changed = []
         for child in children:
-            self.apply(child)
+            self.apply(child, live[child["kind"]], isvc)
             changed.append(child["kind"])
         for kind in set(CHILD_KINDS) - {c["kind"] for c in children}:
             if self._delete_if_ours(kind, isvc):
@@ -115,7 +175,7 @@ class Reconciler:
 
     def repair(self, isvc: dict, kind: str) -> bool:
         """Restore one child if it was deleted or edited by hand; True when something was repaired."""
-        desired = next((c for c in render(isvc) if c["kind"] == kind), None)
+        desired = next((c for c in self.desired(isvc) if c["kind"] == kind), None)
         meta = isvc["metadata"]
         if desired is None:
             return self._delete_if_ours(kind, isvc)
@@ -129,7 +189,7 @@ class Reconciler:
         if not self.owner_exists(isvc):  # the garbage collector is removing it: do not resurrect children
             return False
         try:
-            self.apply(desired)
+            self.apply(desired, live, isvc)
         except ApiException as e:
             # e.g. a list-map key edited by hand (a Service port number): applying our entry next to the
             # edited one is invalid, so write the whole object back instead
@@ -137,3 +197,13 @@ class Reconciler:
                 raise
             self._resource(kind).replace(body=overlay(live, desired), namespace=meta["namespace"])
         return True
+
+
+def conflict(children: list[tuple[str, dict]]) -> Refused:
+    """A ChildConflict naming every (kind, metadata) whose name is held by an object this service does not own."""
+    names = ", ".join(f"{kind} {meta['namespace']}/{meta['name']}" for kind, meta in children)
+    return Refused(
+        "ChildConflict",
+        f"{names} already exists and is not owned by this InferenceService: the operator leaves it alone "
+        "(delete or rename it, or choose another name for the InferenceService)",
+    )

@@ -1,4 +1,4 @@
-"""render(isvc) → the child manifests of one InferenceService: Deployment, Service, HPA and PDB.
+"""render(isvc) → the child manifests of one InferenceService: Deployment, Service, HPA, PDB, NetworkPolicy.
 
 Pure (no I/O): every spec → manifest rule is a unit test. Children carry owner references and one label set.
 """
@@ -18,6 +18,12 @@ MODEL_ROOT = "/models"
 API_KEYS_DIR = "/etc/kubellm/api-keys"
 PRESTOP_SECONDS = 5  # let endpoints drop the pod before SIGTERM reaches the server
 QUEUE_METRIC = "kubellm_num_requests_waiting"
+# requests and limits a container gets for what the CR leaves unset: enough to start a small model on CPU,
+# bounded so that one pod cannot take a node's memory; no CPU limit (throttling stalls the engine's step loop)
+RUNTIME_DEFAULTS = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "16Gi"}}
+INIT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+TMP_SIZE_LIMIT = "4Gi"  # HF and Triton caches, tokenizer files
+SHM_GIB_PER_GPU = 2  # /dev/shm (memory-backed) for the tensor-parallel workers' shared tensors
 
 
 def labels_for(name: str) -> dict[str, str]:
@@ -66,7 +72,7 @@ def model_location(uri: str) -> tuple[str, dict | None, dict | None]:
         claim, _, path = rest.partition("/")
         volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
         return f"{MODEL_ROOT}/{path}".rstrip("/"), volume, None
-    volume = {"name": "model", "emptyDir": {}}
+    volume = {"name": "model", "emptyDir": {}}  # its sizeLimit: model.downloadSizeLimit
     fetch = {"name": "fetch-model", "command": ["kubellm", "fetch-model", uri, f"{MODEL_ROOT}/model"]}
     return f"{MODEL_ROOT}/model", volume, fetch
 
@@ -114,12 +120,19 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
 
 
 def _resources(spec: InferenceServiceSpec) -> dict:
+    """The CR's requests and limits, defaults for the rest: a request only where no limit sets it (Kubernetes
+    then uses the limit), a memory limit at least the memory request."""
     res = spec.resources
     requests = {k: v for k, v in (("cpu", res.requests.cpu), ("memory", res.requests.memory)) if v}
     limits = {k: v for k, v in (("cpu", res.limits.cpu), ("memory", res.limits.memory)) if v}
+    for k, v in RUNTIME_DEFAULTS["requests"].items():
+        if k not in requests and k not in limits:
+            requests[k] = v
+    if "memory" not in limits:
+        limits["memory"] = res.requests.memory or RUNTIME_DEFAULTS["limits"]["memory"]
     if res.gpus:
         limits[res.gpu_resource_name] = str(res.gpus)
-    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    return {"requests": requests, "limits": limits}
 
 
 def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
@@ -141,7 +154,14 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    volumes = [model_volume, {"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    if "emptyDir" in model_volume:
+        model_volume = {**model_volume, "emptyDir": {"sizeLimit": spec.model.download_size_limit}}
+    shm = f"{SHM_GIB_PER_GPU * max(1, spec.resources.gpus)}Gi"
+    volumes = [
+        model_volume,
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+    ]
     if spec.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.server.api_key_secret}})
@@ -177,6 +197,8 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "enableServiceLinks": False,
+        # the server never calls the Kubernetes API: per-pod state is read by the operator, not written by pods
+        "automountServiceAccountToken": False,
     }
     if fetch:
         init = {
@@ -184,6 +206,7 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "image": image,
             "env": [{"name": "HF_HOME", "value": "/tmp/hf"}],
             "volumeMounts": mounts[:2],
+            "resources": INIT_RESOURCES,
             "securityContext": container_security,
         }
         if spec.model.credentials_secret:
@@ -281,6 +304,33 @@ def render_pdb(isvc: dict) -> dict:
     }
 
 
+def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
+    """Ingress to the API port from this namespace's pods (and networkPolicy.ingressFrom); egress to DNS, to
+    TCP 443 when the weights are downloaded at start-up, and networkPolicy.egress. Probes come from the kubelet,
+    which NetworkPolicies do not filter."""
+    name, np = isvc["metadata"]["name"], spec.network_policy
+    dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    egress = [{"ports": dns}]
+    if not spec.model.uri.startswith("pvc://"):
+        egress.append({"ports": [{"protocol": "TCP", "port": 443}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "podSelector": {"matchLabels": selector_for(name)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {}}, *np.ingress_from],
+                    "ports": [{"protocol": "TCP", "port": HTTP_PORT}],
+                }
+            ],
+            "egress": egress + list(np.egress),
+        },
+    }
+
+
 def _quantity(x: float) -> str:
     """A Kubernetes quantity string for a float (5 → "5", 2.5 → "2500m")."""
     return str(int(x)) if float(x).is_integer() else f"{int(round(x * 1000))}m"
@@ -295,4 +345,6 @@ def render(isvc: dict) -> list[dict]:
     replicas = spec.autoscaling.min_replicas if spec.autoscaling.enabled else spec.replicas
     if replicas > 1:
         children.append(render_pdb(isvc))
+    if spec.network_policy.enabled:
+        children.append(render_network_policy(isvc, spec))
     return children

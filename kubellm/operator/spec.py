@@ -8,8 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from kubellm.operator.serve_flags import OWNED_ENV, allowed_extra_flags, env_rule, extra_args_rule
+
 GROUP, VERSION, KIND, PLURAL = "kubellm.io", "v1alpha1", "InferenceService", "inferenceservices"
 SHORT_NAMES = ["kisvc", "kllm"]  # KServe owns isvc and llmisvc
+
+
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
 
 
 def rules(*pairs: tuple[str, str]) -> dict:
@@ -40,11 +45,17 @@ class ModelSource(Spec):
     credentials_secret: str | None = Field(
         None, description="Secret with HF_TOKEN or AWS_* keys, exposed to the downloader"
     )
+    download_size_limit: str = Field(
+        "200Gi",
+        pattern=QUANTITY,
+        description="sizeLimit of the emptyDir the weights are downloaded into (hf://, s3://): the kubelet evicts "
+        "a pod that writes more",
+    )
 
 
 class EnvVar(Spec):
-    name: str
-    value: str = ""
+    name: str = Field(min_length=1, max_length=256)
+    value: str = Field("", max_length=32768)
 
 
 class RuntimeSpec(Spec):
@@ -55,12 +66,6 @@ class RuntimeSpec(Spec):
                 "runtime.gpuMemoryUtilization must be in (0, 1]",
             ),
             ("!has(self.maxModelLen) || self.maxModelLen >= 16", "runtime.maxModelLen must be at least 16"),
-            (
-                "self.extraArgs.all(a, !a.startsWith('--port') && !a.startsWith('--host') && "
-                "!a.startsWith('--tensor-parallel-size'))",
-                "runtime.extraArgs must not set --host, --port or --tensor-parallel-size: the operator owns them "
-                "(the model is split across resources.gpus)",
-            ),
         )
     )
     image: str | None = Field(None, description="Runtime image; default from the operator's configuration")
@@ -71,8 +76,30 @@ class RuntimeSpec(Spec):
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
-    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(default_factory=list, max_length=64)
-    env: list[EnvVar] = Field(default_factory=list)
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="More `kubellm serve` flags, spelled in full (checked by the operator with the serve parser)",
+        json_schema_extra=rules(
+            (
+                extra_args_rule(),
+                "runtime.extraArgs must not set --host, --port or --tensor-parallel-size (the model is split across "
+                "resources.gpus), nor any other setting the operator owns, nor abbreviate a flag: allowed flags are "
+                + ", ".join(allowed_extra_flags()),
+            )
+        ),
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=128,
+        json_schema_extra=rules(
+            (
+                env_rule(),
+                "runtime.env must not set KUBELLM_* (settings go through the InferenceService's fields or "
+                f"runtime.extraArgs) nor {', '.join(sorted(OWNED_ENV))}",
+            )
+        ),
+    )
 
 
 class ComputeResources(Spec):
@@ -151,6 +178,22 @@ class Rollout(Spec):
     )
 
 
+class NetworkPolicySpec(Spec):
+    enabled: bool = Field(
+        False,
+        description="Render a NetworkPolicy: the API port open to this namespace's pods (and ingressFrom), egress "
+        "only to DNS and, for a model downloaded at start-up, to TCP 443",
+    )
+    ingress_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="More NetworkPolicyPeers allowed to reach the API port (e.g. the gateway's or Prometheus' "
+        "namespace)",
+    )
+    egress: list[dict[str, Any]] = Field(
+        default_factory=list, description="More NetworkPolicyEgressRules (e.g. an S3 endpoint on another port)"
+    )
+
+
 class InferenceServiceSpec(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
@@ -166,6 +209,7 @@ class InferenceServiceSpec(Spec):
     server: Server = Field(default_factory=Server)
     startup: Startup = Field(default_factory=Startup)
     rollout: Rollout = Field(default_factory=Rollout)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
 
 def parse_spec(spec: dict) -> InferenceServiceSpec:

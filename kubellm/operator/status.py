@@ -1,7 +1,8 @@
 """compute_status: the InferenceService's status from its children and pods, honestly. Pure (no I/O).
 
 `Ready` aggregates the sub-conditions that apply (WorkloadReady always, AutoscalerReady when autoscaling is
-on); reasons say what the pods are actually doing: InsufficientGPU, Unschedulable, ImagePullBackOff,
+on, Accepted when the operator refuses the spec: ChildConflict, PolicyViolation, InvalidRuntimeArgs,
+ForbiddenEnv); reasons say what the pods are actually doing: InsufficientGPU, Unschedulable, ImagePullBackOff,
 CrashLoopBackOff, OOMKilled, StartupTimeout, …
 """
 
@@ -66,8 +67,15 @@ def _condition(kind: str, ok: bool | None, reason: str, message: str, generation
 
 
 def compute_status(
-    isvc: dict, deployment: dict | None, hpa: dict | None, pods: list[dict], now: dt.datetime | None = None
+    isvc: dict,
+    deployment: dict | None,
+    hpa: dict | None,
+    pods: list[dict],
+    now: dt.datetime | None = None,
+    refusal: tuple[str, str] | None = None,
 ) -> dict:
+    """`refusal` is why the operator does not apply the spec as written (reason, message): an `Accepted=False`
+    condition, present only then, that Ready reports first (the children keep their last accepted state)."""
     now = now or dt.datetime.now(dt.UTC)
     meta = isvc["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation", 0)
@@ -99,6 +107,8 @@ def compute_status(
             "WorkloadReady", False, "Starting", "replicas are starting (loading the model)", generation
         )
     subs = [workload]
+    if refusal:
+        subs.insert(0, _condition("Accepted", False, refusal[0], refusal[1], generation))
 
     if spec.autoscaling.enabled:
         active = _cond(hpa, "ScalingActive")

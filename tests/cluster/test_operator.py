@@ -61,7 +61,8 @@ def make_pvc(ns: str, claim: str) -> None:
 
 @pytest.mark.parametrize("example", ["minimal", "gpu-autoscaled", "pvc"])
 def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
-    doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
+    docs = yaml.safe_load_all((EXAMPLES / f"{example}.yaml").read_text())
+    doc = next(d for d in docs if d["kind"] == "InferenceService")
     name = doc["metadata"]["name"]
     if example == "pvc":
         make_pvc(namespace, "model-store")
@@ -124,6 +125,21 @@ def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
             "startup.timeoutSeconds must be at least 30",
         ),
         ({"model": {"uri": "hf://a/b"}, "runtime": {"dtype": "int3"}}, "Unsupported value"),
+        # argparse abbreviations of owned flags, and owned settings through the environment
+        ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--po", "9999"]}}, "nor abbreviate a flag"),
+        ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--tensor", "8"]}}, "nor abbreviate a flag"),
+        ({"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--config", "/x"]}}, "nor abbreviate a flag"),
+        (
+            {
+                "model": {"uri": "hf://a/b"},
+                "runtime": {"env": [{"name": "KUBELLM_TENSOR_PARALLEL_SIZE", "value": "8"}]},
+            },
+            "runtime.env must not set KUBELLM_*",
+        ),
+        (
+            {"model": {"uri": "hf://a/b"}, "runtime": {"env": [{"name": "LD_PRELOAD", "value": "/models/x.so"}]}},
+            "runtime.env must not set KUBELLM_*",
+        ),
         ({"runtime": {}}, "spec.model: Required value"),
     ],
 )

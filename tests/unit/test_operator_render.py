@@ -46,7 +46,10 @@ def test_minimal_spec_gets_defaults_and_all_children():
     assert "replicas" not in dep["spec"]  # the HPA owns it
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert c["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},  # defaults: every container is bounded
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"},
+    }
     assert c["args"][:2] == ["serve", "/models/model"]
     assert c["args"][c["args"].index("--served-model-name") + 1] == "chat"
     assert pod["initContainers"][0]["command"] == ["kubellm", "fetch-model", "hf://Qwen/Qwen3-0.6B", "/models/model"]
@@ -144,7 +147,7 @@ def test_cpu_only_and_recreate():
         render(isvc({"model": {"uri": "s3://bucket/m"}, "resources": {"gpus": 0}, "rollout": {"strategy": "Recreate"}}))
     )
     c = kids["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    assert "limits" not in c["resources"] and c["args"][c["args"].index("--device") + 1] == "cpu"
+    assert c["resources"]["limits"] == {"memory": "16Gi"} and c["args"][c["args"].index("--device") + 1] == "cpu"
     assert kids["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
 
 
@@ -210,8 +213,73 @@ def test_ready_needs_a_ready_replica_and_an_active_autoscaler():
     assert bad["conditions"][0]["status"] == "False" and bad["conditions"][0]["reason"] == "FailedGetPodsMetric"
 
 
-def test_examples_are_valid_specs():
+def example_services():
+    """(path, InferenceService) of every example; an example file may hold other objects (a Secret)."""
     for path in sorted((ROOT / "manifests/examples").glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "InferenceService":
+                yield path, doc
+
+
+def test_examples_are_valid_specs():
+    found = list(example_services())
+    assert len(found) >= 3
+    for path, doc in found:
         kids = render({**doc, "metadata": {**doc["metadata"], "namespace": "x", "uid": "u"}})
         assert kids[0]["kind"] == "Deployment", path
+
+
+def test_the_minimal_example_has_an_api_key_from_its_secret():
+    docs = list(yaml.safe_load_all((ROOT / "manifests/examples/minimal.yaml").read_text()))
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    svc = next(d for d in docs if d["kind"] == "InferenceService")
+    assert svc["spec"]["server"]["apiKeySecret"] == secret["metadata"]["name"]
+    assert secret["stringData"]["keys"].strip()
+    pod = render({**svc, "metadata": {**svc["metadata"], "namespace": "x", "uid": "u"}})[0]["spec"]["template"]
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[args.index("--api-key-file") + 1] == "/etc/kubellm/api-keys/keys"
+
+
+def test_runtime_pods_are_bounded_and_carry_no_token():
+    """No ServiceAccount token; requests and limits on every container; every emptyDir has a sizeLimit."""
+    for spec in (
+        {"model": {"uri": "hf://a/b"}},
+        {"model": {"uri": "s3://b/m", "downloadSizeLimit": "50Gi"}, "resources": {"gpus": 4}},
+        {"model": {"uri": "pvc://c/m"}, "resources": {"gpus": 0, "requests": {"memory": "40Gi"}}},
+    ):
+        pod = by_kind(render(isvc(spec)))["Deployment"]["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"] + pod.get("initContainers", []):
+            r = c["resources"]
+            assert {"cpu", "memory"} <= set(r["requests"]) and "memory" in r["limits"], c["name"]
+        for v in pod["volumes"]:
+            if "emptyDir" in v:
+                assert v["emptyDir"]["sizeLimit"], v
+    s3 = by_kind(render(isvc({"model": {"uri": "s3://b/m", "downloadSizeLimit": "50Gi"}, "resources": {"gpus": 4}})))
+    vols = {v["name"]: v for v in s3["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert vols["model"]["emptyDir"] == {"sizeLimit": "50Gi"}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}  # 2 GiB per GPU
+    big = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "resources": {"requests": {"memory": "40Gi"}}})))
+    r = big["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert r["limits"]["memory"] == "40Gi"  # never below the request
+    capped = by_kind(
+        render(isvc({"model": {"uri": "hf://a/b"}, "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}}))
+    )
+    r = capped["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert r["requests"] == {} and r["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
+
+
+def test_network_policy_is_optional_and_narrow():
+    assert "NetworkPolicy" not in by_kind(render(isvc({"model": {"uri": "hf://a/b"}})))
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}
+    np = by_kind(
+        render(isvc({"model": {"uri": "hf://a/b"}, "networkPolicy": {"enabled": True, "ingressFrom": [peer]}}))
+    )["NetworkPolicy"]
+    assert np["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    spec = np["spec"]
+    assert spec["podSelector"]["matchLabels"]["kubellm.io/inferenceservice"] == "chat"
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == [{"from": [{"podSelector": {}}, peer], "ports": [{"protocol": "TCP", "port": 8000}]}]
+    assert [p["port"] for rule in spec["egress"] for p in rule["ports"]] == [53, 53, 443]  # DNS, the download
+    pvc = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "networkPolicy": {"enabled": True}})))["NetworkPolicy"]
+    assert [p["port"] for rule in pvc["spec"]["egress"] for p in rule["ports"]] == [53, 53]  # nothing to fetch

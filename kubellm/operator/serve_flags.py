@@ -1,0 +1,110 @@
+"""The `kubellm serve` settings the operator owns, and the flags a CR's runtime.extraArgs may use, read from
+the serve parser itself (so a new flag is classified here, and the CRD's CEL rules follow by regeneration).
+
+The operator's one import of the CLI: it reads the parser, never runs it; `kubellm.cli` imports only argparse
+at module level, so torch stays out of the operator (tests/unit/test_operator_policy.py checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+
+# Settings the operator sets from the CR (or owns outright) and that extraArgs must not override. Held as
+# argparse `dest` names of `kubellm serve`; `config` reads settings (host, port, …) from a file,
+# `api_key` would put keys in the CR in plain text (server.apiKeySecret is the way).
+OWNED_SETTINGS = frozenset(
+    {
+        "host",
+        "port",
+        "served_model_name",
+        "tensor_parallel_size",
+        "device",
+        "config",
+        "api_key",
+        "api_key_file",
+        "drain_timeout_s",
+        "dtype",
+        "max_model_len",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpu_memory_utilization",
+        "scheduling_policy",
+        "enable_prefix_caching",
+        "rate_limit_rpm",
+        "rate_limit_burst",
+        "max_waiting_requests",
+    }
+)
+# Every KUBELLM_* variable is a `kubellm serve` setting (matched case-insensitively by pydantic-settings):
+# settings go through the CR's fields or the checked extraArgs, never the environment. The others are the
+# operator's own (HF_*) or load code into the server process (which would defeat an image allow-list).
+OWNED_ENV_PREFIX = "KUBELLM_"
+OWNED_ENV = frozenset(
+    {
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "PYTHONPLATLIBDIR",
+    }
+)
+MODEL_PLACEHOLDER = "/models/model"
+
+
+class ServeArgsError(Exception):
+    """The arguments do not parse as `kubellm serve`'s."""
+
+
+@functools.cache
+def serve_parser() -> argparse.ArgumentParser:
+    """`kubellm serve`'s own argument parser, with abbreviations off (`--po` is not `--port`) and errors raised
+    instead of exiting. The operator's one import of the CLI: it reads the parser, never runs it."""
+    from kubellm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["serve"]
+    parser.allow_abbrev = False
+
+    def fail(message: str = "", *_):
+        raise ServeArgsError(message)
+
+    parser.error = fail
+    parser.exit = lambda status=0, message=None: fail(message or "--help exits")
+    return parser
+
+
+def serve_flags() -> dict[str, str]:
+    """Every long flag of `kubellm serve` → its setting (argparse dest)."""
+    return {
+        opt: action.dest for action in serve_parser()._actions for opt in action.option_strings if opt.startswith("--")
+    }
+
+
+def allowed_extra_flags() -> list[str]:
+    """The flags runtime.extraArgs may use: every `kubellm serve` flag whose setting the operator does not own."""
+    return sorted(f for f, dest in serve_flags().items() if dest not in OWNED_SETTINGS and dest != "help")
+
+
+def parse_serve_args(args: list[str]) -> dict:
+    """The settings `kubellm serve MODEL *args` would get from its flags (unset: None)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return vars(serve_parser().parse_args([MODEL_PLACEHOLDER, *args]))
+
+
+def extra_args_rule() -> str:
+    """CEL for runtime.extraArgs: every flag-like item is an allowed flag spelled in full (`--po` is refused)."""
+    flags = "|".join(allowed_extra_flags())
+    return f"self.all(a, !a.startsWith('-') || a.matches('^-[0-9.]') || a.matches('^({flags})(=.*)?$'))"
+
+
+def env_rule() -> str:
+    names = ", ".join(f"'{n}'" for n in sorted(OWNED_ENV))
+    return f"self.all(e, !e.name.upperAscii().startsWith('{OWNED_ENV_PREFIX}') && !(e.name in [{names}]))"
