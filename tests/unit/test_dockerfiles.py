@@ -53,4 +53,17 @@ def test_images_install_with_the_ci_script(name, extra):
     assert any(f"scripts/install.sh /usr/local/bin/python {extra}" in r for r in runs)
     assert "scripts/install.sh" in (ROOT / "Makefile").read_text()
     for copied in [arg.split()[0] for op, arg in instructions(ROOT / name) if op == "COPY"]:
-        assert (ROOT / copied).exists(), f"COPY {copied}: no such path"
+        assert copied.startswith("--from=") or (ROOT / copied).exists(), f"COPY {copied}: no such path"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dependency_layer_comes_before_the_code(name):
+    """A one-line code change must not reinstall torch: the dependencies are installed from a list made in
+    its own stage (so editing unrelated parts of pyproject.toml keeps that layer too), then the code."""
+    ins = instructions(ROOT / name)
+    final = ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM") :]
+    deps = next(i for i, (op, arg) in enumerate(final) if op == "RUN" and " deps " in f"{arg} ")
+    code = next(i for i, (op, arg) in enumerate(final) if op == "COPY" and arg.split()[0] == "kubellm")
+    assert deps < code
+    assert not any(op == "COPY" and arg.split()[0] == "pyproject.toml" for op, arg in final[:deps])
+    assert any(op == "RUN" and arg.endswith(" nodeps") for op, arg in final[code:])
