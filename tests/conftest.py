@@ -6,11 +6,11 @@ import os
 
 import pytest
 
+from tests.support.tiny_models import ARCHITECTURES
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="session")

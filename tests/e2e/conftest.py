@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.server import ServerProcess
-
-KEY = "sk-test-key-1"
+from tests.support.server import KEY, ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.conftest import KEY
-from tests.support.kube import wait_for
-from tests.support.server import ServerProcess
+from tests.support.server import KEY, ServerProcess
+from tests.support.wait import wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -248,10 +247,10 @@ def test_full_queue_is_429_not_a_timeout(tiny_model):
     try:
         for t in threads:
             t.start()
-        wait_for(
-            "one running, one waiting",
+        wait_until(
             lambda: s.metric("kubellm_num_requests_running") == 1 and s.metric("kubellm_num_requests_waiting") == 1,
             timeout=30,
+            what="one running, one waiting",
         )
         r = post(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1}, headers={})
         assert_error(r, 429, contains="waiting")

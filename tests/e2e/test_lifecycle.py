@@ -11,8 +11,8 @@ import time
 import httpx
 import openai
 
-from tests.support.kube import wait_for
 from tests.support.server import ServerProcess
+from tests.support.wait import wait_until
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True}
 
@@ -27,7 +27,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(tiny_model):
             assert s.metric("kubellm_num_requests_running") == 1
             assert s.metric("kubellm_kv_cache_usage_ratio") > 0
         # the client is gone: the request is aborted and its blocks freed, long before 1,500 tokens
-        wait_for("running gauge back to 0", lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10)
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10, what="running gauge back to 0")
         assert s.metric("vllm:num_requests_running") == 0
         assert s.metric("kubellm_kv_cache_usage_ratio") == 0
         assert s.metric("kubellm_generation_tokens_total") < 1500
@@ -44,7 +44,7 @@ def test_disconnect_of_a_non_streaming_request_aborts_it(tiny_model):
             httpx.post(s.url + "/v1/completions", json=body, timeout=0.5)
         except httpx.ReadTimeout:
             pass
-        wait_for("running gauge back to 0", lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10)
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10, what="running gauge back to 0")
         assert s.metric("kubellm_kv_cache_usage_ratio") == 0
         assert s.metric("kubellm_generation_tokens_total") < 1500
     finally:
@@ -88,7 +88,7 @@ def test_engine_process_death_is_reported_not_hung(tiny_model):
     t = threading.Thread(target=in_flight)
     try:
         t.start()
-        wait_for("a running request", lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10)
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10, what="a running request")
         os.kill(engine_process(s), signal.SIGKILL)
         t.join(30)
         assert result["status"] == 503, result
@@ -109,10 +109,10 @@ def test_a_stuck_engine_fails_the_liveness_check(tiny_model):
         time.sleep(4)  # idle longer than the timeout: heartbeats keep it healthy
         assert httpx.get(s.url + "/health").status_code == 200
         os.kill(engine, signal.SIGSTOP)  # what a hung kernel looks like from outside
-        wait_for("/health 503", lambda: httpx.get(s.url + "/health").status_code == 503, timeout=15)
+        wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, timeout=15, what="/health 503")
         assert "has not reported" in httpx.get(s.url + "/health").json()["error"]["message"]
         os.kill(engine, signal.SIGCONT)
-        wait_for("/health 200 again", lambda: httpx.get(s.url + "/health").status_code == 200, timeout=15)
+        wait_until(lambda: httpx.get(s.url + "/health").status_code == 200, timeout=15, what="/health 200 again")
     finally:
         os.kill(engine, signal.SIGCONT)
         s.stop()
@@ -129,9 +129,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
 
     t = threading.Thread(target=in_flight)
     t.start()
-    wait_for("the request to be running", lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10)
+    wait_until(lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10, what="the request to be running")
     s.terminate()
-    wait_for("readiness to fail", lambda: httpx.get(s.url + "/ready").status_code == 503, timeout=5)
+    wait_until(lambda: httpx.get(s.url + "/ready").status_code == 503, timeout=5, what="readiness to fail")
     late = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
     assert late.status_code == 503 and late.json()["error"]["code"] == 503
     assert httpx.get(s.url + "/health").status_code == 200  # alive while draining
@@ -194,4 +194,4 @@ def test_a_tensor_parallel_server_answers_like_hf_and_sigterm_stops_every_rank(t
         code = s.stop()
     assert code == 0, s.logs()[-3000:]
     # the resource tracker leaves on its own once the server is gone (it reads the server's end of a pipe)
-    wait_for("every process of the server to exit", lambda: not any(running(p) for p in procs), timeout=15)
+    wait_until(lambda: not any(running(p) for p in procs), timeout=15, what="every process of the server to exit")

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from kubellm.runtime import LLM, SamplingParams
-from tests.e2e.conftest import KEY
+from tests.support.server import KEY
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import datetime
 import json
 import ssl
 import threading
-import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support.wait import wait_until
 
 GROUP, VERSION = "custom.metrics.k8s.io", "v1beta2"
 GV = f"{GROUP}/{VERSION}"
@@ -210,13 +211,16 @@ def register(fake: FakeCustomMetrics, timeout: float = 60) -> None:
             },
         }
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        conds = reg.read_api_service(APISERVICE).status.conditions or []
-        if any(c.type == "Available" and c.status == "True" for c in conds):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"APIService {APISERVICE} not Available: {conds}")
+    conds: list = []
+
+    def available() -> bool:
+        conds[:] = reg.read_api_service(APISERVICE).status.conditions or []
+        return any(c.type == "Available" and c.status == "True" for c in conds)
+
+    try:
+        wait_until(available, timeout=timeout, interval=0.5, what=f"APIService {APISERVICE} Available")
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; conditions: {conds}") from None
 
 
 def unregister() -> None:

@@ -8,11 +8,11 @@ simulating GPU nodes.
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import pathlib
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,32 +20,23 @@ import tempfile
 import time
 import urllib.request
 
+from kubellm.runtime.process import free_port
+from tests.support.wait import raise_if_exited, wait_until
+
 BUILD_SCRIPT = pathlib.Path(__file__).with_name("build-k8s-bins.sh")
 
 SERVICE_CIDR = "10.96.0.0/16"  # first IP 10.96.0.1 is in the apiserver cert SANs
 POD_CIDR = "10.244.0.0/16"  # kwok hands out fake pod IPs from here
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _wait(what, fn, timeout, proc, log):
+    """Wait for a component to come up; connection errors mean "not yet", its exit fails at once."""
 
+    def up():
+        raise_if_exited(proc, what, log, tail=4000)
+        return fn()
 
-def _wait(what, fn, timeout, proc=None, log=None):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = pathlib.Path(log).read_text()[-4000:] if log else ""
-            raise RuntimeError(f"{what} exited with {proc.returncode}\n{tail}")
-        try:
-            if fn():
-                return
-        except Exception as e:  # not up yet
-            last = e
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last!r})")
+    wait_until(up, timeout=timeout, interval=0.5, what=what, retry_on=(OSError, http.client.HTTPException))
 
 
 class LocalCluster:
@@ -54,7 +45,7 @@ class LocalCluster:
         self.work = pathlib.Path(work_dir)
         self.pki = self.work / "pki"
         self.procs = []  # [(name, Popen, logpath)]
-        self.ports = {n: _free_port() for n in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler")}
+        self.ports = {n: free_port() for n in ("etcd", "etcd_peer", "apiserver", "kcm", "scheduler")}
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
         self.kubeconfig = self.work / "admin.kubeconfig"
 
@@ -340,15 +331,14 @@ class LocalCluster:
                 "status": {"capacity": res, "allocatable": res},
             }
         )
-        deadline = time.monotonic() + timeout  # Ready (kwok) and the not-ready taint removed (KCM)
-        while time.monotonic() < deadline:
+
+        def schedulable():  # Ready (kwok) and the not-ready taint removed (KCM)
             n = core.read_node(name)
             ready = any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
             tainted = any(t.key.startswith("node.kubernetes.io/") for t in (n.spec.taints or []))
-            if ready and not tainted:
-                return n
-            time.sleep(0.3)
-        raise TimeoutError(f"node {name} not schedulable after {timeout}s")
+            return n if ready and not tainted else None
+
+        return wait_until(schedulable, timeout=timeout, interval=0.3, what=f"node {name} schedulable")
 
     def check_alive(self):
         for name, proc, log in self.procs:

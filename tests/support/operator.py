@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 
-from tests.support.server import free_port, read_log, wait_http_ok
+from kubellm.runtime.process import free_port
+from tests.support.server import read_log, wait_http_ok
 
 
 class OperatorProcess:

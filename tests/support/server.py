@@ -4,38 +4,33 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
+
+from kubellm.runtime.process import free_port
+from tests.support.wait import raise_if_exited, wait_until
+
+KEY = "sk-test-key-1"  # the API key of the e2e tests' shared server (tests/e2e/conftest.py)
 
 
 def wait_http_ok(what: str, url: str, proc: subprocess.Popen, log_path: str, timeout: float) -> None:
     """Poll url until it answers 200; fail early (with the log's tail) if the process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited {proc.returncode}:\n{read_log(log_path)[-3000:]}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout}s:\n{read_log(log_path)[-3000:]}")
+
+    def ok() -> bool:
+        raise_if_exited(proc, what, log_path)
+        return httpx.get(url, timeout=1).status_code == 200
+
+    try:
+        wait_until(ok, timeout=timeout, interval=0.2, what=f"{what} at {url}", retry_on=(httpx.HTTPError,))
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}\n{read_log(log_path)[-3000:]}") from None
 
 
 def read_log(path: str) -> str:
     with open(path, "rb") as f:
         return f.read().decode(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,3 +36,11 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
+
+
+def raise_if_exited(proc: subprocess.Popen, what: str, log_path: str | os.PathLike, tail: int = 3000) -> None:
+    """Fail a wait at once, with the log's tail, when the process it waits on has died."""
+    if proc.poll() is not None:
+        with open(log_path, "rb") as f:
+            log = f.read().decode(errors="replace")
+        raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log[-tail:]}")

@@ -10,7 +10,7 @@ import torch
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.engine.engine import LLMEngine
 from tests.support.hf_reference import hf_greedy
-from tests.unit.test_engine_exactness import random_prompts
+from tests.support.tiny_models import random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from tests.conftest import ARCHITECTURES
 from tests.support.hf_reference import hf_greedy
-
-LENGTHS = [1, 2, 5, 16, 17, 33, 64, 100, 150, 200, 256, 300]  # 12 prompts, lengths 1 … 300
-NEW_TOKENS = 24
-
-
-def random_prompts(seed: int = 0, lengths=LENGTHS) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(4, 500) for _ in range(n)] for n in lengths]
-
+from tests.support.tiny_models import ARCHITECTURES, NEW_TOKENS, random_prompts
 
 DEVICES = [
     "cpu",

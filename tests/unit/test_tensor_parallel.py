@@ -14,7 +14,7 @@ import torch
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.weights.tiny import make_tiny_model
 from tests.support.hf_reference import hf_greedy
-from tests.unit.test_engine_exactness import NEW_TOKENS, random_prompts
+from tests.support.tiny_models import NEW_TOKENS, random_prompts
 
 
 def run_two_ranks(model_dir: str, prompts: list[list[int]], device: str = "cpu") -> LLM:
