@@ -12,7 +12,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from kubellm.operator.policy import Refused
-from kubellm.operator.reconcile import CHILD_KINDS, Reconciler
+from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, Reconciler
 from kubellm.operator.render import ISVC_LABEL, MANAGED_BY
 from kubellm.operator.spec import GROUP, PLURAL, VERSION
 from kubellm.operator.status import compute_status, merge_conditions
@@ -196,13 +196,7 @@ def _repair(kind: str, event, namespace, labels, isvc_index: kopf.Index) -> None
 
 def _watch_child(kind: str):
     group, _, version = CHILD_KINDS[kind].rpartition("/")
-    plural = {
-        "Deployment": "deployments",
-        "Service": "services",
-        "HorizontalPodAutoscaler": "horizontalpodautoscalers",
-        "PodDisruptionBudget": "poddisruptionbudgets",
-        "NetworkPolicy": "networkpolicies",
-    }[kind]
+    plural = CHILD_PLURALS[kind]
 
     @kopf.on.event(group, version, plural, labels=OURS, id=f"repair-{plural}")
     def on_child_event(event, namespace, labels, isvc_index: kopf.Index, **_):

@@ -22,14 +22,33 @@ from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 
 log = logging.getLogger("kubellm.operator")
 FIELD_MANAGER = "kubellm-operator"
-# the cluster admin's allow-list (namespace/name of a ConfigMap, see manifests/policy.yaml); "" turns it off
-POLICY_CONFIGMAP = os.environ.get("KUBELLM_POLICY_CONFIGMAP", "kubellm-system/kubellm-policy")
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _operator_namespace() -> str:
+    try:
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip()
+    except OSError:  # outside a pod
+        return "kubellm-system"
+
+
+# the cluster admin's allow-list: namespace/name of a ConfigMap (manifests/policy.yaml), by default
+# `kubellm-policy` in the operator's own namespace; "" turns it off
+POLICY_CONFIGMAP = os.environ.get("KUBELLM_POLICY_CONFIGMAP", f"{_operator_namespace()}/kubellm-policy")
 CHILD_KINDS = {  # kind → apiVersion
     "Deployment": "apps/v1",
     "Service": "v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+}
+CHILD_PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "NetworkPolicy": "networkpolicies",
 }
 
 
