@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import random
 
 import kopf
 from prometheus_client import start_http_server
@@ -50,6 +51,11 @@ def run_operator(
     import kubellm.operator.handlers  # noqa: F401  (registers the handlers)
 
     configure_logging()
+    if peering is not None and not priority:
+        # Replicas of one Deployment share their arguments, and kopf pauses every operator that shares the
+        # highest priority: without an explicit --priority each replica draws its own, and the highest acts.
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
+        logging.getLogger(__name__).info(f"peering {peering!r}: priority {priority}")
     if metrics_port:
         start_http_server(metrics_port)
     asyncio.run(
