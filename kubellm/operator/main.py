@@ -58,6 +58,9 @@ def run_operator(
         logging.getLogger(__name__).info(f"peering {peering!r}: priority {priority}")
     if metrics_port:
         start_http_server(metrics_port)
+    from kubellm.operator.custom_metrics import from_env
+
+    from_env()  # custom.metrics.k8s.io for the HPAs, when installed with it (the chart's metricsApi.enabled)
     asyncio.run(
         kopf.operator(
             clusterwide=not namespaces,

@@ -1,0 +1,3 @@
+{{- define "kubellm.labels" -}}
+app.kubernetes.io/name: kubellm-operator
+{{- end -}}

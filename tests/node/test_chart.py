@@ -1,0 +1,71 @@
+"""The Helm chart (charts/kubellm): `helm lint`, and no drift from the kubectl install path — with default
+values the chart renders the same objects as crds/ + manifests/operator.yaml (+ manifests/peering.yaml's
+CRDs). helm is built from its Go module once and cached (tests/support/build-node-bins.sh --helm)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.node
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts/kubellm"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    out = subprocess.run(
+        ["bash", str(ROOT / "tests/support/build-node-bins.sh"), "--helm"], check=True, capture_output=True, text=True
+    ).stdout
+    return str(pathlib.Path(out.split()[-1]) / "helm")
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def template(helm: str, *args: str) -> list[dict]:
+    out = subprocess.run(
+        [helm, "template", "kubellm", str(CHART), "--namespace", "kubellm-system", "--kube-version", "1.36.3", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return docs(out)
+
+
+def test_helm_lint(helm):
+    for values in ([], ["--set", "peering.enabled=true,replicas=2"]):
+        p = subprocess.run([helm, "lint", "--strict", str(CHART), *values], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_chart_renders_what_the_manifests_install(helm):
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in template(helm)}
+    manifests = {
+        (d["kind"], d["metadata"]["name"]): d
+        for d in docs((ROOT / "manifests/operator.yaml").read_text())
+        if d["kind"] != "Namespace"  # the chart installs into the release namespace (--create-namespace)
+    }
+    assert rendered.keys() == manifests.keys()
+    for key, want in manifests.items():
+        assert rendered[key] == want, key
+
+
+def test_chart_crds_are_the_projects(helm):
+    assert (CHART / "crds/inferenceservices.kubellm.io.yaml").read_text() == (
+        ROOT / "crds/inferenceservices.kubellm.io.yaml"
+    ).read_text()
+    peering_crds = [d for d in docs((ROOT / "manifests/peering.yaml").read_text()) if d["kind"].endswith("Definition")]
+    assert docs((CHART / "crds/kopfpeerings.kopf.dev.yaml").read_text()) == peering_crds
+
+
+def test_chart_peering_option(helm):
+    objs = template(helm, "--set", "peering.enabled=true,replicas=2")
+    (dep,) = [d for d in objs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 2
+    assert "--peering=kubellm" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [d["metadata"]["name"] for d in objs if d["kind"] == "ClusterKopfPeering"] == ["kubellm"]
