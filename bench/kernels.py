@@ -207,7 +207,7 @@ def bench_fused(shape, rows_list, reps, device) -> None:
             print(f"| {rows} | {name} | {timed(torch_fn, reps) * 1e6:.1f} | {timed(triton_fn, reps) * 1e6:.1f} |")
     rows = rows_list[0]  # sampling: a decode batch, temperature 0.6 (the offline benchmark's)
     from kubellm.runtime import SamplingParams
-    from kubellm.runtime.model.sampler import Sampler
+    from kubellm.runtime.engine.sampler import Sampler
 
     sampler = Sampler(device, 0)
     seqs = [SimpleNamespace(params=SamplingParams(temperature=0.6), index=0, generator=None) for _ in range(rows)]

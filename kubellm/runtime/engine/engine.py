@@ -10,10 +10,10 @@ from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.detokenizer import Detokenizer
 from kubellm.runtime.engine.guided import Grammars
+from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import RequestDelta, RequestOutput, Sequence
 from kubellm.runtime.model.loader import read_model_info
-from kubellm.runtime.model.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.sampling_params import SamplingParams
 
 

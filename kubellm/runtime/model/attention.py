@@ -63,7 +63,7 @@ def _triton_paged_attention(
 ) -> torch.Tensor:
     """The CUDA path: one kernel for the decodes, one for all prefill chunks, each writing its rows of out."""
     from kubellm.runtime.model import triton_attention as T
-    from kubellm.runtime.model.sampler import to_device
+    from kubellm.runtime.model.kernels import to_device
 
     out = torch.empty_like(q)
     nd = meta.num_decodes

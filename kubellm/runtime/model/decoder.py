@@ -1,6 +1,6 @@
 """One decoder for Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias) and Qwen3 (qk-norm,
 explicit head_dim); GQA throughout. Parameter names follow HF checkpoints, with q/k/v and gate/up packed.
-With tensor parallelism each rank builds its shard: heads and MLP columns divided (parallel.py).
+With tensor parallelism each rank builds its shard: heads and MLP columns divided (sharded.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kubellm.runtime.model import parallel
 from kubellm.runtime.model.attention import get_context, paged_attention, write_kv
 from kubellm.runtime.model.kernels import use_triton
 from kubellm.runtime.model.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
-from kubellm.runtime.model.parallel import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from kubellm.runtime.model.sharded import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 

@@ -8,6 +8,8 @@ SiLU-and-mul, sampling). One choice per process, made by the model runner from E
 - "torch": torch everywhere (on CUDA: the unfused path, no CUDA graphs);
 - "triton": Triton everywhere — on the CPU only through Triton's interpreter (TRITON_INTERPRET=1), which
   is how the CPU test suite runs the whole CUDA path of the model.
+
+to_device is how the hot path's host inputs reach the device: queued on the stream, never a sync.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib.util
 import logging
 import os
 
+import numpy as np
 import torch
 
 from kubellm.runtime.config import KERNEL_CHOICES
@@ -52,3 +55,14 @@ def select(choice: str, device: torch.device, head_dim: int) -> bool:
 
 def use_triton() -> bool:
     return _use_triton
+
+
+def to_device(
+    values: list | np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """Host values on the device without waiting for the device: through pinned memory, queued on the
+    stream. (A plain copy waits for everything queued before it, which would stall a step launched ahead.)"""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(values)
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

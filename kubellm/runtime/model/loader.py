@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kubellm.runtime.model.decoder import DecoderForCausalLM, ModelShape
-from kubellm.runtime.model.parallel import load_shard
+from kubellm.runtime.model.sharded import load_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

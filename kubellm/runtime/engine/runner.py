@@ -12,12 +12,14 @@ import numpy as np
 import torch
 
 from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine.sampler import SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.engine.tp_workers import Workers
 from kubellm.runtime.model import kernels, parallel
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
+from kubellm.runtime.model.kernels import to_device
 from kubellm.runtime.model.loader import ModelInfo, load_model
-from kubellm.runtime.model.sampler import SampledTokens, Sampler, to_device
 
 log = logging.getLogger("kubellm.runner")
 
@@ -25,7 +27,7 @@ log = logging.getLogger("kubellm.runner")
 @dataclass
 class StepPlan:
     """One step's forward as host data, made by rank 0's host prep; with tensor parallelism, pickled to every
-    other rank, which runs the same forward on its shard (parallel.py). Lists and numpy arrays, no tensors:
+    other rank, which runs the same forward on its shard (engine/tp_workers.py). Lists and numpy arrays, no tensors:
     they pickle in microseconds (a tensor pickles through torch.save)."""
 
     num_rows: int  # input tokens (eager) or real rows (graph replay); 0: only swap blocks
@@ -111,7 +113,7 @@ def pick_device(name: str, tp_size: int = 1, tp_rank: int = 0) -> torch.device:
 
 class ModelRunner:
     """One rank's model and KV cache. Rank 0 (tp_rank=0) is the engine's: with tensor parallelism it starts
-    the other ranks' processes, which build the same runner on their shard (parallel.py)."""
+    the other ranks' processes, which build the same runner on their shard (engine/tp_workers.py)."""
 
     def __init__(self, config: EngineConfig, info: ModelInfo, max_model_len: int, tp_rank: int = 0, port: int = 0):
         self.config = config
@@ -121,11 +123,11 @@ class ModelRunner:
         self.block_size = config.block_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.workers: parallel.Workers | None = None
+        self.workers: Workers | None = None
         check_workers = None  # rank 0: raises if a worker process has exited
         if tp > 1 and tp_rank == 0:
             parallel.check_divisible(info.shape, tp)
-            self.workers = parallel.Workers(config, info, max_model_len)
+            self.workers = Workers(type(self), config, info, max_model_len)
             port, check_workers = self.workers.port, self.workers.check
         parallel.init_group(tp_rank, tp, port, self.device, check_workers)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)

@@ -12,23 +12,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kubellm.runtime.engine.guided import mask_disallowed
 from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
-from kubellm.runtime.model.kernels import use_triton
-
-
-def to_device(
-    values: list | np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long
-) -> torch.Tensor:
-    """Host values on the device without waiting for the device: through pinned memory, queued on the
-    stream. (A plain copy waits for everything queued before it, which would stall a step launched ahead.)"""
-    if isinstance(values, np.ndarray):
-        values = torch.from_numpy(values)
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+from kubellm.runtime.model.kernels import to_device, use_triton
 
 
 @dataclass
