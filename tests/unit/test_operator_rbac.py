@@ -10,75 +10,19 @@ import pathlib
 
 import kopf
 import yaml
-from kubernetes.client.exceptions import ApiException
 
 import kubellm.operator.handlers  # noqa: F401  (registers the handlers)
-from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, POLICY_CONFIGMAP, Reconciler
+from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, POLICY_CONFIGMAP
+from tests.support.recording_api import recording_reconciler
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESOURCE = {**CHILD_PLURALS, "InferenceService": "inferenceservices", "ConfigMap": "configmaps"}
 GROUP = {**{k: v.rpartition("/")[0] for k, v in CHILD_KINDS.items()}, "InferenceService": "kubellm.io", "ConfigMap": ""}
 
 
-class _Obj(dict):
-    def to_dict(self):
-        return dict(self)
-
-
-class RecordingApi:
-    """Just enough of the dynamic, custom-objects and core clients for Reconciler; records (kind, verb)."""
-
-    def __init__(self):
-        self.store: dict[tuple, dict] = {}
-        self.calls: set[tuple[str, str]] = set()
-        self.reject_next_apply = False
-
-    def resource(self, kind):
-        api = self
-
-        class Resource:
-            def get(self, name, namespace):
-                api.calls.add((kind, "get"))
-                if (kind, namespace, name) not in api.store:
-                    raise ApiException(status=404)
-                return _Obj(api.store[(kind, namespace, name)])
-
-            def server_side_apply(self, body, name, namespace, field_manager, force_conflicts):
-                api.calls.add((kind, "patch"))
-                if api.reject_next_apply:
-                    api.reject_next_apply = False
-                    raise ApiException(status=422)
-                if (kind, namespace, name) not in api.store:  # an apply that creates needs `create` too
-                    api.calls.add((kind, "create"))
-                    body = {**body, "metadata": {**body["metadata"], "uid": f"uid-{kind}"}}
-                api.store[(kind, namespace, name)] = body
-                return _Obj(body)
-
-            def replace(self, body, namespace):
-                api.calls.add((kind, "update"))
-                api.store[(kind, namespace, body["metadata"]["name"])] = body
-
-            def delete(self, name, namespace, body):
-                api.calls.add((kind, "delete"))
-                api.store.pop((kind, namespace, name), None)
-
-        return Resource()
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.add(("InferenceService", "get"))
-        return self.isvc
-
-    def read_namespaced_config_map(self, name, namespace):
-        self.calls.add(("ConfigMap", "get"))
-        assert f"{namespace}/{name}" == POLICY_CONFIGMAP
-        raise ApiException(status=404)
-
-
 def reconciler_verbs() -> set[tuple[str, str, str]]:
     """Drive the Reconciler through everything it does and record what it asked of the API."""
-    api = RecordingApi()
-    r = Reconciler.__new__(Reconciler)
-    r._resource, r.custom, r.core, r.policy_configmap = api.resource, api, api, POLICY_CONFIGMAP
+    r, api = recording_reconciler()
     spec = {"model": {"uri": "hf://a/b"}, "networkPolicy": {"enabled": True}, "autoscaling": {"minReplicas": 2}}
     isvc = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1"}, "spec": spec}
     api.isvc = isvc

@@ -1,0 +1,75 @@
+"""An in-memory stand-in for the API clients the operator's Reconciler uses (dynamic, custom objects, core):
+it keeps objects by (kind, namespace, name) and records every (kind, verb) asked of it, so unit tests can
+check what the Reconciler does and which RBAC verbs that needs."""
+
+from __future__ import annotations
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubellm.operator.reconcile import POLICY_CONFIGMAP, Reconciler
+
+
+class _Obj(dict):
+    def to_dict(self):
+        return dict(self)
+
+
+class RecordingApi:
+    """Just enough of the dynamic, custom-objects and core clients for Reconciler; records (kind, verb)."""
+
+    def __init__(self):
+        self.store: dict[tuple, dict] = {}
+        self.calls: set[tuple[str, str]] = set()
+        self.reject_next_apply = False
+        self.isvc: dict = {}
+        self.policy_data: dict | None = None  # the policy ConfigMap's data; None: no ConfigMap
+
+    def resource(self, kind):
+        api = self
+
+        class Resource:
+            def get(self, name, namespace):
+                api.calls.add((kind, "get"))
+                if (kind, namespace, name) not in api.store:
+                    raise ApiException(status=404)
+                return _Obj(api.store[(kind, namespace, name)])
+
+            def server_side_apply(self, body, name, namespace, field_manager, force_conflicts):
+                api.calls.add((kind, "patch"))
+                if api.reject_next_apply:
+                    api.reject_next_apply = False
+                    raise ApiException(status=422)
+                if (kind, namespace, name) not in api.store:  # an apply that creates needs `create` too
+                    api.calls.add((kind, "create"))
+                    body = {**body, "metadata": {**body["metadata"], "uid": f"uid-{kind}"}}
+                api.store[(kind, namespace, name)] = body
+                return _Obj(body)
+
+            def replace(self, body, namespace):
+                api.calls.add((kind, "update"))
+                api.store[(kind, namespace, body["metadata"]["name"])] = body
+
+            def delete(self, name, namespace, body):
+                api.calls.add((kind, "delete"))
+                api.store.pop((kind, namespace, name), None)
+
+        return Resource()
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.calls.add(("InferenceService", "get"))
+        return self.isvc
+
+    def read_namespaced_config_map(self, name, namespace):
+        self.calls.add(("ConfigMap", "get"))
+        assert f"{namespace}/{name}" == POLICY_CONFIGMAP
+        if self.policy_data is None:
+            raise ApiException(status=404)
+        return client.V1ConfigMap(data=self.policy_data)
+
+
+def recording_reconciler() -> tuple[Reconciler, RecordingApi]:
+    api = RecordingApi()
+    r = Reconciler.__new__(Reconciler)
+    r._resource, r.custom, r.core, r.policy_configmap = api.resource, api, api, POLICY_CONFIGMAP
+    return r, api
