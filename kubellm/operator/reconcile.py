@@ -2,15 +2,14 @@
 apply with our field manager), delete children it should no longer have, and repair drift.
 
 It never takes over an object it does not own: a child name held by anything without this InferenceService's
-uid among its owner references is a `ChildConflict`, and every write carries the uid it expects (a fresh
-one when creating, so that an object created in the meantime fails the write instead of being adopted).
+uid among its owner references is a `ChildConflict`. A new child is created (which fails on a name taken in the
+meantime, where an apply would merge into it); an update and a delete carry the uid they expect.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -108,20 +107,46 @@ class Reconciler:
         return self._resources[kind]
 
     def apply(self, manifest: dict, live: dict | None, isvc: dict) -> dict:
-        """Server-side apply one child that is ours (`live`) or absent (None); never over anyone else's."""
-        meta = manifest["metadata"]
+        """Write one child that is ours (`live`) or absent (None); never anyone else's."""
+        kind, meta = manifest["kind"], manifest["metadata"]
         if live is not None and not owned_by(live, isvc):
-            raise conflict([(manifest["kind"], meta)])
-        # the uid is a precondition: ours when updating; a fresh one when creating, which any object that
-        # appeared since we looked fails (a create ignores it and assigns the real uid)
-        expected = live["metadata"]["uid"] if live is not None else str(uuid.uuid4())
-        body = {**manifest, "metadata": {**meta, "uid": expected}}
+            raise conflict([(kind, meta)])
         try:
-            return self._server_side_apply(body)
+            if live is None:
+                return self._create(manifest)
+            # the live uid as a precondition: an object that replaced ours since we read it fails the write
+            return self._server_side_apply({**manifest, "metadata": {**meta, "uid": live["metadata"]["uid"]}})
         except ApiException as e:
-            if e.status in (409, 422) and live is None and self.read(manifest["kind"], meta["name"], meta["namespace"]):
-                raise conflict([(manifest["kind"], meta)]) from None
+            if e.status in (409, 422):
+                now = self.read(kind, meta["name"], meta["namespace"])
+                if now is not None and not owned_by(now, isvc):
+                    raise conflict([(kind, meta)]) from None
             raise
+
+    def _create(self, manifest: dict) -> dict:
+        """Create, which fails (409) if the name was taken since we looked: never an apply that would merge into
+        a stranger's object. Then our fields go to our apply manager, as if server-side apply had created the
+        object, so that a field we later stop applying is removed rather than left behind."""
+        resource, meta = self._resource(manifest["kind"]), manifest["metadata"]
+        created = resource.create(body=manifest, namespace=meta["namespace"], field_manager=FIELD_MANAGER).to_dict()
+        for _ in range(3):  # a controller may write (status) in between: the test ops then fail; read again
+            live = resource.get(name=meta["name"], namespace=meta["namespace"]).to_dict()
+            ops = _update_entry_to_apply(live["metadata"].get("managedFields") or [])
+            if not ops:
+                break
+            try:
+                resource.patch(
+                    body=ops,
+                    name=meta["name"],
+                    namespace=meta["namespace"],
+                    content_type="application/json-patch+json",
+                    field_manager=FIELD_MANAGER,
+                )
+                break
+            except ApiException as e:
+                if e.status != 422:
+                    raise
+        return created
 
     def _server_side_apply(self, manifest: dict) -> dict:
         meta = manifest["metadata"]
@@ -216,6 +241,19 @@ class Reconciler:
                 raise
             self._resource(kind).replace(body=overlay(live, desired), namespace=meta["namespace"])
         return True
+
+
+def _update_entry_to_apply(entries: list[dict]) -> list[dict]:
+    """A JSON patch turning our create's managedFields entry (operation Update) into an Apply entry."""
+    for i, m in enumerate(entries):
+        if (m.get("manager"), m.get("operation"), m.get("subresource")) == (FIELD_MANAGER, "Update", None):
+            at = f"/metadata/managedFields/{i}"
+            return [
+                {"op": "test", "path": f"{at}/manager", "value": FIELD_MANAGER},
+                {"op": "test", "path": f"{at}/operation", "value": "Update"},
+                {"op": "replace", "path": f"{at}/operation", "value": "Apply"},
+            ]
+    return []
 
 
 def conflict(children: list[tuple[str, dict]]) -> Refused:

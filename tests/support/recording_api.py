@@ -35,14 +35,37 @@ class RecordingApi:
                     raise ApiException(status=404)
                 return _Obj(api.store[(kind, namespace, name)])
 
+            def create(self, body, namespace, field_manager):
+                api.calls.add((kind, "create"))
+                key = (kind, namespace, body["metadata"]["name"])
+                if key in api.store:
+                    raise ApiException(status=409)
+                managed = [{"manager": field_manager, "operation": "Update"}]
+                api.store[key] = {
+                    **body,
+                    "metadata": {**body["metadata"], "uid": f"uid-{kind}", "managedFields": managed},
+                }
+                return _Obj(api.store[key])
+
+            def patch(self, body, name, namespace, content_type, field_manager):
+                api.calls.add((kind, "patch"))
+                assert content_type == "application/json-patch+json"
+                entries = api.store[(kind, namespace, name)]["metadata"]["managedFields"]
+                for op in body:
+                    i, field = op["path"].split("/")[3:]
+                    if op["op"] == "test" and entries[int(i)][field] != op["value"]:
+                        raise ApiException(status=422)
+                    if op["op"] == "replace":
+                        entries[int(i)][field] = op["value"]
+
             def server_side_apply(self, body, name, namespace, field_manager, force_conflicts):
                 api.calls.add((kind, "patch"))
+                live = api.store.get((kind, namespace, name))
                 if api.reject_next_apply:
                     api.reject_next_apply = False
                     raise ApiException(status=422)
-                if (kind, namespace, name) not in api.store:  # an apply that creates needs `create` too
-                    api.calls.add((kind, "create"))
-                    body = {**body, "metadata": {**body["metadata"], "uid": f"uid-{kind}"}}
+                if live is None or body["metadata"].get("uid") != live["metadata"]["uid"]:
+                    raise ApiException(status=409)  # the operator applies only to what it read, uid and all
                 api.store[(kind, namespace, name)] = body
                 return _Obj(body)
 

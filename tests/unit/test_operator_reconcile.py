@@ -32,6 +32,8 @@ def test_writes_carry_the_expected_uid():
     r.reconcile(ISVC)
     created = api.store[("Deployment", "ns", "shop")]
     assert created["metadata"]["uid"] == "uid-Deployment"  # the fake assigns one on create, as the API does
+    # created, then handed to our apply manager (so that a field no longer applied is removed)
+    assert created["metadata"]["managedFields"] == [{"manager": "kubellm-operator", "operation": "Apply"}]
     r.reconcile(ISVC)  # an update names the live object's uid: a replaced object fails the write
     assert api.store[("Deployment", "ns", "shop")]["metadata"]["uid"] == "uid-Deployment"
     assert set(r.delete_children(ISVC)) == {"Deployment", "Service", "HorizontalPodAutoscaler"}
