@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
+from kubellm.operator.admission_policy import admission_policy, configmap_of, policy_yaml
 from kubellm.operator.main import JsonFormatter
-from kubellm.operator.policy import Policy, Refused, admit, check_extra_args, policy_from_configmap
+from kubellm.operator.policy import POLICY_KEYS, Policy, Refused, admit, check_extra_args, policy_from_configmap
 from kubellm.operator.serve_flags import allowed_extra_flags, extra_args_rule, serve_flags
 from kubellm.operator.spec import parse_spec
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FLAG_REFUSALS = [
     ["--po", "9999"],  # argparse would read these abbreviations as --port, --host, --tensor-parallel-size
     ["--ho", "0.0.0.0"],
@@ -150,3 +153,22 @@ def test_log_lines_are_json_with_the_inferenceservice():
     assert (a["namespace"], a["name"], a["msg"], a["level"]) == ("team-a", "chat", "applied Deployment", "INFO")
     assert (b["namespace"], b["name"], b["msg"]) == ("team-b", "llm", 'said "x"\n') and "boom" in b["exc"]
     assert "\n" not in fmt.format(kopfs)
+
+
+def test_the_shipped_admission_policy_is_generated_from_its_configmap():
+    """One source for both enforcers: the VAP's compiled-in lists are the ConfigMap's, as the operator parses it."""
+    path = ROOT / "manifests/policy.yaml"
+    text = path.read_text()
+    cm = configmap_of(text)
+    assert policy_yaml(cm) == text, "run `python -m kubellm.operator.admission_policy manifests/policy.yaml`"
+    assert cm["metadata"]["name"] == "kubellm-policy"
+    vap = admission_policy(cm["data"])[0]
+    compiled = {v["name"]: json.loads(v["expression"]) for v in vap["spec"]["variables"]}
+    operator = policy_from_configmap(cm["data"])
+    assert compiled == {k: list(getattr(operator, attr)) for k, attr in POLICY_KEYS.items()}
+    assert len(vap["spec"]["validations"]) == len(POLICY_KEYS)
+    assert "paramKind" not in vap["spec"]  # kubernetes/kubernetes#130887
+    # an absent key is no check at all; a present but empty one allows nothing
+    assert [v["name"] for v in admission_policy({"allowedPriorityClasses": ""})[0]["spec"]["variables"]] == [
+        "allowedPriorityClasses"
+    ]
