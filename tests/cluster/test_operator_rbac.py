@@ -129,11 +129,15 @@ def no_permission_errors(op: OperatorProcess) -> None:
     assert not denied, denied[:3]
 
 
-@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
-def test_the_operator_works_under_exactly_the_shipped_rbac(cluster, operator, namespace, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["cluster-wide", "cluster-wide with peering", "namespaced"])
+def test_the_operator_works_under_exactly_the_shipped_rbac(cluster, operator, namespace, tmp_path, kubectl, mode):
     kubeconfig = service_account_kubeconfig(cluster, tmp_path)
     docs = rbac_docs("manifests/operator.yaml")
     args: list[str] = []
+    if mode == "cluster-wide with peering":  # the CRDs first, then the ClusterKopfPeering: apply until it takes
+        peering = str(ROOT / "manifests/peering.yaml")
+        wait_for("the peering objects", lambda: kubectl("apply", "-f", peering, check=False).returncode == 0)
+        args = ["--peering=kubellm"]
     if mode == "namespaced":  # the policy Role of operator.yaml, the rest from rbac-namespaced.yaml
         docs = [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
         docs += rbac_docs("manifests/rbac-namespaced.yaml", namespace)
@@ -144,6 +148,9 @@ def test_the_operator_works_under_exactly_the_shipped_rbac(cluster, operator, na
     try:
         scoped.start()
         exercise(namespace)
+        if "peering" in mode:  # it registered itself (a patch of the ClusterKopfPeering)
+            peers = custom().get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "kubellm")
+            assert peers.get("status"), peers
         no_permission_errors(scoped)
     finally:
         scoped.stop()
