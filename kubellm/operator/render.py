@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from kubellm.operator.spec import GROUP, KIND, VERSION, InferenceServiceSpec, parse_spec
 
@@ -121,15 +122,17 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
 
 def _resources(spec: InferenceServiceSpec) -> dict:
     """The CR's requests and limits, defaults for the rest: a request only where no limit sets it (Kubernetes
-    then uses the limit), a memory limit at least the memory request."""
+    then uses the limit), a memory limit of at least the default and the memory request."""
     res = spec.resources
     requests = {k: v for k, v in (("cpu", res.requests.cpu), ("memory", res.requests.memory)) if v}
     limits = {k: v for k, v in (("cpu", res.limits.cpu), ("memory", res.limits.memory)) if v}
     for k, v in RUNTIME_DEFAULTS["requests"].items():
         if k not in requests and k not in limits:
             requests[k] = v
-    if "memory" not in limits:
-        limits["memory"] = res.requests.memory or RUNTIME_DEFAULTS["limits"]["memory"]
+    if "memory" not in limits:  # the default, or the request where that is more
+        default = RUNTIME_DEFAULTS["limits"]["memory"]
+        asked = res.requests.memory
+        limits["memory"] = asked if asked and quantity_value(asked) > quantity_value(default) else default
     if res.gpus:
         limits[res.gpu_resource_name] = str(res.gpus)
     return {"requests": requests, "limits": limits}
@@ -329,6 +332,18 @@ def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "egress": egress + list(np.egress),
         },
     }
+
+
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 1e-3, "": 1}
+_SUFFIX |= {s: 1000.0 ** (i + 1) for i, s in enumerate("kMGTPE")}
+
+
+def quantity_value(q: str) -> float:
+    """A Kubernetes quantity's value ("16Gi" → 17179869184.0); 0 for what does not parse (the API rejects it)."""
+    m = re.fullmatch(r"\+?([0-9]*\.?[0-9]+)(?:[eE]([-+]?[0-9]+))?(Ki|Mi|Gi|Ti|Pi|Ei|[mkMGTPE])?", q.strip())
+    if not m:
+        return 0.0
+    return float(m.group(1)) * 10 ** int(m.group(2) or 0) * _SUFFIX[m.group(3) or ""]
 
 
 def _quantity(x: float) -> str:

@@ -259,9 +259,10 @@ def test_runtime_pods_are_bounded_and_carry_no_token():
     vols = {v["name"]: v for v in s3["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert vols["model"]["emptyDir"] == {"sizeLimit": "50Gi"}
     assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}  # 2 GiB per GPU
-    big = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "resources": {"requests": {"memory": "40Gi"}}})))
-    r = big["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
-    assert r["limits"]["memory"] == "40Gi"  # never below the request
+    for asked, limit in (("40Gi", "40Gi"), ("256Mi", "16Gi"), ("20G", "20G"), ("1.5e10", "16Gi")):
+        big = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "resources": {"requests": {"memory": asked}}})))
+        r = big["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert r["limits"]["memory"] == limit, asked  # the default, never below the request
     capped = by_kind(
         render(isvc({"model": {"uri": "hf://a/b"}, "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}}))
     )
