@@ -16,25 +16,14 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from kubellm.operator.policy import Policy, Refused, admit, policy_from_configmap
-from kubellm.operator.render import render
+from kubellm.operator.render import OPERATOR_NAMESPACE, render
 from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 
 log = logging.getLogger("kubellm.operator")
 FIELD_MANAGER = "kubellm-operator"
-SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-
-def _operator_namespace() -> str:
-    try:
-        with open(SA_NAMESPACE_FILE) as f:
-            return f.read().strip()
-    except OSError:  # outside a pod
-        return "kubellm-system"
-
-
 # the cluster admin's allow-list: namespace/name of a ConfigMap (manifests/policy.yaml), by default
 # `kubellm-policy` in the operator's own namespace; "" turns it off
-POLICY_CONFIGMAP = os.environ.get("KUBELLM_POLICY_CONFIGMAP", f"{_operator_namespace()}/kubellm-policy")
+POLICY_CONFIGMAP = os.environ.get("KUBELLM_POLICY_CONFIGMAP", f"{OPERATOR_NAMESPACE}/kubellm-policy")
 CHILD_KINDS = {  # kind → apiVersion
     "Deployment": "apps/v1",
     "Service": "v1",

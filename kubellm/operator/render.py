@@ -12,6 +12,19 @@ import re
 from kubellm.operator.spec import GROUP, KIND, VERSION, InferenceServiceSpec, parse_spec
 
 DEFAULT_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE", "ghcr.io/kubellm/kubellm-runtime:0.1.0")
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _operator_namespace() -> str:
+    try:
+        with open(SA_NAMESPACE_FILE) as f:
+            return f.read().strip()
+    except OSError:  # outside a pod
+        return "kubellm-system"
+
+
+OPERATOR_NAMESPACE = _operator_namespace()
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kubellm-operator"}  # manifests/operator.yaml, the chart
 MANAGED_BY = "kubellm-operator"
 ISVC_LABEL = "kubellm.io/inferenceservice"
 HTTP_PORT = 8000
@@ -308,14 +321,18 @@ def render_pdb(isvc: dict) -> dict:
 
 
 def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
-    """Ingress to the API port from this namespace's pods (and networkPolicy.ingressFrom); egress to DNS, to
-    TCP 443 when the weights are downloaded at start-up, and networkPolicy.egress. Probes come from the kubelet,
-    which NetworkPolicies do not filter."""
+    """Ingress to the API port from this namespace's pods, the operator's (it reads the pods' /metrics for the
+    custom metrics API) and networkPolicy.ingressFrom; egress to DNS, to TCP 443 when the weights are downloaded
+    at start-up, and networkPolicy.egress. Probes come from the kubelet, which NetworkPolicies do not filter."""
     name, np = isvc["metadata"]["name"], spec.network_policy
     dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
     egress = [{"ports": dns}]
     if not spec.model.uri.startswith("pvc://"):
         egress.append({"ports": [{"protocol": "TCP", "port": 443}]})
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
+        "podSelector": {"matchLabels": OPERATOR_POD_LABELS},
+    }
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -325,7 +342,7 @@ def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
-                    "from": [{"podSelector": {}}, *np.ingress_from],
+                    "from": [{"podSelector": {}}, operator, *np.ingress_from],
                     "ports": [{"protocol": "TCP", "port": HTTP_PORT}],
                 }
             ],

@@ -280,7 +280,22 @@ def test_network_policy_is_optional_and_narrow():
     spec = np["spec"]
     assert spec["podSelector"]["matchLabels"]["kubellm.io/inferenceservice"] == "chat"
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    assert spec["ingress"] == [{"from": [{"podSelector": {}}, peer], "ports": [{"protocol": "TCP", "port": 8000}]}]
+    operator = {  # the operator reads the pods' /metrics (custom metrics API)
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubellm-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubellm-operator"}},
+    }
+    assert spec["ingress"] == [
+        {"from": [{"podSelector": {}}, operator, peer], "ports": [{"protocol": "TCP", "port": 8000}]}
+    ]
     assert [p["port"] for rule in spec["egress"] for p in rule["ports"]] == [53, 53, 443]  # DNS, the download
     pvc = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "networkPolicy": {"enabled": True}})))["NetworkPolicy"]
     assert [p["port"] for rule in pvc["spec"]["egress"] for p in rule["ports"]] == [53, 53]  # nothing to fetch
+
+
+def test_the_network_policy_admits_the_operators_pods_as_installed():
+    from kubellm.operator.render import OPERATOR_POD_LABELS
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "manifests/operator.yaml").read_text()) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert OPERATOR_POD_LABELS.items() <= labels.items() and dep["metadata"]["namespace"] == "kubellm-system"
