@@ -5,7 +5,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup k8s-bins test test-unit test-cluster demo cluster lint
+.PHONY: setup k8s-bins node-setup test test-unit test-cluster test-node demo demo-local demo-clean node-clean cluster lint
 
 # A virtualenv with the package and every extra the tests need (uv: fast, and caches torch's wheels).
 setup: .venv/.installed
@@ -22,17 +22,35 @@ k8s-bins:
 	@start=$$SECONDS; bash tests/support/build-k8s-bins.sh >/dev/null; echo "[make] k8s-bins: $$((SECONDS - start))s"
 
 test: setup k8s-bins
-	@start=$$SECONDS; $(PY) -m pytest -ra --durations=15; echo "[make] pytest: $$((SECONDS - start))s"
+	@start=$$SECONDS; $(PY) -m pytest -ra --durations=15 -m "not node"; echo "[make] pytest: $$((SECONDS - start))s"
 
 test-unit: setup
-	$(PY) -m pytest -ra -m "not cluster"
+	$(PY) -m pytest -ra -m "not cluster and not node"
 
 test-cluster: setup k8s-bins
 	$(PY) -m pytest -ra -m cluster
 
-# The demo: serve the real SmolLM2-135M-Instruct (from a PyPI wheel, converted once) and chat with it.
-demo: setup
+# Real pods (root): podman, containerd, kubelet + kube-proxy + helm from Go modules, the base, pause and project
+# images; idempotent and cached (~/.cache/kubellm-node, ~/.cache/k8s-test-bins, ~/.cache/helm-bin).
+node-setup: setup k8s-bins
+	@start=$$SECONDS; bash tests/support/node-setup.sh >/dev/null; echo "[make] node-setup: $$((SECONDS - start))s"
+
+test-node: node-setup
+	$(PY) -m pytest -ra -m node --durations=15
+
+# The demo (root; changes the host, `make demo-clean` undoes it): a local cluster with a real node, the operator
+# installed with Helm, an InferenceService serving SmolLM2-135M-Instruct, a chat through its Service.
+demo: setup k8s-bins
+	$(PY) scripts/demo_cluster.py
+
+# The quick demo: only the server, SmolLM2 on this machine, no cluster, no root.
+demo-local: setup
 	$(PY) -m kubellm.demo
+
+# Undo what the node tier and `make demo` leave on the host (state, images, containers.conf line, cgroup mount).
+demo-clean node-clean:
+	bash tests/support/node-cleanup.sh --all
+
 
 # A local control plane for hand use (prints how to point kubectl at it).
 cluster: setup k8s-bins

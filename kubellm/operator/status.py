@@ -55,6 +55,13 @@ def pod_problem(pod: dict, gpu_resource: str, startup_timeout: float, now: dt.da
             return "OOMKilled", f"container {cs['name']} ran out of memory (restarts: {cs.get('restartCount', 0)})"
         if waiting.get("reason") == "CrashLoopBackOff":
             return "CrashLoopBackOff", waiting.get("message") or f"container {cs['name']} keeps crashing"
+    for cs in status.get("containerStatuses") or []:  # restarted (e.g. its liveness probe failed): say so
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if last and cs.get("restartCount", 0) and not cs.get("ready"):
+            return "Restarted", (
+                f"container {cs['name']} restarted (restarts: {cs['restartCount']}; last exit: "
+                f"{last.get('reason', '?')}, code {last.get('exitCode', '?')} at {last.get('finishedAt', '?')})"
+            )
     started = status.get("startTime") or (pod.get("metadata") or {}).get("creationTimestamp")
     if _age_seconds(started, now) > startup_timeout:
         return "StartupTimeout", f"not ready after {int(startup_timeout)}s (startup.timeoutSeconds)"
