@@ -36,6 +36,16 @@ QUEUE_METRIC = "kubellm_num_requests_waiting"
 # bounded so that one pod cannot take a node's memory; no CPU limit (throttling stalls the engine's step loop)
 RUNTIME_DEFAULTS = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "16Gi"}}
 INIT_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+# what the downloader reads from model.credentialsSecret (huggingface_hub, boto3)
+CREDENTIAL_KEYS = (
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+)
 TMP_SIZE_LIMIT = "4Gi"  # HF and Triton caches, tokenizer files
 SHM_GIB_PER_GPU = 2  # /dev/shm (memory-backed) for the tensor-parallel workers' shared tensors
 
@@ -225,8 +235,16 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "resources": INIT_RESOURCES,
             "securityContext": container_security,
         }
-        if spec.model.credentials_secret:
-            init["envFrom"] = [{"secretRef": {"name": spec.model.credentials_secret}}]
+        if spec.model.credentials_secret:  # named keys only: a Secret's other keys (LD_PRELOAD, …) stay out
+            init["env"] += [
+                {
+                    "name": key,
+                    "valueFrom": {
+                        "secretKeyRef": {"name": spec.model.credentials_secret, "key": key, "optional": True}
+                    },
+                }
+                for key in CREDENTIAL_KEYS
+            ]
         pod_spec["initContainers"] = [init]
     sched = spec.scheduling
     if sched.node_selector:

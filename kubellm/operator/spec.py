@@ -43,7 +43,9 @@ class ModelSource(Spec):
         None, description="Served model id (the `model` field clients send); default metadata.name"
     )
     credentials_secret: str | None = Field(
-        None, description="Secret with HF_TOKEN or AWS_* keys, exposed to the downloader"
+        None,
+        description="Secret whose keys HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, "
+        "AWS_REGION, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL (those present) reach the downloader, no others",
     )
     download_size_limit: str = Field(
         "200Gi",

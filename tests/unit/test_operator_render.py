@@ -299,3 +299,12 @@ def test_the_network_policy_admits_the_operators_pods_as_installed():
     dep = next(d for d in docs if d["kind"] == "Deployment")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert OPERATOR_POD_LABELS.items() <= labels.items() and dep["metadata"]["namespace"] == "kubellm-system"
+
+
+def test_the_downloader_gets_only_the_credential_keys_of_its_secret():
+    spec = {"model": {"uri": "s3://bucket/m", "credentialsSecret": "creds"}}
+    init = by_kind(render(isvc(spec)))["Deployment"]["spec"]["template"]["spec"]["initContainers"][0]
+    assert "envFrom" not in init  # a Secret's every key as a variable would let it set LD_PRELOAD and the like
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"] if "valueFrom" in e}
+    assert set(refs) >= {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert all(r == {"name": "creds", "key": k, "optional": True} for k, r in refs.items())
