@@ -45,8 +45,14 @@ if [[ "${1:-}" == --requirements ]]; then
 fi
 python=${1:?usage: install.sh PYTHON EXTRAS [editable|deps|nodeps]}
 extras=${2:?usage: install.sh PYTHON EXTRAS [editable|deps|nodeps]}
-"$host" -m uv --version >/dev/null 2>&1 || "$host" -m pip install -q --no-cache-dir uv
-uv=("$host" -m uv pip install -q --compile-bytecode --python "$python")
+if "$host" -m uv --version >/dev/null 2>&1; then
+  uv=("$host" -m uv)
+else  # (an image build) uv for this run only, kept out of the image's layers
+  tmpuv="$(mktemp -d)"; trap 'rm -rf "$tmpuv"' EXIT
+  "$host" -m pip install -q --no-cache-dir --target "$tmpuv" uv
+  uv=("$tmpuv/bin/uv")
+fi
+uv+=(pip install -q --compile-bytecode --python "$python")
 case "${3:-}" in
   editable) "${uv[@]}" -e "$here[${extras}]" ;;
   deps)

@@ -154,17 +154,12 @@ def test_tiny_model_answers_through_the_service(tiny, kubectl):
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
     oai = service_client(kubectl, ns, "tiny")
     (model,) = [m.id for m in oai.models.list().data]
-    chat = oai.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
-    )
+    msgs = [{"role": "user", "content": "hello"}]
+    chat = oai.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0)
     assert chat.choices[0].message.content and chat.usage.completion_tokens > 0
     text = oai.completions.create(model=model, prompt="hello", max_tokens=8, temperature=0)
     assert text.choices[0].text
-    chunks = list(
-        oai.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
-        )
-    )
+    chunks = list(oai.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
 
 

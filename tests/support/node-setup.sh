@@ -103,7 +103,7 @@ timed pause-image pause_image
 # (a marker in $STATE/imported) is neither rebuilt nor re-imported; the podman copy is removed after import.
 context_hash() {  # $1 = Dockerfile
   (cd "$CONTEXT" && { cat "$1" .dockerignore pyproject.toml README.md scripts/install.sh;
-    find kubellm -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-12)
+    find kubellm requirements -type f ! -path '*/__pycache__/*' ! -name '*.pyc' | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-12)
 }
 BUILD_MOUNTS=()
 build_mounts() {  # the egress CA (TLS-intercepting proxies) and uv's use of it, for RUN steps only, not baked in

@@ -58,6 +58,16 @@ def test_install_script_lists_what_pip_resolves():
         requirements(extras)
 
 
+def test_image_requirement_files_are_in_sync():
+    """The images install their dependency layer from these files (so that only a dependency change rebuilds it)."""
+    for extra in ("operator", "server"):
+        path = ROOT / "requirements" / f"{extra}.txt"
+        name = path.relative_to(ROOT)
+        assert path.read_text().split() == resolved(extra), (
+            f"{name} is out of date: scripts/install.sh --requirements {extra} > {name}"
+        )
+
+
 def test_server_and_test_extras_still_get_the_engine():
     for extras in ("server", "test", "demo", "engine"):
         assert {"torch", "transformers", "safetensors", "tokenizers"} <= {name_of(r) for r in resolved(extras)}
