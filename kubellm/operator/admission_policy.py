@@ -37,11 +37,17 @@ HEADER = """\
 #   allowedRuntimeClasses    scheduling.runtimeClassName
 #   allowedTolerationKeys    the key of every scheduling.tolerations entry (a key-less toleration tolerates
 #                            every taint and is refused whenever this key is present)
-#   allowedNodeSelectorKeys  every key of scheduling.nodeSelector
+#   allowedNodeSelectorKeys  every key of scheduling.nodeSelector, and every node label or field key that
+#                            scheduling.affinity's nodeAffinity terms select on (required and preferred)
 #   allowedGpuResourceNames  resources.gpuResourceName (when resources.gpus > 0)
 """
 
 _S = "object.spec.scheduling"
+_NA = f"{_S}.affinity.nodeAffinity"
+_TERM_OK = (
+    "(!('matchExpressions' in t) || t.matchExpressions.all(e, string(e.key) in ALLOWED)) && "
+    "(!('matchFields' in t) || t.matchFields.all(e, string(e.key) in ALLOWED))"
+)
 # key → (CEL that holds when the field is allowed, with ALLOWED for the allowed list; CEL of the refused value, what)
 CHECKS = {
     "allowedImagePrefixes": (
@@ -70,13 +76,24 @@ CHECKS = {
         f"{_S}.nodeSelector.filter(k, !(k in ALLOWED)).join(', ')",
         "scheduling.nodeSelector key",
     ),
+    "allowedNodeSelectorKeys/affinity": (  # policy.node_affinity_keys: required and preferred terms alike
+        f"!has({_S}.affinity) || !('nodeAffinity' in {_S}.affinity) || "
+        f"((!('requiredDuringSchedulingIgnoredDuringExecution' in {_NA}) || "
+        f"!('nodeSelectorTerms' in {_NA}.requiredDuringSchedulingIgnoredDuringExecution) || "
+        f"{_NA}.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms.all(t, {_TERM_OK})) && "
+        f"(!('preferredDuringSchedulingIgnoredDuringExecution' in {_NA}) || "
+        f"{_NA}.preferredDuringSchedulingIgnoredDuringExecution.all(p, "
+        f"!('preference' in p) || [p.preference].all(t, {_TERM_OK}))))",
+        "'selects on a node key that'",
+        "scheduling.affinity",
+    ),
     "allowedGpuResourceNames": (
         "object.spec.resources.gpus == 0 || object.spec.resources.gpuResourceName in ALLOWED",
         "object.spec.resources.gpuResourceName",
         "resources.gpuResourceName",
     ),
 }
-assert set(CHECKS) == set(POLICY_KEYS)
+assert {k.split("/")[0] for k in CHECKS} == set(POLICY_KEYS)
 
 
 def allowed_lists(data: dict[str, str]) -> dict[str, list[str]]:
@@ -88,9 +105,11 @@ def admission_policy(data: dict[str, str]) -> list[dict]:
     """The ValidatingAdmissionPolicy and its binding for a policy ConfigMap's data."""
     lists = allowed_lists(data)
     validations = []
-    for key, values in lists.items():
-        holds, refused, what = CHECKS[key]
-        variable = f"variables.{key}"
+    for check, (holds, refused, what) in CHECKS.items():
+        key = check.split("/")[0]
+        if key not in lists:
+            continue
+        values, variable = lists[key], f"variables.{key}"
         shown = json.dumps(f" is not allowed by the cluster policy ({key}: [{', '.join(values)}])")
         validations.append(
             {

@@ -91,6 +91,18 @@ def policy_from_configmap(data: dict[str, str] | None, source: str = "") -> Poli
     return Policy(**values, source=source)
 
 
+def node_affinity_keys(affinity: dict | None) -> list:
+    """The node label and field keys a (free-form) affinity selects on, required and preferred terms alike."""
+    node = (affinity or {}).get("nodeAffinity") or {}
+    required = (node.get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    preferred = [p.get("preference") or {} for p in node.get("preferredDuringSchedulingIgnoredDuringExecution") or []]
+    return [
+        e.get("key")
+        for t in required + preferred
+        for e in (t.get("matchExpressions") or []) + (t.get("matchFields") or [])
+    ]
+
+
 def check_policy(spec: InferenceServiceSpec, policy: Policy) -> None:
     """Refuse what the allow-list does not allow; every violation is named."""
     s, problems = spec.scheduling, []
@@ -112,6 +124,8 @@ def check_policy(spec: InferenceServiceSpec, policy: Policy) -> None:
         check("a toleration of key", t.get("key"), policy.toleration_keys, "allowedTolerationKeys")
     for key in s.node_selector:
         check("scheduling.nodeSelector key", key, policy.node_selector_keys, "allowedNodeSelectorKeys")
+    for key in node_affinity_keys(s.affinity):
+        check("scheduling.affinity node key", key, policy.node_selector_keys, "allowedNodeSelectorKeys")
     if spec.resources.gpus:
         check(
             "resources.gpuResourceName",

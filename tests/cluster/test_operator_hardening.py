@@ -189,7 +189,15 @@ def test_the_admission_policy_refuses_what_the_allow_list_does_not_allow(admissi
             if doc and doc["kind"] == "InferenceService":
                 assert refusal(namespace, doc["metadata"]["name"], doc["spec"]) is None, path
     allowed = {"image": "ghcr.io/kubellm/kubellm-runtime:0.2.0"}
-    assert refusal(namespace, "ok", {**base, "runtime": allowed, "scheduling": {"runtimeClassName": "nvidia"}}) is None
+    gpu_term = {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "Exists"}]}
+    scheduling = {
+        "runtimeClassName": "nvidia",
+        "affinity": {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [gpu_term]}},
+            "podAntiAffinity": {},
+        },
+    }
+    assert refusal(namespace, "ok", {**base, "runtime": allowed, "scheduling": scheduling}) is None
 
 
 def test_rendered_pods_pass_pod_security_restricted(cluster, namespace):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kubellm.operator.admission_policy import admission_policy, configmap_of, policy_yaml
+from kubellm.operator.admission_policy import CHECKS, admission_policy, configmap_of, policy_yaml
 from kubellm.operator.main import JsonFormatter
 from kubellm.operator.policy import POLICY_KEYS, Policy, Refused, admit, check_extra_args, policy_from_configmap
 from kubellm.operator.serve_flags import allowed_extra_flags, extra_args_rule, serve_flags
@@ -87,6 +87,18 @@ HOSTILE = {
         "runtimeClassName": "kata",
         "tolerations": [{"operator": "Exists"}],
         "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n"]}]}
+                    ]
+                },
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 1, "preference": {"matchExpressions": [{"key": "dedicated", "operator": "Exists"}]}}
+                ],
+            }
+        },
     },
 }
 SHIPPED = {  # manifests/policy.yaml's ConfigMap, as a cluster admin would start from
@@ -111,6 +123,8 @@ def test_the_allow_list_names_every_violation():
         "kata",
         "toleration of key None",
         "node-role.kubernetes.io/control-plane",
+        "scheduling.affinity node key 'metadata.name'",
+        "scheduling.affinity node key 'dedicated'",
         "example.com/fpga",
         "kubellm-system/kubellm-policy",
     ):
@@ -122,6 +136,16 @@ def test_the_allow_list_names_every_violation():
             "runtimeClassName": "nvidia",
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
             "nodeSelector": {"nvidia.com/gpu.product": "H100"},
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "Exists"}]}
+                        ]
+                    }
+                },
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []},
+            },
         },
     }
     admit(parse_spec(fine), policy)
@@ -166,7 +190,7 @@ def test_the_shipped_admission_policy_is_generated_from_its_configmap():
     compiled = {v["name"]: json.loads(v["expression"]) for v in vap["spec"]["variables"]}
     operator = policy_from_configmap(cm["data"])
     assert compiled == {k: list(getattr(operator, attr)) for k, attr in POLICY_KEYS.items()}
-    assert len(vap["spec"]["validations"]) == len(POLICY_KEYS)
+    assert len(vap["spec"]["validations"]) == len(CHECKS) == len(POLICY_KEYS) + 1  # nodeSelector and affinity
     assert "paramKind" not in vap["spec"]  # kubernetes/kubernetes#130887
     # an absent key is no check at all; a present but empty one allows nothing
     assert [v["name"] for v in admission_policy({"allowedPriorityClasses": ""})[0]["spec"]["variables"]] == [
