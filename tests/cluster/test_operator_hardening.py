@@ -93,7 +93,8 @@ def test_what_admission_cannot_parse_the_operator_refuses(operator, namespace):
     custom().patch_namespaced_custom_object(
         G, V, namespace, P, "args", {"spec": {"runtime": {"extraArgs": ["--seed", "3"]}}}
     )
-    wait_for("Accepted cleared", lambda: not condition(get_isvc(namespace, "args"), "Accepted"), timeout=45)
+    # kopf runs the delayed handler once its retry delay (30 s) is over, even when the spec changed sooner
+    wait_for("Accepted cleared", lambda: not condition(get_isvc(namespace, "args"), "Accepted"), timeout=75)
     dep = client.AppsV1Api().read_namespaced_deployment("args", namespace)
     assert dep.spec.template.spec.containers[0].args[-2:] == ["--seed", "3"]
 
