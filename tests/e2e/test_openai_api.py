@@ -366,3 +366,21 @@ def test_structured_output_through_the_openai_client(client):
     assert text.startswith("{")
     if any_json.choices[0].finish_reason == "stop":  # a random model may also run out of tokens first
         assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streaming_n_sends_one_finish_chunk_per_choice(client, endpoint):
+    """With n > 1 the choices finish at different steps (stop "e", seed 42); each gets exactly one chunk with a
+    finish_reason, not one more on every later step of the others (issue 21, item 1)."""
+    args = dict(model="tiny", n=3, max_tokens=20, temperature=1.0, seed=42, stop=["e"], stream=True)
+    if endpoint == "completions":
+        chunks = list(client.completions.create(prompt="Once upon a time", **args))
+    else:
+        chunks = list(
+            client.chat.completions.create(messages=[{"role": "user", "content": "Once upon a time"}], **args)
+        )
+    choices = [c.choices[0] for c in chunks if c.choices]
+    finished = [k for k, c in enumerate(choices) if c.finish_reason is not None]
+    assert sorted(choices[k].index for k in finished) == [0, 1, 2]
+    # a choice finished while another was still streaming: the case where the final chunk used to repeat
+    assert any(c.finish_reason is None for c in choices[finished[0] + 1 :])

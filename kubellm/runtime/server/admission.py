@@ -1,0 +1,116 @@
+"""Whether a request may run at all, decided before any work is done for it: API key, ready/draining, rate limit,
+body size, JSON and schema (a 400 naming the field), unsupported fields, model name, load shedding."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine
+from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.config import ServerConfig
+from kubellm.runtime.server.errors import ApiError, retry_after
+from kubellm.runtime.server.limits import ApiKeys, RateLimiter
+from kubellm.runtime.server.metrics import ServerMetrics
+
+
+class ServerState:
+    """What serve.py's drain reads and the admission checks: ready once warmed up, draining after SIGTERM."""
+
+    def __init__(self):
+        self.ready = False
+        self.draining = False
+        self.in_flight = 0
+
+
+class Admission:
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, state: ServerState, metrics: ServerMetrics):
+        self.engine, self.config, self.state, self.metrics = engine, config, state, metrics
+        self.keys = ApiKeys(config.api_keys, config.api_key_file)
+        self.limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_burst)
+
+    def authorize(self, request: Request) -> str | None:
+        """The presented API key (None: none presented and none needed); 401 unless it is valid."""
+        header = request.headers.get("authorization", "")
+        presented = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if not self.keys.check(presented):
+            self.metrics.rejected.labels("unauthorized").inc()
+            raise ApiError(
+                401, "missing or invalid API key", "authentication_error", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return presented
+
+    async def admit(self, request: Request, model_cls: type[BaseModel], shed_load: bool = True):
+        """Auth → availability → rate limit → body → schema → model → load (for requests that queue in the
+        engine: shed_load). Returns the validated request; raises ApiError on refusal."""
+        presented = self.authorize(request)
+        self._check_available()
+        self._check_rate(presented or (request.client.host if request.client else "anonymous"))
+        req = self._validate(await self._read_json(request), model_cls)
+        if shed_load:
+            self._check_load()
+        return req
+
+    def _check_available(self) -> None:
+        state = self.state
+        if state.draining or not state.ready or not self.engine.alive:
+            self.metrics.rejected.labels("unavailable").inc()
+            raise ApiError(
+                503,
+                "the server is draining" if state.draining else "the server is not ready",
+                "service_unavailable",
+                headers=retry_after(5),
+            )
+
+    def _check_rate(self, caller: str) -> None:
+        wait = self.limiter.acquire(caller)
+        if wait is not None:
+            self.metrics.rejected.labels("rate_limited").inc()
+            raise ApiError(429, "rate limit exceeded", "rate_limit_error", headers=retry_after(wait))
+
+    async def _read_json(self, request: Request) -> dict:
+        """The body as a JSON object, read up to the size limit (413 past it, whatever Content-Length said)."""
+        limit = self.config.max_body_bytes
+        body = bytearray()
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body larger than {limit} bytes")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return payload
+
+    def _validate(self, payload: dict, model_cls: type[BaseModel]):
+        try:
+            req = model_cls.model_validate(payload)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ApiError(400, f"{loc}: {msg}" if loc else msg, param=loc) from None
+        unsupported = p.unsupported_field(req)
+        if unsupported:
+            raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
+        if req.model is not None and req.model != self.config.model_name:
+            raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
+        return req
+
+    def _check_load(self) -> None:
+        """Shed load: too many requests waiting, or the oldest waiting too long (429 with Retry-After)."""
+        if self.engine.num_waiting >= self.config.max_waiting_requests:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(429, "too many requests are waiting; retry later", "overloaded", headers=retry_after(2))
+        age = self.engine.oldest_waiting_age()
+        limit = self.config.max_queue_time_s
+        if limit is not None and age > limit:
+            self.metrics.rejected.labels("queue_time").inc()
+            raise ApiError(429, "the queue is too slow right now; retry later", "overloaded", headers=retry_after(age))

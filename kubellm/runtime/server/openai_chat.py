@@ -1,0 +1,71 @@
+"""POST /v1/chat/completions: messages rendered through the chat template, answered as one assistant message per
+choice, streamed or not, with logprobs and structured output."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+from fastapi import Request
+
+from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.formatting import ChoiceDelta, StreamFormatter, usage
+from kubellm.runtime.server.serving import Serving
+
+
+class ChatCompletions:
+    def __init__(self, serving: Serving):
+        self.s = serving
+
+    async def create(self, request: Request):
+        s = self.s
+        req: p.ChatCompletionRequest = await s.admission.admit(request, p.ChatCompletionRequest)
+        ids = s.tokenizer.encode(s.builder.render_chat(req), add_special_tokens=False)
+        max_tokens = req.max_new_tokens
+        top = req.top_logprobs or 0 if req.logprobs else None
+        params = await s.builder.sampling_params(req, max_tokens, top)
+        requests = s.builder.make_requests([ids], params, req.priority, max_tokens)
+        rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+
+        if req.stream:
+            chunk = partial(p.ChatCompletionChunk, id=rid, created=created, model=s.model_name)
+
+            def chunks(d: ChoiceDelta):
+                if d.first:
+                    yield chunk(
+                        choices=[p.ChatChunkChoice(index=d.index, delta=p.DeltaMessage(role="assistant", content=""))]
+                    )
+                if d.content:
+                    choice = p.ChatChunkChoice(
+                        index=d.index,
+                        delta=p.DeltaMessage(content=d.text),
+                        logprobs=s.logprobs.chat(d.logprobs) if d.logprobs is not None else None,
+                        finish_reason=d.finish_reason,
+                        stop_reason=d.stop_reason,
+                    )
+                    yield chunk(choices=[choice])
+
+            include_usage = req.stream_options and req.stream_options.include_usage
+            return await s.stream(
+                requests,
+                request,
+                StreamFormatter(req.n, req.logprobs),
+                chunks,
+                (lambda u: chunk(choices=[], usage=u)) if include_usage else None,
+            )
+
+        (out,) = await s.runner.collect(requests, request)
+        s.runner.check_timeout(out)
+        choices = [
+            p.ChatChoice(
+                index=c.index,
+                message=p.AssistantMessage(content=c.text),
+                logprobs=s.logprobs.chat(c.logprobs) if req.logprobs and c.logprobs else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in out.outputs
+        ]
+        return p.ChatCompletionResponse(
+            id=rid, created=created, model=s.model_name, choices=choices, usage=usage([out])
+        ).model_dump()

@@ -1,0 +1,118 @@
+"""From an OpenAI request to engine submissions: SamplingParams (grammars compiled off the event loop), the chat
+template, prompts tokenized and checked against the context, all before any is queued (a 400 naming the field)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from typing import TYPE_CHECKING
+
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine
+from kubellm.runtime.engine.guided import Grammars, grammar_for
+from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.errors import ApiError
+
+if TYPE_CHECKING:
+    from kubellm.runtime.engine.async_engine import Submission
+
+
+class RequestBuilder:
+    def __init__(self, engine: AsyncLLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._grammars: Grammars | None = None  # built on first use: the vocabulary size is known once it runs
+        # chat_template_kwargs are variables for the template; the call's own arguments (tokenize, chat_template,
+        # return_dict, …) would change what comes back or which template runs
+        self._template_call_args = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"kwargs"}
+
+    # ------------------------------------------------------------------ sampling
+    def grammar(self, name: str, kind: str, spec) -> str:
+        """The llguidance grammar of the structured output asked for, checked here (400) before it queues."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.engine.vocab_size)
+        try:
+            compiled = grammar_for(kind, spec)
+            error = self._grammars.error(compiled)
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = str(e)
+        if error:
+            raise ApiError(400, f"{name}: {error}", param=name)
+        return compiled
+
+    async def sampling_params(
+        self, req: p.SamplingFields, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        vocab_size = self.engine.vocab_size
+        if req.logit_bias and max(req.logit_bias) >= vocab_size:
+            raise ApiError(400, f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
+        # compiling a grammar (and, the first time, llguidance's view of the vocabulary) takes milliseconds to
+        # a second: off the event loop, which is streaming everyone else's tokens
+        asked = req.structured_output()
+        compiled = await asyncio.to_thread(self.grammar, *asked) if asked else None
+        try:
+            return SamplingParams(
+                n=req.n,
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                seed=None if req.seed in (None, -1) else req.seed,
+                stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                logit_bias=dict(req.logit_bias or {}),
+                grammar=compiled,
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    # ------------------------------------------------------------------ prompts
+    def render_chat(self, req: p.ChatCompletionRequest | p.TokenizeRequest) -> str:
+        """The messages as the chat template writes them (the prompt text, special tokens included)."""
+        reserved = sorted(self._template_call_args & set(req.chat_template_kwargs or {}))
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as e:  # the template rejected these messages (roles, order, …)
+            raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+
+    def check_context(self, prompt_len: int, max_tokens: int | None) -> None:
+        limit = self.engine.max_model_len
+        if prompt_len + (max_tokens or 1) > limit:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + (max_tokens or 1)} tokens ({prompt_len} in the messages, "
+                f"{max_tokens or 1} in the completion).",
+                param="max_tokens",
+            )
+
+    def make_requests(
+        self, prompts: list[str | list[int]], params: SamplingParams, priority: int, max_tokens: int | None
+    ) -> list[Submission]:
+        """Tokenize and validate every prompt before queueing any."""
+        out = []
+        for prompt in prompts:
+            try:
+                r = self.engine.make_request(f"req-{uuid.uuid4().hex}", prompt, params, priority)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="prompt") from None
+            self.check_context(len(r.prompt_token_ids), max_tokens)
+            out.append(r)
+        return out
