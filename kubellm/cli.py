@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubellm.settings import add_engine_flags
+
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from kubellm.weights.tiny import make_tiny_model
@@ -68,21 +70,7 @@ def _add_serve(sub) -> None:
         type=float,
         help="/health fails when the engine process has not reported for this long (default 120)",
     )
-    for flag, kind in (
-        ("--dtype", str),
-        ("--device", str),
-        ("--max-model-len", int),
-        ("--max-num-seqs", int),
-        ("--max-num-batched-tokens", int),
-        ("--block-size", int),
-        ("--scheduling-policy", str),
-        ("--preemption-mode", str),
-        ("--gpu-memory-utilization", float),
-        ("--cpu-kv-cache-bytes", int),
-        ("--seed", int),
-        ("--kernels", str),
-    ):
-        s.add_argument(flag, type=kind)
+    add_engine_flags(s)
     s.add_argument(
         "--swap-space",
         type=float,
@@ -108,17 +96,6 @@ def _add_serve(sub) -> None:
         "--chat-template",
         help="Jinja chat template (a file, or the template itself) replacing the "
         "model's, e.g. for a model that has none",
-    )
-    s.add_argument(
-        "--tensor-parallel-size", type=int, help="split the model across this many GPUs of this machine (default 1)"
-    )
-    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--enforce-eager", action="store_true", default=None)
-    s.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="launch the next decode step before the host has this one's tokens (default on)",
     )
     s.set_defaults(func=_serve)
 

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError, freeze_startup_heap
 from kubellm.runtime.engine.guided import Grammars, grammar_for
-from kubellm.runtime.engine.sequence import RequestOutput, TokenLogprob
+from kubellm.runtime.engine.output import RequestOutput
+from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server import protocol as p
 from kubellm.runtime.server.config import ServerConfig
