@@ -1,7 +1,8 @@
-"""The engine's settings, in one place: EngineConfig (a plain dataclass: the GPU machine has no pydantic) and,
-from its fields, the `kubellm serve` flags (add_engine_flags), the server's pydantic settings
-(runtime/server/config.py) and the flags the operator renders (engine_flag). Imports nothing beyond the
-standard library, so the CLI and the operator read it without torch.
+"""`kubellm serve`'s settings, in one place: EngineConfig (a plain dataclass: the GPU machine has no pydantic)
+and, from its fields, the engine's serve flags (add_engine_flags), the server's pydantic settings
+(runtime/server/config.py) and the flags the operator renders (engine_flag); add_serve_arguments is the whole
+serve command line. Imports nothing beyond the standard library, so the CLI and the operator read it without
+torch.
 """
 
 from __future__ import annotations
@@ -95,3 +96,52 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             )
         else:
             parser.add_argument(engine_flag(f.name), type=kind, help=f.metadata["help"])
+
+
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    """Every flag of `kubellm serve` (the operator reads them too: kubellm/operator/serve_flags.py)."""
+    s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
+    s.add_argument("--config", help="YAML file of settings (same names as the flags, with _ or -)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--served-model-name")
+    s.add_argument("--api-key", action="append", help="an accepted API key (repeatable)")
+    s.add_argument("--api-key-file", help="file with one API key per line (re-read when it changes)")
+    s.add_argument("--rate-limit-rpm", type=float, help="requests per minute per API key")
+    s.add_argument("--rate-limit-burst", type=int)
+    s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")
+    s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
+    s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
+    s.add_argument(
+        "--engine-stall-timeout-s",
+        type=float,
+        help="/health fails when the engine process has not reported for this long (default 120)",
+    )
+    add_engine_flags(s)
+    s.add_argument(
+        "--swap-space",
+        type=float,
+        metavar="GIB",
+        help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)",
+    )
+    s.add_argument(
+        "--log-requests",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one JSON log line per finished request (default on)",
+    )
+    s.add_argument(
+        "--disable-log-requests", dest="log_requests", action="store_false", help="vLLM's spelling of --no-log-requests"
+    )
+    s.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'",
+    )
+    s.add_argument(
+        "--chat-template",
+        help="Jinja chat template (a file, or the template itself) replacing the "
+        "model's, e.g. for a model that has none",
+    )
