@@ -21,7 +21,7 @@ setup: .venv/.installed
 k8s-bins:
 	@start=$$SECONDS; bash tests/support/build-k8s-bins.sh >/dev/null; echo "[make] k8s-bins: $$((SECONDS - start))s"
 
-test: setup k8s-bins
+test: setup lint k8s-bins
 	@start=$$SECONDS; $(PY) -m pytest -ra --durations=15 -m "not node"; echo "[make] pytest: $$((SECONDS - start))s"
 
 test-unit: setup
@@ -51,10 +51,11 @@ demo-local: setup
 demo-clean node-clean:
 	bash tests/support/node-cleanup.sh --all
 
-
 # A local control plane for hand use (prints how to point kubectl at it).
 cluster: setup k8s-bins
 	$(PY) -m tests.support.local_cluster
 
+# ruff (rules E, F, I, B, UP, C901 and the format) and import-linter's layer contracts (pyproject.toml)
 lint: setup
-	$(PY) -m pytest -q tests/unit/test_dockerfiles.py
+	@start=$$SECONDS; .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports; \
+	echo "[make] lint: $$((SECONDS - start))s"

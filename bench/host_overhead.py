@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ def main() -> None:
     from bench.offline import workload
     from bench.stand_in import DeviceModel, StandInRunner
     from kubellm.runtime import LLM, SamplingParams
+    from kubellm.runtime.engine import wire
 
     llm = LLM(args.model, max_num_seqs=args.num_seqs, num_gpu_blocks=args.num_seqs * 200, async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
@@ -52,20 +52,20 @@ def main() -> None:
         return launched
 
     stand_in.launch = timed_launch
-    engine.scheduler.schedule, engine.runner = timed_schedule, stand_in
+    engine.scheduler.schedule, engine.core.runner = timed_schedule, stand_in
     prompts, _ = workload(args.num_seqs, 100, 1024, 1, 1, engine.vocab_size, 0)
     for i, prompt in enumerate(prompts):  # outputs long enough that nobody finishes while measured
         params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True, detokenize=False)
         engine.add(engine.make_request(f"r{i}", prompt, params))
     for _ in range(50):  # prefills done: a steady batch of decodes
-        engine.step_requests()
+        engine.core.step()
     timings = dict.fromkeys(timings, 0.0)
     deltas = 0.0
     start = time.perf_counter()
     for _ in range(args.steps):
-        changed = engine.step_requests()
+        deltas_of_step = engine.core.step()
         t = time.perf_counter()
-        pickle.dumps([req.delta() for req in changed], protocol=pickle.HIGHEST_PROTOCOL)  # what serving adds
+        wire.encode(wire.StepOutput(deltas_of_step, [], engine.snapshot(), 0))  # what serving adds
         deltas += time.perf_counter() - t
     total = (time.perf_counter() - start) / args.steps * 1e3
     per = {k: v / args.steps * 1e3 for k, v in timings.items()}
@@ -73,7 +73,7 @@ def main() -> None:
     print(
         f"{engine.num_running} running decodes, {args.steps} steps: {total:.2f} ms/step = scheduler "
         f"{per['schedule']:.2f} + batch prep {per['batch prep']:.2f} + token bookkeeping {rest:.2f} + "
-        f"deltas and pickling (serving only) {deltas / args.steps * 1e3:.2f}"
+        f"deltas and their wire encoding (serving only) {deltas / args.steps * 1e3:.2f}"
     )
     prefill_prep(runner, engine.vocab_size)
 

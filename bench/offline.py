@@ -190,12 +190,12 @@ def profile(llm, prompts, params, steps: int) -> None:
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add(engine.make_request(f"p{i}", p, sp))
     for _ in range(64):  # past the first prefills: a steady mixed batch
-        engine.step_requests()
+        engine.step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch_profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            engine.step_requests()
+            engine.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -229,7 +229,7 @@ def step_times(llm, prompts, params) -> None:
     while engine.has_unfinished_requests():
         context = sum(len(seq) for seq in engine.scheduler.running)  # KV the step reads (about: before it runs)
         prompt_before, rows_before = engine.stats.prompt_tokens, engine.stats.generation_tokens
-        engine.step_requests()
+        engine.step()
         now = time.perf_counter()
         prompt, rows = engine.stats.prompt_tokens - prompt_before, engine.stats.generation_tokens - rows_before
         bucket = next(b for b in DECODE_BUCKETS if rows >= b)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kubellm.runtime.config import EngineConfig  # noqa: E402
-from kubellm.runtime.engine.engine import LLMEngine  # noqa: E402
+from kubellm.runtime.engine.core import EngineCore  # noqa: E402
 from kubellm.runtime.engine.scheduler import SchedulerOutput  # noqa: E402
 from kubellm.runtime.engine.sequence import Sequence  # noqa: E402
+from kubellm.settings import EngineConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class _Launched:
 
 
 class StandInRunner:
-    """Takes the real runner's place in LLMEngine: same launch / launch_ahead / collect, the same host-side
+    """Takes the real runner's place in the EngineCore: same launch / launch_ahead / collect, the same host-side
     batch prep (block tables, positions and slots), then the emulated device instead of the model."""
 
     def __init__(self, runner, device: DeviceModel, vocab_size: int, seed: int = 0):
@@ -104,11 +104,11 @@ class StandInRunner:
         return step.sampling, [self.rng.randrange(self.vocab_size) for _ in range(n)], [None] * n
 
 
-def stand_in_engine(config: EngineConfig, device: DeviceModel = DeviceModel()) -> LLMEngine:
-    """A real LLMEngine (the model is loaded for its runner's host buffers and sizes) on the emulated device."""
-    engine = LLMEngine(config)
-    engine.runner = StandInRunner(engine.runner, device, engine.vocab_size, config.seed)
-    return engine
+def stand_in_engine(config: EngineConfig, device: DeviceModel = DeviceModel()) -> EngineCore:
+    """A real EngineCore (the model is loaded for its runner's host buffers and sizes) on the emulated device."""
+    core = EngineCore(config)
+    core.runner = StandInRunner(core.runner, device, core.vocab_size, config.seed)
+    return core
 
 
 def stand_in_generate(
@@ -119,7 +119,7 @@ def stand_in_generate(
     from kubellm.runtime import LLM, SamplingParams
 
     llm = LLM(model, **engine_options)
-    runner = llm.engine.runner = StandInRunner(llm.engine.runner, device, llm.engine.vocab_size)
+    runner = llm.engine.core.runner = StandInRunner(llm.engine.runner, device, llm.engine.vocab_size)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -154,7 +154,7 @@ def main() -> int:
     args = build_parser().parse_args(rest)
     if args.command != "serve":
         raise SystemExit("usage: python -m bench.stand_in serve MODEL_DIR [serve flags] [--stand-in-… flags]")
-    return args.func(args, make_engine=functools.partial(stand_in_engine, device=device_from(device_args)))
+    return args.func(args, make_core=functools.partial(stand_in_engine, device=device_from(device_args)))
 
 
 if __name__ == "__main__":

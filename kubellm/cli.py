@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubellm.settings import add_serve_arguments
+
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from kubellm.weights.tiny import make_tiny_model
@@ -49,77 +51,10 @@ def _serve(args: argparse.Namespace, **serve_options) -> int:
 
 
 def _add_serve(sub) -> None:
-    s = sub.add_parser("serve", help="serve a model over the OpenAI API (settings also from KUBELLM_* env)")
-    s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
-    s.add_argument("--config", help="YAML file of settings (same names as the flags, with _ or -)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--served-model-name")
-    s.add_argument("--api-key", action="append", help="an accepted API key (repeatable)")
-    s.add_argument("--api-key-file", help="file with one API key per line (re-read when it changes)")
-    s.add_argument("--rate-limit-rpm", type=float, help="requests per minute per API key")
-    s.add_argument("--rate-limit-burst", type=int)
-    s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")
-    s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
-    s.add_argument("--max-body-bytes", type=int)
-    s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
-    s.add_argument(
-        "--engine-stall-timeout-s",
-        type=float,
-        help="/health fails when the engine process has not reported for this long (default 120)",
+    s = sub.add_parser(
+        "serve", help="serve a model over the OpenAI API (settings also from KUBELLM_* env)", allow_abbrev=False
     )
-    for flag, kind in (
-        ("--dtype", str),
-        ("--device", str),
-        ("--max-model-len", int),
-        ("--max-num-seqs", int),
-        ("--max-num-batched-tokens", int),
-        ("--block-size", int),
-        ("--scheduling-policy", str),
-        ("--preemption-mode", str),
-        ("--gpu-memory-utilization", float),
-        ("--cpu-kv-cache-bytes", int),
-        ("--seed", int),
-        ("--kernels", str),
-    ):
-        s.add_argument(flag, type=kind)
-    s.add_argument(
-        "--swap-space",
-        type=float,
-        metavar="GIB",
-        help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)",
-    )
-    s.add_argument(
-        "--log-requests",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="one JSON log line per finished request (default on)",
-    )
-    s.add_argument(
-        "--disable-log-requests", dest="log_requests", action="store_false", help="vLLM's spelling of --no-log-requests"
-    )
-    s.add_argument(
-        "--allowed-origins",
-        nargs="+",
-        metavar="ORIGIN",
-        help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'",
-    )
-    s.add_argument(
-        "--chat-template",
-        help="Jinja chat template (a file, or the template itself) replacing the "
-        "model's, e.g. for a model that has none",
-    )
-    s.add_argument(
-        "--tensor-parallel-size", type=int, help="split the model across this many GPUs of this machine (default 1)"
-    )
-    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--enforce-eager", action="store_true", default=None)
-    s.add_argument(
-        "--async-scheduling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="launch the next decode step before the host has this one's tokens (default on)",
-    )
+    add_serve_arguments(s)
     s.set_defaults(func=_serve)
 
 

@@ -10,6 +10,7 @@ import os
 import re
 
 from kubellm.operator.spec import GROUP, KIND, VERSION, InferenceServiceSpec, parse_spec
+from kubellm.settings import engine_flag
 
 DEFAULT_IMAGE = os.environ.get("KUBELLM_RUNTIME_IMAGE", "ghcr.io/kubellm/kubellm-runtime:0.1.0")
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -103,6 +104,7 @@ def model_location(uri: str) -> tuple[str, dict | None, dict | None]:
 
 def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> list[str]:
     r, s = spec.runtime, spec.server
+    f = engine_flag  # engine settings' flags come from kubellm/settings.py: a renamed setting fails here
     args = [
         "serve",
         model_dir,
@@ -112,26 +114,26 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
         str(HTTP_PORT),
         "--served-model-name",
         served_name,
-        "--dtype",
+        f("dtype"),
         r.dtype,
-        "--max-num-seqs",
+        f("max_num_seqs"),
         str(r.max_num_seqs),
-        "--max-num-batched-tokens",
+        f("max_num_batched_tokens"),
         str(r.max_num_batched_tokens),
-        "--gpu-memory-utilization",
+        f("gpu_memory_utilization"),
         str(r.gpu_memory_utilization),
-        "--scheduling-policy",
+        f("scheduling_policy"),
         r.scheduling_policy,
-        "--enable-prefix-caching" if r.enable_prefix_caching else "--no-enable-prefix-caching",
+        f("enable_prefix_caching") if r.enable_prefix_caching else "--no-" + f("enable_prefix_caching")[2:],
         "--drain-timeout-s",
         str(s.drain_seconds),
     ]
     if spec.resources.gpus == 0:
-        args += ["--device", "cpu"]
+        args += [f("device"), "cpu"]
     elif spec.resources.gpus > 1:  # one replica spans its GPUs; more throughput is more replicas
-        args += ["--tensor-parallel-size", str(spec.resources.gpus)]
+        args += [f("tensor_parallel_size"), str(spec.resources.gpus)]
     if r.max_model_len:
-        args += ["--max-model-len", str(r.max_model_len)]
+        args += [f("max_model_len"), str(r.max_model_len)]
     if s.api_key_secret:
         args += ["--api-key-file", f"{API_KEYS_DIR}/keys"]
     if s.rate_limit_rpm:

@@ -1,8 +1,8 @@
 """The `kubellm serve` settings the operator owns, and the flags a CR's runtime.extraArgs may use, read from
 the serve parser itself (so a new flag is classified here, and the CRD's CEL rules follow by regeneration).
 
-The operator's one import of the CLI: it reads the parser, never runs it; `kubellm.cli` imports only argparse
-at module level, so torch stays out of the operator (tests/unit/test_operator_policy.py checks).
+The flags come from kubellm/settings.py (standard library only), so torch stays out of the operator
+(tests/unit/test_operator_policy.py checks).
 """
 
 from __future__ import annotations
@@ -65,17 +65,15 @@ class ServeArgsError(Exception):
 
 @functools.cache
 def serve_parser() -> argparse.ArgumentParser:
-    """`kubellm serve`'s own argument parser, with abbreviations off (`--po` is not `--port`) and errors raised
-    instead of exiting. The operator's one import of the CLI: it reads the parser, never runs it."""
-    from kubellm.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = sub.choices["serve"]
-    parser.allow_abbrev = False
+    """`kubellm serve`'s own arguments (kubellm/settings.py: stdlib only, no CLI, no torch), with abbreviations
+    off (`--po` is not `--port`) and errors raised instead of exiting."""
+    from kubellm.settings import add_serve_arguments
 
     def fail(message: str = "", *_):
         raise ServeArgsError(message)
 
+    parser = argparse.ArgumentParser(prog="kubellm serve", allow_abbrev=False)
+    add_serve_arguments(parser)
     parser.error = fail
     parser.exit = lambda status=0, message=None: fail(message or "--help exits")
     return parser

@@ -10,9 +10,9 @@ _EXPORTS = {
     "LLM": "kubellm.runtime.llm",
     "SamplingParams": "kubellm.runtime.sampling_params",
     "grammar_for": "kubellm.runtime.engine.guided",
-    "RequestOutput": "kubellm.runtime.engine.sequence",
-    "CompletionOutput": "kubellm.runtime.engine.sequence",
-    "TokenLogprob": "kubellm.runtime.engine.sequence",
+    "RequestOutput": "kubellm.runtime.engine.output",
+    "CompletionOutput": "kubellm.runtime.engine.output",
+    "TokenLogprob": "kubellm.runtime.engine.wire",
 }
 __all__ = list(_EXPORTS)
 

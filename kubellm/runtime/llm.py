@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kubellm.runtime.engine.engine import LLMEngine
-from kubellm.runtime.engine.sequence import RequestOutput
+from kubellm.runtime.engine.output import RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
 
 
@@ -35,9 +35,9 @@ class LLM:
             self.engine.add(req)
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for req in self.engine.step_requests():
-                if req.finished:
-                    done[req.request_id] = req.output()
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
         return [done[rid] for rid in ids]
 
     def chat(

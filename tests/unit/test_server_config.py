@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -62,3 +64,34 @@ def test_vllm_flags_map_onto_the_settings(tmp_path):
     assert not c.log_requests and c.allowed_origins == ["https://a.example", "*"]
     assert not parse("--no-log-requests").log_requests and parse("--log-requests").log_requests
     assert main(["serve", str(tmp_path), "--swap-space", "-1"]) == 2
+
+
+def test_engine_settings_have_one_source(tmp_path):
+    """kubellm/settings.py's EngineConfig is where an engine setting lives: its serve flags, the server's
+    pydantic fields and the operator's rendered flags all derive from it, and drift fails here."""
+    import dataclasses
+
+    import yaml
+
+    from kubellm.operator.render import render
+    from kubellm.settings import FLAG_SETTINGS, SERVE_SETTINGS, EngineConfig, engine_flag
+
+    serve = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    dests = {a.dest for a in serve._actions}
+    assert {f.name for f in FLAG_SETTINGS} <= dests
+    assert {f.name for f in SERVE_SETTINGS} <= set(ServerConfig.model_fields)
+    defaults = ServerConfig(model=str(tmp_path))
+    for f in SERVE_SETTINGS:
+        assert getattr(defaults, f.name) == f.default, f.name
+    with pytest.raises(KeyError):
+        engine_flag("max_num_seq")
+    assert set(defaults.engine_options()) <= {f.name for f in dataclasses.fields(EngineConfig)}
+    # every example's rendered runtime arguments parse as `kubellm serve` flags, with no abbreviation
+    for example in ("minimal", "pvc", "gpu-autoscaled"):
+        with open(Path(__file__).parents[2] / "manifests" / "examples" / f"{example}.yaml") as fh:
+            isvc = next(d for d in yaml.safe_load_all(fh) if d and d.get("kind") == "InferenceService")
+        isvc["metadata"].update(namespace="default", uid="00000000-0000-0000-0000-000000000000")
+        deployment = next(c for c in render(isvc) if c["kind"] == "Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        config = serve_config(build_parser().parse_args(container["args"]))
+        assert config.max_num_seqs == isvc["spec"].get("runtime", {}).get("maxNumSeqs", config.max_num_seqs)

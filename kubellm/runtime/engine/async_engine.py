@@ -1,17 +1,16 @@
 """AsyncLLMEngine: the engine core runs in its own process (as in vLLM V1), so the model loop never shares a
-GIL with the HTTP server. The server side tokenizes and validates, sends requests and aborts down a pipe,
-and receives one message per engine step: every changed request's delta plus a snapshot of the gauges.
-The server side also detokenizes (batched over the step), except for requests with stop strings: finishing
-those depends on the text, so the engine detokenizes them itself.
+GIL with the HTTP server. The server side tokenizes and validates (intake.py), sends requests and aborts down
+a pipe, and receives one StepOutput per engine step (wire.py): every changed request's token delta plus a
+snapshot of the gauges. The server side also detokenizes and matches stop strings (output.py, batched over the
+step), telling the core to stop a sequence whose stop string appeared.
 
 Step messages are read on the server's event loop (a reader on the pipe), not by a thread: a thread needs
 the GIL back from a busy event loop several times a step (recv, two tokenizer calls, the hand-over), and at
-GPU step rates it fell behind until the engine blocked on a full pipe (bench/stand_in.py: the emulated
-device idle up to 38% of the time at 256 streams).
+GPU step rates it fell behind until the engine blocked on a full pipe.
 
-    server process (event loop)                          engine-core process
-    make_request → sender thread ──[add|abort]──►  run_engine_core: LLMEngine.step() loop
-    streams ◄── pipe reader (detokenization) ◄──[deltas, snapshot]──┘  (scheduling, model, sampling)
+    server process (event loop)                               engine-core process
+    make_request → sender thread ──[EngineRequest|Abort]──►  run_engine_core: EngineCore.step() loop
+    streams ◄── pipe reader (OutputProcessor) ◄──[StepOutput]──┘  (scheduling, model, sampling)
 """
 
 from __future__ import annotations
@@ -27,15 +26,16 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 
-from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.engine.detokenizer import DecodeState, Detokenizer
-from kubellm.runtime.engine.engine import EngineSnapshot, LLMEngine, check_request, tokenize_prompt
-from kubellm.runtime.engine.sequence import CompletionOutput, RequestDelta, RequestOutput
+from kubellm.runtime.engine import wire
+from kubellm.runtime.engine.core import EngineCore
+from kubellm.runtime.engine.intake import Submission, make_submission
+from kubellm.runtime.engine.output import OutputProcessor, RequestOutput
+from kubellm.runtime.engine.wire import Abort, EngineInfo, EngineSnapshot, Shutdown, StepOutput
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.settings import EngineConfig
 
 log = logging.getLogger("kubellm.engine")
 
@@ -45,34 +45,6 @@ HEARTBEAT_S = 1.0  # an idle engine process still reports this often, so the ser
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; the server reports it (503, /health) and Kubernetes restarts the pod."""
-
-
-@dataclass(slots=True)
-class Submission:
-    """A validated request on its way to the engine process."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float
-
-
-@dataclass(slots=True)
-class EngineInfo:
-    max_model_len: int
-    vocab_size: int
-    num_gpu_blocks: int
-    device: str
-
-
-@dataclass(slots=True)
-class StepMessage:
-    deltas: list[RequestDelta]
-    errors: list[tuple[str, str]]  # (request_id, why the engine refused it)
-    snapshot: EngineSnapshot
-    num_added: int  # submissions taken in so far (errors included)
 
 
 def freeze_startup_heap() -> None:
@@ -92,80 +64,66 @@ def run_engine_core(
     config: EngineConfig,
     inbox: Connection,
     outbox: Connection,
-    make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+    make_core: Callable[[EngineConfig], EngineCore] = EngineCore,
 ) -> None:
     """Entry point of the engine process: load, report ready, then step while there is work. Signals are
-    the server's business (it drains first); the pipe closing means the server is gone. make_engine: a
+    the server's business (it drains first); the pipe closing means the server is gone. make_core: a
     picklable factory (bench/stand_in.py swaps the model for an emulated device). Ends the process."""
     try:
-        _engine_core(config, inbox, outbox, make_engine)
+        _engine_core(config, inbox, outbox, make_core)
     finally:
         exit_process(0)
 
 
 def _engine_core(
-    config: EngineConfig, inbox: Connection, outbox: Connection, make_engine: Callable[[EngineConfig], LLMEngine]
+    config: EngineConfig, inbox: Connection, outbox: Connection, make_core: Callable[[EngineConfig], EngineCore]
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        engine = make_engine(config)
+        core = make_core(config)
     except BaseException:
-        outbox.send(("failed", traceback.format_exc()))
+        outbox.send_bytes(wire.encode(wire.Failed(traceback.format_exc())))
         return
     freeze_startup_heap()
-    outbox.send(
-        (
-            "ready",
-            EngineInfo(
-                engine.max_model_len, engine.vocab_size, engine.runner.num_gpu_blocks, str(engine.runner.device)
-            ),
-        )
-    )
+    outbox.send_bytes(wire.encode(wire.Ready(core.info())))
     num_added = 0
     try:
         while True:
-            if not engine.has_unfinished_requests():
+            if not core.has_unfinished_requests():
                 inbox.poll(HEARTBEAT_S)  # idle: sleep until the server sends something, or report anyway
             errors = []
             while inbox.poll():
-                for kind, payload in inbox.recv():
-                    if kind == "add":
+                for msg in wire.decode_to_core(inbox.recv_bytes()):
+                    if isinstance(msg, wire.EngineRequest):
                         num_added += 1
                         try:
-                            engine.add(
-                                engine.make_request(
-                                    payload.request_id,
-                                    payload.prompt_token_ids,
-                                    payload.params,
-                                    payload.priority,
-                                    payload.arrival_time,
-                                )
-                            )
+                            core.add(msg)
                         except ValueError as e:
-                            errors.append((payload.request_id, str(e)))
-                    elif kind == "abort":
-                        engine.abort_request(payload)
-                    else:  # "stop"
+                            errors.append((msg.request_id, str(e)))
+                    elif isinstance(msg, Abort):
+                        core.abort(msg.request_id, msg.index)
+                    else:  # Shutdown
                         return
-            deltas = [req.delta() for req in engine.step_requests()] if engine.has_unfinished_requests() else []
-            outbox.send(StepMessage(deltas, errors, engine.snapshot(), num_added))
+            deltas = core.step() if core.has_unfinished_requests() else []
+            outbox.send_bytes(wire.encode(StepOutput(deltas, errors, core.snapshot(), num_added)))
     except (EOFError, OSError, BrokenPipeError):  # the server process is gone
         return
     except BaseException:
-        outbox.send(("dead", traceback.format_exc()))
+        outbox.send_bytes(wire.encode(wire.Dead(traceback.format_exc())))
     finally:
-        engine.shutdown()
+        core.shutdown()
 
 
 # ---------------------------------------------------------------------- the server side
 class _Stream:
-    """Deltas for one request; the consumer takes all that piled up at once."""
+    """Wakes one request's consumer when its output changed (the OutputProcessor updates it in place), or
+    carries the error that ends it."""
 
-    __slots__ = ("event", "items")
+    __slots__ = ("error", "event")
 
     def __init__(self):
-        self.items: list[RequestDelta | BaseException] = []
+        self.error: BaseException | None = None
         self.event = asyncio.Event()
 
 
@@ -184,15 +142,13 @@ class AsyncLLMEngine:
     """The server's handle on the engine process: start, generate (an async stream per request), abort,
     the latest snapshot for metrics and load shedding, shutdown."""
 
-    def __init__(self, config: EngineConfig, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine):
+    def __init__(self, config: EngineConfig, make_core: Callable[[EngineConfig], EngineCore] = EngineCore):
         from transformers import AutoTokenizer
 
         self.config = config
-        self.make_engine = make_engine
+        self.make_core = make_core
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.detokenizer = Detokenizer(self.tokenizer)
-        # requests this side detokenizes: request_id → (skip_special_tokens, one state per output)
-        self._decoding: dict[str, tuple[bool, list[DecodeState]]] = {}
+        self.output = OutputProcessor(self.tokenizer)
         self.info: EngineInfo | None = None
         self.snapshot = EngineSnapshot()
         self.error: BaseException | None = None
@@ -221,19 +177,19 @@ class AsyncLLMEngine:
         _widen_pipe(outbox_r)
         # not daemonic: it starts the tensor-parallel ranks' processes; stopped at exit at the latest
         self._process = ctx.Process(
-            target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_engine), name="kubellm-engine-core"
+            target=run_engine_core, args=(self.config, inbox_r, outbox_w, self.make_core), name="kubellm-engine-core"
         )
         self._process.start()
         atexit.register(self.shutdown)
         inbox_r.close()
         outbox_w.close()
         try:
-            kind, payload = outbox_r.recv()
+            msg = wire.decode_from_core(outbox_r.recv_bytes())
         except EOFError:
             raise RuntimeError(f"the engine process exited while loading (code {self._process.exitcode})") from None
-        if kind != "ready":
-            raise RuntimeError(f"the engine process failed to load the model:\n{payload}")
-        self.info, self._outbox = payload, outbox_r
+        if not isinstance(msg, wire.Ready):
+            raise RuntimeError(f"the engine process failed to load the model:\n{msg.traceback}")
+        self.info, self._outbox = msg.info, outbox_r
         self.last_report = time.monotonic()
         return inbox_w
 
@@ -243,7 +199,7 @@ class AsyncLLMEngine:
         self._stopping = True
         if self._loop is not None and not self._loop.is_closed():
             self._stop_reading()
-        self._outgoing.put(("stop", None))
+        self._outgoing.put(Shutdown())
         self._outgoing.put(None)
         self._process.join(timeout)
         if self._process.is_alive():
@@ -283,10 +239,10 @@ class AsyncLLMEngine:
     def make_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
     ) -> Submission:
-        """Tokenize and validate here, so a bad request is refused without a round trip."""
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
-        check_request(ids, params, self.vocab_size, self.max_model_len)
-        return Submission(request_id, text, ids, params, priority, time.monotonic())
+        """Tokenize and validate here (intake.py), so a bad request is refused without a round trip."""
+        return make_submission(
+            self.tokenizer, self.vocab_size, self.max_model_len, request_id, prompt, params, priority
+        )
 
     def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
@@ -294,48 +250,31 @@ class AsyncLLMEngine:
         return self.generate_request(self.make_request(request_id, prompt, params, priority))
 
     async def generate_request(self, sub: Submission) -> AsyncIterator[RequestOutput]:
-        """Stream the request's output so far, once per batch of deltas; leaving early (client gone, task
+        """Stream the request's output so far, once per batch of steps; leaving early (client gone, task
         cancelled) aborts it in the engine."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         stream = _Stream()
-        self._streams[sub.request_id] = stream
-        params = sub.params
-        if params.detokenize and not params.stop:
-            self._decoding[sub.request_id] = (
-                params.skip_special_tokens,
-                [DecodeState.after_prompt(sub.prompt_token_ids) for _ in range(params.n)],
-            )
-            sub = replace(sub, params=replace(params, detokenize=False))
+        req = sub.request
+        self._streams[req.request_id] = stream
+        out = self.output.add(req.request_id, sub.prompt, req.prompt_token_ids, req.params, req.arrival_time)
         self._num_sent += 1
-        self._outgoing.put(("add", sub))
-        logprobs = params.logprobs is not None
-        out = RequestOutput(
-            sub.request_id,
-            sub.prompt,
-            sub.prompt_token_ids,
-            [CompletionOutput(i, "", [], None, [] if logprobs else None) for i in range(sub.params.n)],
-            False,
-            arrival_time=sub.arrival_time,
-        )
+        self._outgoing.put(req)
         try:
             while not out.finished:
                 await stream.event.wait()
                 stream.event.clear()
-                items, stream.items = stream.items, []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    out.apply(item)
+                if stream.error is not None:
+                    raise stream.error
                 yield out
         finally:
-            self._streams.pop(sub.request_id, None)
-            self._decoding.pop(sub.request_id, None)
+            self._streams.pop(req.request_id, None)
             if not out.finished:
-                self.abort(sub.request_id)
+                self.output.abort(req.request_id)
+                self.abort(req.request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._outgoing.put(("abort", request_id))
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self._outgoing.put(Abort(request_id, index))
 
     # ------------------------------------------------------------------ the pipes
     def _send_loop(self, conn: Connection) -> None:
@@ -352,7 +291,7 @@ class AsyncLLMEngine:
             batch = [m for m in batch if m is not None]
             try:
                 if batch:
-                    conn.send(batch)
+                    conn.send_bytes(wire.encode(batch))
             except (OSError, BrokenPipeError):
                 return
             if end:
@@ -367,11 +306,11 @@ class AsyncLLMEngine:
             for _ in range(MAX_MESSAGES_PER_READ):
                 if not conn.poll():
                     return
-                msg = conn.recv()
-                if not isinstance(msg, StepMessage):  # ("dead", traceback)
-                    log.error("engine loop died:\n%s", msg[1])
+                msg = wire.decode_from_core(conn.recv_bytes())
+                if not isinstance(msg, StepOutput):  # Dead
+                    log.error("engine loop died:\n%s", msg.traceback)
                     self._stop_reading()
-                    self._fail(EngineDeadError(f"engine failure: {msg[1].strip().splitlines()[-1]}"))
+                    self._fail(EngineDeadError(f"engine failure: {msg.traceback.strip().splitlines()[-1]}"))
                     return
                 self._on_step(msg)
         except (EOFError, OSError):
@@ -383,49 +322,25 @@ class AsyncLLMEngine:
     def _stop_reading(self) -> None:
         self._loop.remove_reader(self._outbox.fileno())
 
-    def _on_step(self, msg: StepMessage) -> None:
+    def _on_step(self, msg: StepOutput) -> None:
         self.last_report = time.monotonic()
         self.snapshot, self._num_taken = msg.snapshot, msg.num_added
-        deltas = self._add_text(msg.deltas) if self._decoding else msg.deltas
-        items: list[tuple[str, RequestDelta | BaseException]] = [(d[0], d) for d in deltas]
-        items += [(rid, ValueError(why)) for rid, why in msg.errors]
-        self._deliver(items)
+        changed, aborts = self.output.process(msg.deltas)
+        for abort in aborts:  # their stop strings appeared: the core stops them
+            self._outgoing.put(abort)
+        for request_id, why in msg.errors:
+            self.output.abort(request_id)
+            self._wake(request_id, ValueError(why))
+        for out in changed:
+            self._wake(out.request_id)
 
-    def _add_text(self, deltas: list[RequestDelta]) -> list[RequestDelta]:
-        """Detokenize the step's new tokens of the requests this side decodes: two batched calls per step."""
-        pending = []  # (delta position, output position, state, skip)
-        for i, (request_id, _, _, _, _, outs) in enumerate(deltas):
-            decoding = self._decoding.get(request_id)
-            if decoding is None:
-                continue
-            skip, states = decoding
-            for j, (index, token_ids, *_) in enumerate(outs):
-                states[index].token_ids.extend(token_ids)
-                pending.append((i, j, states[index], skip))
-        if not pending:
-            return deltas
-        before = [len(state.text) for _, _, state, _ in pending]
-        self.detokenizer.advance([state for _, _, state, _ in pending], [skip for *_, skip in pending])
-        deltas = list(deltas)
-        for (i, j, state, skip), start in zip(pending, before):
-            request_id, finished, cached, scheduled, first, outs = deltas[i]
-            index, token_ids, _, logprobs, finish_reason, stop_reason = outs[j]
-            if finish_reason is not None:
-                self.detokenizer.flush(state, skip)
-            outs = list(outs)
-            outs[j] = (index, token_ids, state.text[start:], logprobs, finish_reason, stop_reason)
-            deltas[i] = (request_id, finished, cached, scheduled, first, outs)
-            if finished:
-                self._decoding.pop(request_id, None)
-        return deltas
-
-    def _deliver(self, items: list[tuple[str, RequestDelta | BaseException]]) -> None:
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.items.append(item)
-                stream.event.set()
+    def _wake(self, request_id: str, error: BaseException | None = None) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.error = stream.error or error
+            stream.event.set()
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
-        self._deliver([(request_id, error) for request_id in list(self._streams)])
+        for request_id in list(self._streams):
+            self._wake(request_id, error)

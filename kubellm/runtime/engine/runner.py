@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.sampler import SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
-from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.tp_workers import Workers
+from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.model import kernels, parallel
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
 from kubellm.runtime.model.kernels import to_device
 from kubellm.runtime.model.loader import ModelInfo, load_model
+from kubellm.settings import EngineConfig
 
 log = logging.getLogger("kubellm.runner")
 
@@ -384,10 +385,6 @@ class ModelRunner:
                 self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
-        """Run one scheduled step; returns the sequences that produced a token, the tokens and logprobs."""
-        return self.collect(self.launch(out))
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
         """Queue one scheduled step on the device, sampling included; nothing waits for it here."""

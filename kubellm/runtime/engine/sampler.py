@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.runtime.engine.guided import mask_disallowed
-from kubellm.runtime.engine.sequence import Sequence, TokenLogprob
+from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.model.kernels import to_device, use_triton
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.sequence import Sequence, SequenceStatus
+from kubellm.settings import EngineConfig
 
 
 @dataclass

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from kubellm.runtime.config import KERNEL_CHOICES
+from kubellm.settings import KERNEL_CHOICES
 
 log = logging.getLogger("kubellm.kernels")
 _use_triton = False

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+import typing
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubellm.runtime.config import EngineConfig
-
-_ENGINE = {f.name: f.default for f in fields(EngineConfig) if f.name != "model"}  # one place for the engine's defaults
+from kubellm.settings import SERVE_SETTINGS, EngineConfig
 
 
-class ServerConfig(BaseSettings):
+class ServerSettings(BaseSettings):
+    """The server's own settings; ServerConfig below adds the engine's, from kubellm/settings.py."""
+
     model_config = SettingsConfigDict(env_prefix="KUBELLM_", extra="forbid")
 
     model: str
@@ -36,24 +36,6 @@ class ServerConfig(BaseSettings):
     allowed_origins: list[str] = Field(default_factory=list)
     # a Jinja chat template replacing the tokenizer's (or supplying one it lacks): a file, or the template itself
     chat_template: str | None = None
-    # engine options: EngineConfig's names and defaults
-    dtype: str = _ENGINE["dtype"]
-    device: str = _ENGINE["device"]
-    max_model_len: int | None = _ENGINE["max_model_len"]
-    max_num_seqs: int = _ENGINE["max_num_seqs"]
-    max_num_batched_tokens: int = _ENGINE["max_num_batched_tokens"]
-    block_size: int = _ENGINE["block_size"]
-    enable_prefix_caching: bool = _ENGINE["enable_prefix_caching"]
-    scheduling_policy: str = _ENGINE["scheduling_policy"]
-    preemption_mode: str = _ENGINE["preemption_mode"]
-    gpu_memory_utilization: float = _ENGINE["gpu_memory_utilization"]
-    cpu_kv_cache_bytes: int = _ENGINE["cpu_kv_cache_bytes"]
-    swap_space_bytes: int = Field(_ENGINE["swap_space_bytes"], ge=0)
-    enforce_eager: bool = _ENGINE["enforce_eager"]
-    async_scheduling: bool = _ENGINE["async_scheduling"]
-    kernels: str = _ENGINE["kernels"]
-    tensor_parallel_size: int = Field(_ENGINE["tensor_parallel_size"], ge=1)
-    seed: int = _ENGINE["seed"]
 
     @field_validator("chat_template")
     @classmethod
@@ -78,11 +60,10 @@ class ServerConfig(BaseSettings):
 
     def engine_options(self) -> dict:
         """The settings that are EngineConfig's (model included; the served name is resolved separately)."""
-        shared = {"model"} | set(_ENGINE) & set(type(self).model_fields) - {"served_model_name"}
-        return {name: getattr(self, name) for name in shared}
+        return {"model": self.model} | {f.name: getattr(self, f.name) for f in SERVE_SETTINGS}
 
     @classmethod
-    def load(cls, flags: dict, yaml_path: str | None = None) -> ServerConfig:
+    def load(cls, flags: dict, yaml_path: str | None = None) -> ServerSettings:
         """Flags win over KUBELLM_* environment variables, which win over the YAML file, then defaults."""
         values: dict = {}
         if yaml_path:
@@ -100,3 +81,15 @@ class ServerConfig(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _engine_fields() -> dict:
+    hints = typing.get_type_hints(EngineConfig)
+    bounds = ("ge", "gt", "le")
+    return {
+        f.name: (hints[f.name], Field(f.default, **{k: f.metadata[k] for k in bounds if k in f.metadata}))
+        for f in SERVE_SETTINGS
+    }
+
+
+ServerConfig = create_model("ServerConfig", __base__=ServerSettings, __module__=__name__, **_engine_fields())

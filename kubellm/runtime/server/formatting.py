@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from kubellm.runtime.engine.sequence import RequestOutput, TokenLogprob
+from kubellm.runtime.engine.output import RequestOutput
+from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.server import protocol as p
 from kubellm.runtime.server.errors import ApiError
 

@@ -15,7 +15,7 @@ from kubellm.runtime.server import protocol as p
 from kubellm.runtime.server.errors import ApiError
 
 if TYPE_CHECKING:
-    from kubellm.runtime.engine.async_engine import Submission
+    from kubellm.runtime.engine.intake import Submission
 
 
 class RequestBuilder:

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from kubellm.runtime.engine.sequence import RequestOutput
+from kubellm.runtime.engine.output import RequestOutput
 from kubellm.runtime.server.admission import ServerState
 from kubellm.runtime.server.config import ServerConfig
 from kubellm.runtime.server.errors import ApiError, retry_after
 from kubellm.runtime.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from kubellm.runtime.engine.async_engine import Submission
+    from kubellm.runtime.engine.intake import Submission
 
 log = logging.getLogger("kubellm.server")
 

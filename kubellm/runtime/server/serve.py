@@ -14,12 +14,12 @@ from typing import NoReturn
 
 import uvicorn
 
-from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine
-from kubellm.runtime.engine.engine import LLMEngine
+from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
+from kubellm.settings import EngineConfig
 
 log = logging.getLogger("kubellm.server")
 
@@ -77,8 +77,8 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
 
 
-def serve(config: ServerConfig, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> NoReturn:
-    """Serve until drained, then end the process (exit code 0). make_engine builds the engine in the engine
+def serve(config: ServerConfig, make_core: Callable[[EngineConfig], EngineCore] = EngineCore) -> NoReturn:
+    """Serve until drained, then end the process (exit code 0). make_core builds the engine core in the engine
     process (bench/stand_in.py passes an emulated device)."""
     # Detokenization batches here are one step's new tokens. The Rust tokenizer's thread pool would be sized
     # by the node's cores, not the pod's CPU limit, and contends with the event loop: under load a token
@@ -90,7 +90,7 @@ def serve(config: ServerConfig, make_engine: Callable[[EngineConfig], LLMEngine]
         queue_timeout_s=2 * config.max_queue_time_s if config.max_queue_time_s else None,
         **config.engine_options(),
     )
-    engine = AsyncLLMEngine(engine_config, make_engine)
+    engine = AsyncLLMEngine(engine_config, make_core)
     app = create_app(engine, config)
     uv_config = uvicorn.Config(
         app,

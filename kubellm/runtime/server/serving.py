@@ -28,7 +28,7 @@ from kubellm.runtime.server.params import RequestBuilder
 from kubellm.runtime.server.running import Runner
 
 if TYPE_CHECKING:
-    from kubellm.runtime.engine.async_engine import Submission
+    from kubellm.runtime.engine.intake import Submission
 
 
 class Serving:

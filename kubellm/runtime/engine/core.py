@@ -1,0 +1,261 @@
+"""EngineCore: requests in (token ids, already validated), one step at a time over the scheduler and the model
+runner, token deltas out. No text: detokenization and stop strings are the frontend's (output.py). The
+server runs it in its own process (async_engine.py); LLMEngine (engine.py) runs it in the caller's."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kubellm.runtime.engine.block_manager import BlockManager
+from kubellm.runtime.engine.guided import Grammars
+from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
+from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
+from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.engine.wire import EngineInfo, EngineRequest, EngineSnapshot, RequestDelta
+from kubellm.runtime.model.loader import read_model_info
+from kubellm.settings import EngineConfig
+
+
+@dataclass
+class CoreRequest:
+    request_id: str
+    seqs: list[Sequence] = field(default_factory=list)
+
+    # read for every request every step: the one-sequence case skips the generator expressions
+    @property
+    def finished(self) -> bool:
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
+
+    @property
+    def first_token_time(self) -> float | None:
+        seqs = self.seqs
+        if len(seqs) == 1:
+            return seqs[0].first_token_time
+        return min((s.first_token_time for s in seqs if s.first_token_time), default=None)
+
+    def delta(self) -> RequestDelta:
+        first = self.seqs[0]
+        return RequestDelta(
+            self.request_id,
+            self.finished,
+            first.num_cached_tokens,
+            first.first_scheduled_time,
+            self.first_token_time,
+            [s.take_delta() for s in self.seqs],
+        )
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0  # computed prompt tokens (prefix-cache hits excluded)
+    generation_tokens: int = 0
+
+
+def model_limits(config: EngineConfig) -> tuple:
+    """(model info, the longest sequence the model itself allows) before any memory is planned."""
+    info = read_model_info(config.model, config.dtype)
+    shape = info.shape
+    max_len = min(config.max_model_len or shape.max_position_embeddings, shape.max_position_embeddings)
+    if shape.sliding_window:  # keep attention exact: never exceed the window we do not implement
+        max_len = min(max_len, shape.sliding_window)
+    return info, max_len
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        info, max_len = model_limits(config)
+        self.runner = ModelRunner(config, info, max_len)
+        # one sequence alone must always fit in the cache, or it could never finish
+        self.max_model_len = min(max_len, self.runner.num_gpu_blocks * config.block_size)
+        self.vocab_size = info.shape.vocab_size
+        # grammars are compiled against the tokenizer's vocabulary; nothing else here reads text
+        self.grammars = Grammars(AutoTokenizer.from_pretrained(config.model), self.vocab_size)
+        self.eos_token_ids = set(info.eos_token_ids)
+        self.block_manager = BlockManager(
+            self.runner.num_gpu_blocks, config.block_size, config.enable_prefix_caching, self.runner.num_cpu_blocks
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, CoreRequest] = {}
+        self.stats = EngineStats()
+        self._ahead: tuple[SchedulerOutput, LaunchedStep] | None = None  # a step launched before its turn
+        self.num_steps_ahead = 0
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.max_model_len, self.vocab_size, self.runner.num_gpu_blocks, str(self.runner.device))
+
+    # ------------------------------------------------------------------ intake
+    def add(self, req: EngineRequest) -> None:
+        """Queue a request the frontend validated (intake.py). Raises ValueError for a request id in use."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        ids, params = req.prompt_token_ids, req.params
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        core_req = CoreRequest(req.request_id)
+        core_req.seqs = [
+            Sequence(req.request_id, i, ids, params, max_tokens, req.priority, req.arrival_time)
+            for i in range(params.n)
+        ]
+        if params.grammar is not None:  # compiled once; siblings (n > 1) start from copies
+            first = self.grammars.matcher(params.grammar)
+            for s in core_req.seqs:
+                s.matcher = first if s.index == 0 else first.deep_copy()
+        if self.config.enable_prefix_caching:
+            for s in core_req.seqs[1:]:
+                s.prefix_source = core_req.seqs[0]
+        self.requests[req.request_id] = core_req
+        for seq in core_req.seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request, or one of its sequences (the frontend found its stop string); frees their blocks."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished and (index is None or seq.index == index):
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        if req.finished:
+            del self.requests[request_id]
+
+    def shutdown(self) -> None:
+        """Stop the model's other tensor-parallel ranks, if any (also done when the core is collected)."""
+        self.runner.close()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.swapped)
+
+    def snapshot(self) -> EngineSnapshot:
+        bm = self.block_manager
+        arrivals = [s.arrival_time for s in self.scheduler.waiting if s.first_scheduled_time is None]
+        return EngineSnapshot(
+            self.num_running,
+            self.num_waiting,
+            bm.usage,
+            bm.prefix_cache_queries,
+            bm.prefix_cache_hits,
+            self.scheduler.num_preemptions,
+            self.stats.prompt_tokens,
+            self.stats.generation_tokens,
+            min(arrivals, default=None),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestDelta]:
+        """Schedule, run the model once, and report every request that changed (finished ones are no longer
+        tracked afterwards).
+
+        With async scheduling, the next decode step is launched before this step's tokens reach the host,
+        so the device never waits for the host's bookkeeping (see _launch_ahead)."""
+        out, launched = self._next_step()
+        if self.config.async_scheduling:
+            self._ahead = self._launch_ahead(out, launched)
+        sampled, tokens, logprobs = self.runner.collect(launched)
+        if self._ahead is not None or any(s.is_finished for s in sampled):
+            # a step launched ahead also ran rows whose sequence has ended since (its length, an abort, a
+            # stop): their results are dropped
+            live = [i for i, s in enumerate(sampled) if not s.is_finished]
+            sampled, tokens, logprobs = ([x[i] for i in live] for x in (sampled, tokens, logprobs))
+        touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
+        self._account_computed(out)
+        now = time.monotonic()
+        for seq, token, lp in zip(sampled, tokens, logprobs):
+            seq.append_token(token)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if lp is not None:
+                seq.logprobs.append(lp)
+            touched[seq.request_id] = None
+            self._check_finished(seq, token)
+        self.stats.generation_tokens += len(sampled)
+        deltas = []
+        for request_id in touched:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            deltas.append(req.delta())
+            if req.finished:
+                del self.requests[request_id]
+        return deltas
+
+    def _next_step(self) -> tuple[SchedulerOutput, LaunchedStep]:
+        """The step launched ahead last time, unless everything it ran has ended since (then it is dropped);
+        otherwise a newly scheduled one, launched now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not all(seq.is_finished for seq, _ in ahead[0].scheduled):
+            return ahead
+        out = self.scheduler.schedule()
+        return out, self.runner.launch(out)
+
+    def _account_computed(self, out: SchedulerOutput) -> None:
+        for seq, n in out.scheduled:
+            if seq.is_finished:
+                continue
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+            self.block_manager.mark_computed(seq)
+
+    def _launch_ahead(
+        self, out: SchedulerOutput, launched: LaunchedStep
+    ) -> tuple[SchedulerOutput, LaunchedStep] | None:
+        """Launch the step after `launched` now, while it runs, when the scheduler could only repeat it: every
+        row sampled (so each continues with one decode), nobody waiting or swapped out, no penalties (they
+        need the token being sampled). Rows of sequences that end with the running step's token (their
+        length) compute nothing; any that end otherwise (EOS, a stop string, an abort) are dropped when
+        collected. Blocks freed meanwhile are reused only by steps queued later on the same stream."""
+        sch = self.scheduler
+        seqs = launched.sampling
+        if not seqs or len(seqs) != len(out.scheduled) or sch.waiting or sch.swapped:
+            return None
+        keep = [i for i, s in enumerate(seqs) if not s.is_finished]
+        if not keep or any(seqs[i].params.has_penalties or seqs[i].matcher is not None for i in keep):
+            return None  # both need the token being sampled
+        in_flight = {id(seq): n for seq, n in out.scheduled}  # tokens the running step computes per sequence
+        positions: list[int | None] = []
+        for i in keep:
+            seq = seqs[i]
+            n = in_flight[id(seq)]
+            ends = seq.num_output_tokens + 1 >= seq.max_tokens or len(seq) + 1 >= self.max_model_len
+            if ends:
+                positions.append(None)
+            elif self.block_manager.allocate(seq, n + 1):
+                positions.append(seq.num_computed_tokens + n)
+            else:  # out of blocks: the scheduler decides (preemption) next step
+                return None
+        if all(p is None for p in positions):  # every sequence ends with the running step
+            return None
+        ahead = self.runner.launch_ahead(launched, keep, positions)
+        self.num_steps_ahead += 1
+        return SchedulerOutput(scheduled=[(seqs[i], 1) for i in keep]), ahead
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop")
+        elif token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            self._finish(seq, "stop")  # the grammar is complete (or, never expected, broken): nothing may follow
+        elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_token: int | None = None) -> None:
+        seq.finish(reason, stop_token)
+        self.scheduler.remove(seq)

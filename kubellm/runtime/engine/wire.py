@@ -1,0 +1,118 @@
+"""The messages between the frontend (the server process, or LLMEngine in one process) and the engine core.
+
+Typed msgspec structs, encoded as MessagePack arrays (array_like: no field names on the wire) and exempt from
+the garbage collector (gc=False: they hold no cycles). A step of 256 running requests is one StepOutput;
+`bench/wire.py` measures its encode + decode cost against pickled positional tuples.
+
+    frontend ──[EngineRequest | Abort | Shutdown, batched]──► engine core
+    frontend ◄──[Ready | Failed, then StepOutput per step | Dead]── engine core
+
+The core sees token ids only: detokenization and stop strings are the frontend's (output.py), which aborts a
+sequence in the core when its text hits a stop string.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kubellm.runtime.sampling_params import SamplingParams
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+# ---------------------------------------------------------------------- frontend → core
+class EngineRequest(msgspec.Struct, array_like=True, gc=False, tag="add"):
+    """A request tokenized and validated by the frontend (intake.py); the core trusts it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0  # time.monotonic() at intake: queue time and queue timeouts count from here
+
+
+class Abort(msgspec.Struct, array_like=True, gc=False, tag="abort"):
+    request_id: str
+    index: int | None = None  # one sequence of an n > 1 request (its stop string matched); None: all of it
+
+
+class Shutdown(msgspec.Struct, array_like=True, tag="stop"):
+    pass
+
+
+ToCore = EngineRequest | Abort | Shutdown
+
+
+# ---------------------------------------------------------------------- core → frontend
+class CompletionDelta(msgspec.Struct, array_like=True, gc=False):
+    """One sequence's tokens since the previous delta."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | None while running
+    stop_reason: int | None  # the stop token that ended it (stop strings are the frontend's)
+
+
+class RequestDelta(msgspec.Struct, array_like=True, gc=False):
+    request_id: str
+    finished: bool  # every sequence has finished in the core
+    num_cached_tokens: int
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    outputs: list[CompletionDelta]
+
+
+class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
+    """The engine's gauges and counters at one instant: what metrics and load shedding read."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    oldest_waiting_arrival: float | None = None  # time.monotonic() of the longest-waiting unscheduled request
+
+
+class EngineInfo(msgspec.Struct, array_like=True):
+    max_model_len: int
+    vocab_size: int
+    num_gpu_blocks: int
+    device: str
+
+
+class Ready(msgspec.Struct, array_like=True, tag="ready"):
+    info: EngineInfo
+
+
+class Failed(msgspec.Struct, array_like=True, tag="failed"):
+    """The core could not start (the model did not load)."""
+
+    traceback: str
+
+
+class Dead(msgspec.Struct, array_like=True, tag="dead"):
+    """The core's step loop raised: every request in flight fails."""
+
+    traceback: str
+
+
+class StepOutput(msgspec.Struct, array_like=True, gc=False, tag="step"):
+    deltas: list[RequestDelta]
+    errors: list[tuple[str, str]]  # (request_id, why the core refused it)
+    snapshot: EngineSnapshot
+    num_added: int  # requests taken in so far (refused ones included)
+
+
+FromCore = Ready | Failed | Dead | StepOutput
+
+encode = msgspec.msgpack.Encoder().encode
+decode_to_core = msgspec.msgpack.Decoder(list[ToCore]).decode
+decode_from_core = msgspec.msgpack.Decoder(FromCore).decode

@@ -1,0 +1,147 @@
+"""`kubellm serve`'s settings, in one place: EngineConfig (a plain dataclass: the GPU machine has no pydantic)
+and, from its fields, the engine's serve flags (add_engine_flags), the server's pydantic settings
+(runtime/server/config.py) and the flags the operator renders (engine_flag); add_serve_arguments is the whole
+serve command line. Imports nothing beyond the standard library, so the CLI and the operator read it without
+torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def _flag(default, help: str, **bounds) -> object:
+    """A setting `kubellm serve` takes as --its-name; bounds (ge, gt, le) are the server's pydantic checks."""
+    return field(default=default, metadata={"serve": True, "help": help, **bounds})
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = _flag("auto", "weights' dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    device: str = _flag("auto", "auto (cuda when present), cuda or cpu")
+    max_model_len: int | None = _flag(None, "longest prompt + output (default: the model's)", ge=1)
+    max_num_seqs: int = _flag(256, "sequences in one batch at most", ge=1)
+    max_num_batched_tokens: int = _flag(8192, "tokens computed in one step at most", ge=1)
+    block_size: int = _flag(16, "tokens per KV-cache block (a power of two)", ge=1)
+    enable_prefix_caching: bool = _flag(True, "reuse the KV of prompts' common prefixes")
+    scheduling_policy: str = _flag("fcfs", f"one of {', '.join(SCHEDULING_POLICIES)}")
+    preemption_mode: str = _flag("recompute", f"one of {', '.join(PREEMPTION_MODES)}")
+    gpu_memory_utilization: float = _flag(0.9, "share of GPU memory for weights, activations and KV", gt=0, le=1)
+    cpu_kv_cache_bytes: int = _flag(1 << 30, "KV budget when the device is the CPU", ge=0)
+    swap_space_bytes: int = field(default=1 << 30, metadata={"serve": True, "ge": 0})  # flag: --swap-space GiB
+    num_gpu_blocks: int | None = None  # override the computed KV budget (tests force preemption with it)
+    num_cpu_blocks: int | None = None  # override the swap pool size
+    queue_timeout_s: float | None = None  # a request waiting longer finishes with reason "timeout"
+    enforce_eager: bool = _flag(False, "CUDA only: no CUDA graphs")
+    async_scheduling: bool = _flag(True, "launch the next decode step before the host has this one's tokens")
+    tensor_parallel_size: int = _flag(1, "split the model across this many GPUs of this machine", ge=1)
+    kernels: str = _flag("auto", f"one of {', '.join(KERNEL_CHOICES)}: model/kernels.py")
+    seed: int = _flag(0, "the engine's sampling seed (requests may bring their own)")
+    served_model_name: str | None = None  # the server's --served-model-name
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model directory not found: {self.model}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
+        """Build from keyword arguments, refusing unknown names (a typo must not be ignored)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)
+
+
+SERVE_SETTINGS = tuple(f for f in fields(EngineConfig) if f.metadata.get("serve"))  # what `kubellm serve` sets
+FLAG_SETTINGS = tuple(f for f in SERVE_SETTINGS if "help" in f.metadata)  # those with a --flag of their own
+
+
+def engine_flag(name: str) -> str:
+    """`kubellm serve`'s flag for an engine setting (KeyError for a name that is not one: a renamed setting
+    fails wherever its flag is rendered)."""
+    if not any(f.name == name for f in FLAG_SETTINGS):
+        raise KeyError(f"{name} is not an engine setting with a flag")
+    return "--" + name.replace("_", "-")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The engine settings' flags of `kubellm serve` (unset: None, so lower layers keep their say)."""
+    for f in FLAG_SETTINGS:
+        kind = type(f.default) if f.default is not None else int
+        if kind is bool:
+            parser.add_argument(
+                engine_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
+            )
+        else:
+            parser.add_argument(engine_flag(f.name), type=kind, help=f.metadata["help"])
+
+
+def add_serve_arguments(s: argparse.ArgumentParser) -> None:
+    """Every flag of `kubellm serve` (the operator reads them too: kubellm/operator/serve_flags.py)."""
+    s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
+    s.add_argument("--config", help="YAML file of settings (same names as the flags, with _ or -)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--served-model-name")
+    s.add_argument("--api-key", action="append", help="an accepted API key (repeatable)")
+    s.add_argument("--api-key-file", help="file with one API key per line (re-read when it changes)")
+    s.add_argument("--rate-limit-rpm", type=float, help="requests per minute per API key")
+    s.add_argument("--rate-limit-burst", type=int)
+    s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")
+    s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
+    s.add_argument("--max-body-bytes", type=int)
+    s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
+    s.add_argument(
+        "--engine-stall-timeout-s",
+        type=float,
+        help="/health fails when the engine process has not reported for this long (default 120)",
+    )
+    add_engine_flags(s)
+    s.add_argument(
+        "--swap-space",
+        type=float,
+        metavar="GIB",
+        help="CPU memory for KV blocks swapped out by preemption (--preemption-mode swap), GiB (default 1)",
+    )
+    s.add_argument(
+        "--log-requests",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one JSON log line per finished request (default on)",
+    )
+    s.add_argument(
+        "--disable-log-requests", dest="log_requests", action="store_false", help="vLLM's spelling of --no-log-requests"
+    )
+    s.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'",
+    )
+    s.add_argument(
+        "--chat-template",
+        help="Jinja chat template (a file, or the template itself) replacing the "
+        "model's, e.g. for a model that has none",
+    )
