@@ -153,10 +153,9 @@ def _reduce_partitions_kernel(
 
 
 def decode_launch(head_dim: int) -> tuple[int, int, int]:
-    """(KV tokens per loop iteration, num_warps, num_stages) of the decode kernel, from bench/kernels.py's sweep
-    on the H100 (bench/RESULTS.md, session 6): head_dim 128 reaches 91-97% of copy bandwidth with 64 tokens,
-    4 warps, 3 stages (Triton's defaults); head_dim 64 tiles are half the bytes, and that launch gave 35-87%
-    where 32 tokens on 2 warps gave 60-88%."""
+    """(KV tokens per loop iteration, num_warps, num_stages) of the decode kernel: the fastest launch of
+    bench/kernels.py's sweep for each head_dim (figures in bench/RESULTS.md); head_dim 64 tiles are half the
+    bytes of 128's, so they take half the tokens on half the warps."""
     return (32, 2, 3) if head_dim <= 64 else (64, 4, 3)
 
 
