@@ -34,14 +34,14 @@ def read_log(path: str) -> str:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: str, *args: str, log_path: str | None = None):
+    def __init__(self, model_dir: str, *args: str, log_path: str | None = None, module: str = "kubellm.cli"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or f"/tmp/kubellm-serve-{self.port}.log"
         cmd = [
             sys.executable,
             "-m",
-            "kubellm.cli",
+            module,  # tests/support/faulty_serve.py: the same CLI with an engine core that fails on purpose
             "serve",
             model_dir,
             "--host",

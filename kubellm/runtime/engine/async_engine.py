@@ -28,6 +28,8 @@ import traceback
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 
+import msgspec
+
 from kubellm.runtime.engine import wire
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.engine.intake import Submission, make_submission
@@ -40,11 +42,20 @@ from kubellm.settings import EngineConfig
 log = logging.getLogger("kubellm.engine")
 
 MAX_MESSAGES_PER_READ = 32  # engine steps handled per wake-up of the pipe reader
+MAX_FAILED_STEPS = 3  # steps failing in a row before the engine process gives up (Dead: the pod restarts)
 HEARTBEAT_S = 1.0  # an idle engine process still reports this often, so the server can tell idle from stuck
 
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; the server reports it (503, /health) and Kubernetes restarts the pod."""
+
+
+class RequestRefused(ValueError):
+    """The engine core refused this request when it was added (its message is for the user)."""
+
+
+class RequestFailed(RuntimeError):
+    """A step running this request raised; the request ended there and the engine serves the others."""
 
 
 def freeze_startup_heap() -> None:
@@ -88,25 +99,37 @@ def _engine_core(
     freeze_startup_heap()
     outbox.send_bytes(wire.encode(wire.Ready(core.info())))
     num_added = 0
+    failed_steps = 0  # in a row: a step that fails whatever it runs is the engine's fault, not a request's
     try:
         while True:
             if not core.has_unfinished_requests():
                 inbox.poll(HEARTBEAT_S)  # idle: sleep until the server sends something, or report anyway
-            errors = []
+            errors, failed = [], []
             while inbox.poll():
                 for msg in wire.decode_to_core(inbox.recv_bytes()):
                     if isinstance(msg, wire.EngineRequest):
                         num_added += 1
                         try:
                             core.add(msg)
-                        except ValueError as e:
-                            errors.append((msg.request_id, str(e)))
+                        except Exception as e:  # this request only (add registers nothing until it succeeds)
+                            errors.append((msg.request_id, f"{type(e).__name__}: {e}"))
                     elif isinstance(msg, Abort):
                         core.abort(msg.request_id, msg.index)
                     else:  # Shutdown
                         return
-            deltas = core.step() if core.has_unfinished_requests() else []
-            outbox.send_bytes(wire.encode(StepOutput(deltas, errors, core.snapshot(), num_added)))
+            deltas = []
+            if core.has_unfinished_requests():
+                try:
+                    deltas = core.step()
+                    failed_steps = 0
+                except Exception as e:  # fail the requests of this step, keep serving the others
+                    failed_steps += 1
+                    if failed_steps > MAX_FAILED_STEPS:
+                        raise
+                    why = f"the engine failed running this request: {type(e).__name__}: {e}"
+                    failed = [(request_id, why) for request_id in core.fail_step()]
+                    log.error("engine step failed; its %d request(s) end:\n%s", len(failed), traceback.format_exc())
+            outbox.send_bytes(wire.encode(StepOutput(deltas, errors, core.snapshot(), num_added, failed)))
     except (EOFError, OSError, BrokenPipeError):  # the server process is gone
         return
     except BaseException:
@@ -291,12 +314,33 @@ class AsyncLLMEngine:
             batch = [m for m in batch if m is not None]
             try:
                 if batch:
-                    conn.send_bytes(wire.encode(batch))
+                    conn.send_bytes(self._encode(batch))
             except (OSError, BrokenPipeError):
                 return
             if end:
                 conn.close()
                 return
+
+    def _encode(self, batch: list) -> bytes:
+        """The batch as one message; a message that cannot be encoded (intake bounds every value, so never
+        expected) fails its own request instead of this thread, which every request needs."""
+        try:
+            return wire.encode(batch)
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError):
+            good = []
+            for msg in batch:
+                try:
+                    wire.encode(msg)
+                    good.append(msg)
+                except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as e:
+                    if isinstance(msg, wire.EngineRequest):
+                        self._loop.call_soon_threadsafe(self._unsent, msg.request_id, f"{type(e).__name__}: {e}")
+            return wire.encode(good)
+
+    def _unsent(self, request_id: str, why: str) -> None:
+        self._num_sent -= 1
+        self.output.abort(request_id)
+        self._wake(request_id, RequestRefused(why))
 
     def _on_messages(self) -> None:
         """The engine process wrote (runs on the event loop): handle the messages waiting, up to a bound so
@@ -330,7 +374,10 @@ class AsyncLLMEngine:
             self._outgoing.put(abort)
         for request_id, why in msg.errors:
             self.output.abort(request_id)
-            self._wake(request_id, ValueError(why))
+            self._wake(request_id, RequestRefused(why))
+        for request_id, why in msg.failed:
+            self.output.abort(request_id)
+            self._wake(request_id, RequestFailed(why))
         for out in changed:
             self._wake(out.request_id)
 

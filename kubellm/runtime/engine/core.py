@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.guided import Grammars
+from kubellm.runtime.engine.intake import check_params
 from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
@@ -83,6 +84,7 @@ class EngineCore:
         self.requests: dict[str, CoreRequest] = {}
         self.stats = EngineStats()
         self._ahead: tuple[SchedulerOutput, LaunchedStep] | None = None  # a step launched before its turn
+        self._current: SchedulerOutput | None = None  # the step being run (fail_step ends its requests)
         self.num_steps_ahead = 0
 
     def info(self) -> EngineInfo:
@@ -94,6 +96,7 @@ class EngineCore:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         ids, params = req.prompt_token_ids, req.params
+        check_params(ids, params, req.priority, self.vocab_size)  # what the step cannot take fails here, not there
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         core_req = CoreRequest(req.request_id)
@@ -111,6 +114,25 @@ class EngineCore:
         self.requests[req.request_id] = core_req
         for seq in core_req.seqs:
             self.scheduler.add(seq)
+
+    def fail_step(self) -> list[str]:
+        """The step being run raised (engine/async_engine.py reports it and gives up after a few in a row): end
+        the requests that may have caused it and return their ids. The suspects are the step's requests
+        without a token yet (a request that has run before is unlikely to be the cause); if there are none,
+        every request of the step. Requests outside it, and others in it, run again in the next step."""
+        ahead, self._ahead = self._ahead, None
+        current, self._current = self._current, None
+        if current is None:  # failed while scheduling: any request may be the cause
+            ids = list(self.requests)
+        else:
+            scheduled = current.scheduled + (ahead[0].scheduled if ahead is not None else [])
+            ids = list(dict.fromkeys(seq.request_id for seq, _ in scheduled if not seq.is_finished))
+            new = [i for i in ids if i in self.requests and not any(s.num_output_tokens for s in self.requests[i].seqs)]
+            ids = new or ids
+        for request_id in ids:
+            self.abort(request_id)
+            self.requests.pop(request_id, None)
+        return ids
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request, or one of its sequences (the frontend found its stop string); frees their blocks."""
@@ -161,7 +183,9 @@ class EngineCore:
 
         With async scheduling, the next decode step is launched before this step's tokens reach the host,
         so the device never waits for the host's bookkeeping (see _launch_ahead)."""
+        self._current = None
         out, launched = self._next_step()
+        self._current = out
         if self.config.async_scheduling:
             self._ahead = self._launch_ahead(out, launched)
         sampled, tokens, logprobs = self.runner.collect(launched)

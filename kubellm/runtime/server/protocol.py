@@ -85,6 +85,8 @@ class StructuredOutputs(OpenAIModel):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+INT32_MAX, INT64_MIN, INT64_MAX = 2**31 - 1, -(2**63), 2**63 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # and below the vocabulary size (checked at intake)
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -103,18 +105,16 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: Penalty = 0.0
     # token id (a JSON key, so a string of digits) → bias added to its logit; at most 300 entries, which bounds
     # what one request adds to every step of the batch it runs in
-    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
-        None, max_length=300
-    )
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=300)
     user: str | None = None
     # vLLM extensions (the openai SDK sends them through extra_body)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # more than the vocabulary: all of it
     min_p: Probability | None = None
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
-    priority: int = 0
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     # structured output: OpenAI's response_format, or vLLM's guided_* extras (at most one of them)
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -165,8 +165,8 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
-    max_tokens: int | None = Field(None, ge=1, description="default: what the context leaves")
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="default: what the context leaves")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -215,8 +215,8 @@ def _check_continuation(req) -> None:
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
@@ -265,7 +265,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

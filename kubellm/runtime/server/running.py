@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailed, RequestRefused
 from kubellm.runtime.engine.output import RequestOutput
 from kubellm.runtime.server.admission import ServerState
 from kubellm.runtime.server.config import ServerConfig
@@ -49,6 +49,10 @@ class Runner:
                 yield i, item
         except EngineDeadError as e:
             raise ApiError(503, str(e), "service_unavailable") from None
+        except RequestRefused as e:
+            raise ApiError(400, str(e)) from None
+        except RequestFailed as e:  # the engine goes on; this request could not be run
+            raise ApiError(500, str(e), "server_error") from None
         finally:
             await stream.aclose()
             self.state.in_flight -= 1
