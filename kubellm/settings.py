@@ -111,6 +111,15 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rate-limit-burst", type=int)
     s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")
     s.add_argument("--max-queue-time-s", type=float, help="429 when the oldest waiting request is older")
+    s.add_argument(
+        "--max-prompts-per-request", type=int, help="prompts in one completions request at most (default 256)"
+    )
+    s.add_argument(
+        "--enable-api-docs",
+        action="store_true",
+        default=None,
+        help="serve /docs, /redoc and /openapi.json (off by default: they map the API for anyone)",
+    )
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
     s.add_argument(

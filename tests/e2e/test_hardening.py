@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from tests.e2e.test_errors import AUTH, assert_error, post
+from tests.e2e.test_errors import assert_error, post
 from tests.support.faulty_serve import FAULT_MARKER
 from tests.support.server import ServerProcess
 from tests.support.wait import wait_until
@@ -94,3 +94,62 @@ def test_a_request_failing_inside_a_step_fails_alone(tiny_model):
     finally:
         t.join(60)
         s.stop()
+
+
+# ---------------------------------------------------------------------- 2. load shedding counts sequences
+def test_load_shedding_counts_sequences_and_prompts_are_bounded(tiny_model):
+    s = ServerProcess(tiny_model, "--max-waiting-requests", "4", "--max-prompts-per-request", "3000").wait_ready()
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 2000, "max_tokens": 1, "n": 2}, timeout=60)
+        assert_error(r, 429, contains="waiting")
+        assert int(r.headers["retry-after"]) >= 1
+        assert s.metric("kubellm_num_requests_waiting") == 0  # nothing of it was queued
+        small = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 3, "max_tokens": 1, "n": 2}, timeout=60)
+        assert small.status_code == 200, small.text
+        assert len(small.json()["choices"]) == 6
+    finally:
+        s.stop()
+
+
+def test_prompts_per_request_are_bounded(server):
+    r = post(server, "/v1/completions", {"prompt": [[1]] * 257, "max_tokens": 1})
+    assert_error(r, 400, "prompt", "at most 256 prompts")
+
+
+# ---------------------------------------------------------------------- 6. no 500 on client input
+@pytest.mark.parametrize(
+    "path,raw",
+    [
+        ("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 1}'),
+        ("/v1/completions", b'{"prompt": "hi\\udfff there", "max_tokens": 1}'),
+        ("/v1/completions", b'{"prompt": "hi", "model": "\\ud800"}'),
+        ("/v1/completions", b'{"prompt": "hi", "stop": ["\\ud83d"]}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "\\udc00x"}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        ("/v1/completions", b"[" * 20_000 + b"]" * 20_000),
+        ("/v1/completions", b'{"prompt": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"a": '
+            + b'{"b": ' * 3000
+            + b"1"
+            + b"}" * 3000
+            + b"}}",
+        ),
+    ],
+)
+def test_surrogates_and_deep_nesting_are_400(server, path, raw):
+    r = post(server, path, content=raw)
+    assert_error(r, 400)
+
+
+def test_a_valid_surrogate_pair_is_text(server):
+    r = post(server, "/v1/completions", content=b'{"prompt": "hi \\ud83d\\ude00", "max_tokens": 1}')
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------- 8. API docs off by default
+def test_api_docs_are_off_by_default(server):
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(server.url + path).status_code == 404, path

@@ -108,7 +108,7 @@ def _engine_core(
             while inbox.poll():
                 for msg in wire.decode_to_core(inbox.recv_bytes()):
                     if isinstance(msg, wire.EngineRequest):
-                        num_added += 1
+                        num_added += msg.params.n  # sequences, as the server's load shedding counts
                         try:
                             core.add(msg)
                         except Exception as e:  # this request only (add registers nothing until it succeeds)
@@ -254,6 +254,13 @@ class AsyncLLMEngine:
             return snap.num_waiting + pending
         return max(0, pending - max(0, self.config.max_num_seqs - snap.num_running))
 
+    def num_waiting_with(self, incoming: int) -> int:
+        """num_waiting once `incoming` more sequences are sent: those the free batch slots take at once do not
+        wait (load shedding counts sequences, prompts × n, not requests)."""
+        snap, pending = self.snapshot, self._num_sent - self._num_taken
+        free = 0 if snap.num_waiting else max(0, self.config.max_num_seqs - snap.num_running - pending)
+        return self.num_waiting + max(0, incoming - free)
+
     def oldest_waiting_age(self) -> float:
         arrival = self.snapshot.oldest_waiting_arrival
         return time.monotonic() - arrival if arrival is not None else 0.0
@@ -281,7 +288,7 @@ class AsyncLLMEngine:
         req = sub.request
         self._streams[req.request_id] = stream
         out = self.output.add(req.request_id, sub.prompt, req.prompt_token_ids, req.params, req.arrival_time)
-        self._num_sent += 1
+        self._num_sent += req.params.n  # sequences (the core counts what it took the same way)
         self._outgoing.put(req)
         try:
             while not out.finished:
@@ -334,11 +341,12 @@ class AsyncLLMEngine:
                     good.append(msg)
                 except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as e:
                     if isinstance(msg, wire.EngineRequest):
-                        self._loop.call_soon_threadsafe(self._unsent, msg.request_id, f"{type(e).__name__}: {e}")
+                        why = f"{type(e).__name__}: {e}"
+                        self._loop.call_soon_threadsafe(self._unsent, msg.request_id, msg.params.n, why)
             return wire.encode(good)
 
-    def _unsent(self, request_id: str, why: str) -> None:
-        self._num_sent -= 1
+    def _unsent(self, request_id: str, n: int, why: str) -> None:
+        self._num_sent -= n
         self.output.abort(request_id)
         self._wake(request_id, RequestRefused(why))
 

@@ -108,7 +108,7 @@ class StepOutput(msgspec.Struct, array_like=True, gc=False, tag="step"):
     deltas: list[RequestDelta]
     errors: list[tuple[str, str]]  # (request_id, why the core refused it)
     snapshot: EngineSnapshot
-    num_added: int  # requests taken in so far (refused ones included)
+    num_added: int  # sequences (prompts × n) taken in so far (refused ones included)
     failed: list[tuple[str, str]] = []  # (request_id, why): a step running it raised; the engine goes on
 
 

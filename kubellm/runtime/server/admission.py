@@ -4,6 +4,7 @@ body size, JSON and schema (a 400 naming the field), unsupported fields, model n
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -14,6 +15,10 @@ from kubellm.runtime.server.config import ServerConfig
 from kubellm.runtime.server.errors import ApiError, retry_after
 from kubellm.runtime.server.limits import ApiKeys, RateLimiter
 from kubellm.runtime.server.metrics import ServerMetrics
+
+
+# a JSON \\u escape of a high surrogate not followed by a low one, or a low one (pairs are valid text)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 class ServerState:
@@ -50,8 +55,16 @@ class Admission:
         self._check_rate(presented or (request.client.host if request.client else "anonymous"))
         req = self._validate(await self._read_json(request), model_cls)
         if shed_load:
-            self._check_load()
+            self._check_load(self._sequences(req))
         return req
+
+    def _sequences(self, req) -> int:
+        """The sequences a request queues: prompts × n (400 past --max-prompts-per-request prompts)."""
+        prompts = len(req.prompts()) if hasattr(req, "prompts") else 1
+        limit = self.config.max_prompts_per_request
+        if prompts > limit:
+            raise ApiError(400, f"at most {limit} prompts in one request, got {prompts}", param="prompt")
+        return prompts * getattr(req, "n", 1)
 
     def _check_available(self) -> None:
         state = self.state
@@ -85,6 +98,13 @@ class Admission:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
+        if _SURROGATE_ESCAPE.search(body):  # cheap first look; then exact (an escaped backslash may precede)
+            try:
+                json.dumps(payload, ensure_ascii=False).encode()
+            except UnicodeEncodeError:
+                raise ApiError(400, "the body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the body must be a JSON object")
         return payload
@@ -92,6 +112,8 @@ class Admission:
     def _validate(self, payload: dict, model_cls: type[BaseModel]):
         try:
             req = model_cls.model_validate(payload)
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply") from None
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"]) or None
@@ -104,9 +126,10 @@ class Admission:
             raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
         return req
 
-    def _check_load(self) -> None:
-        """Shed load: too many requests waiting, or the oldest waiting too long (429 with Retry-After)."""
-        if self.engine.num_waiting >= self.config.max_waiting_requests:
+    def _check_load(self, incoming: int = 1) -> None:
+        """Shed load: too many sequences would wait with this request's, or the oldest waiting too long (429
+        with Retry-After)."""
+        if self.engine.num_waiting_with(incoming) > self.config.max_waiting_requests:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, "too many requests are waiting; retry later", "overloaded", headers=retry_after(2))
         age = self.engine.oldest_waiting_age()

@@ -67,7 +67,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="kubellm", version="0.1.0", lifespan=lifespan)
+    # /docs, /redoc and /openapi.json describe every route to anyone: off unless --enable-api-docs
+    docs = {} if config.enable_api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="kubellm", version="0.1.0", lifespan=lifespan, **docs)
     app.state.server_state = state
     app.state.engine = engine
     app.add_middleware(RequestIdMiddleware)

@@ -24,7 +24,9 @@ class ServerSettings(BaseSettings):
     api_key_file: str | None = None  # one key per line; re-read when it changes (a mounted Secret)
     rate_limit_rpm: float | None = Field(None, gt=0)  # per API key (or client address without keys)
     rate_limit_burst: int = Field(20, ge=1)
-    max_waiting_requests: int = Field(1024, ge=0)  # more waiting than this: 429
+    max_waiting_requests: int = Field(1024, ge=0)  # more sequences (prompts × n) waiting than this: 429
+    max_prompts_per_request: int = Field(256, ge=1)  # a completions request's prompt list (one batch's worth)
+    enable_api_docs: bool = False  # /docs, /redoc, /openapi.json
     max_queue_time_s: float | None = Field(30.0, gt=0)  # oldest waiting request older than this: 429
     max_body_bytes: int = Field(8 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)
