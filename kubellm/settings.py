@@ -120,6 +120,11 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
         default=None,
         help="serve /docs, /redoc and /openapi.json (off by default: they map the API for anyone)",
     )
+    s.add_argument("--max-header-bytes", type=int, help="request line + headers at most (431 past it; 64 KiB)")
+    s.add_argument("--max-headers", type=int, help="request headers at most (431 past it; 100)")
+    s.add_argument("--header-timeout-s", type=float, help="seconds to send a request's head (408; 30)")
+    s.add_argument("--body-timeout-s", type=float, help="seconds to send a request's body (408; 60)")
+    s.add_argument("--keep-alive-timeout-s", type=float, help="idle keep-alive connections close after (5)")
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
     s.add_argument(

@@ -3,7 +3,9 @@ code before the fix it names."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -153,3 +155,104 @@ def test_a_valid_surrogate_pair_is_text(server):
 def test_api_docs_are_off_by_default(server):
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         assert httpx.get(server.url + path).status_code == 404, path
+
+
+# ---------------------------------------------------------------------- 4. header limits, 7. connection timeouts
+def connect(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    return sock
+
+
+def response_or_close(sock: socket.socket) -> bytes:
+    """What the server sent before closing the connection (b"" if it closed without a word)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return data
+
+
+def send_all(sock: socket.socket, data: bytes, chunk: int = 1 << 20) -> int:
+    """Bytes sent before the server closed the connection."""
+    sent = 0
+    try:
+        for i in range(0, len(data), chunk):
+            sock.sendall(data[i : i + chunk])
+            sent += len(data[i : i + chunk])
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return sent
+
+
+@pytest.mark.parametrize(
+    "head,contains",
+    [
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (16 << 20) + b"\r\n\r\n", b"431"),
+        (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(20_000)) + b"\r\n",
+            b"431",
+        ),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", b"431"),
+    ],
+)
+def test_oversized_heads_are_431(server, head, contains):
+    with connect(server) as sock:
+        send_all(sock, head)
+        answer = response_or_close(sock)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 " + contains), answer[:200]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_an_unterminated_64_mb_header_is_not_buffered(server):
+    with connect(server) as sock:
+        sent = send_all(sock, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 << 20))
+        answer = response_or_close(sock)
+    assert sent < 64 << 20 or answer.startswith(b"HTTP/1.1 431"), (sent, answer[:200])
+    assert answer.startswith(b"HTTP/1.1 431") or answer == b""
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_model):
+    s = ServerProcess(
+        tiny_model, "--header-timeout-s", "2", "--body-timeout-s", "2", "--keep-alive-timeout-s", "1"
+    ).wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize(
+    "sent,status",
+    [
+        (b"", b"408"),  # connected, silent
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"408"),  # slow header
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{",  # slow body
+            b"408",
+        ),
+    ],
+)
+def test_slow_and_silent_connections_are_closed(impatient, sent, status):
+    with connect(impatient) as sock:
+        sock.sendall(sent)
+        answer = response_or_close(sock)  # the server closes it (the socket's own timeout is 60 s)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+
+
+def test_an_idle_keep_alive_connection_is_closed(impatient):
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = response_or_close(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}'), answer
+
+
+def test_a_mid_body_disconnect_logs_no_error(impatient):
+    with connect(impatient) as sock:
+        sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"prompt"')
+    time.sleep(2)  # the server notices (a late error line would make this pass wrongly, never fail wrongly)
+    httpx.get(impatient.url + "/health")
+    logs = impatient.logs()
+    assert '"level": "error"' not in logs and "Traceback" not in logs, logs[-3000:]

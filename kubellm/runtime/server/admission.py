@@ -3,11 +3,13 @@ body size, JSON and schema (a 400 naming the field), unsupported fields, model n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine
 from kubellm.runtime.server import protocol as p
@@ -90,10 +92,16 @@ class Admission:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes")
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body larger than {limit} bytes")
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):  # a slow body holds a connection and a task
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ApiError(413, f"request body larger than {limit} bytes")
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {self.config.body_timeout_s:g} s") from None
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log as an error
+            raise ApiError(499, "client closed the request") from None
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:

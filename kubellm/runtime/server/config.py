@@ -27,6 +27,13 @@ class ServerSettings(BaseSettings):
     max_waiting_requests: int = Field(1024, ge=0)  # more sequences (prompts × n) waiting than this: 429
     max_prompts_per_request: int = Field(256, ge=1)  # a completions request's prompt list (one batch's worth)
     enable_api_docs: bool = False  # /docs, /redoc, /openapi.json
+    # HTTP limits (http_limits.py, admission.py): a request's head (request line + headers) and header count,
+    # how long a client may take to send the head and the body, how long an idle keep-alive connection stays
+    max_header_bytes: int = Field(64 << 10, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    header_timeout_s: float = Field(30.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
     max_queue_time_s: float | None = Field(30.0, gt=0)  # oldest waiting request older than this: 429
     max_body_bytes: int = Field(8 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -19,6 +19,7 @@ from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
+from kubellm.runtime.server.http_limits import HttpLimits, LimitedHttpToolsProtocol
 from kubellm.settings import EngineConfig
 
 log = logging.getLogger("kubellm.server")
@@ -98,6 +99,11 @@ def serve(config: ServerConfig, make_core: Callable[[EngineConfig], EngineCore] 
         port=config.port,
         log_config=None,
         access_log=False,
+        # httptools with limits on the head (size, header count, deadline): http_limits.py
+        http=LimitedHttpToolsProtocol.with_limits(
+            HttpLimits(config.max_header_bytes, config.max_headers, config.header_timeout_s)
+        ),
+        timeout_keep_alive=config.keep_alive_timeout_s,
         timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0),
     )
     DrainingServer(uv_config, app, config.drain_timeout_s).run()  # the engine process is stopped when it returns
