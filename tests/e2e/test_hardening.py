@@ -256,3 +256,47 @@ def test_a_mid_body_disconnect_logs_no_error(impatient):
     httpx.get(impatient.url + "/health")
     logs = impatient.logs()
     assert '"level": "error"' not in logs and "Traceback" not in logs, logs[-3000:]
+
+
+# ---------------------------------------------------------------------- 3. tokenization off the event loop
+def test_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(tiny_model):
+    s = ServerProcess(tiny_model, "--max-body-bytes", str(16 << 20)).wait_ready()
+    try:
+        word = "a" * (7 << 20)  # the issue's 7 MB word
+        r = httpx.post(s.url + "/tokenize", json={"prompt": word}, timeout=120)
+        assert_error(r, 400, "prompt", "characters")
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": word, "max_tokens": 1}, timeout=120)
+        assert_error(r, 400, "prompt", "characters")
+        chat = {"messages": [{"role": "user", "content": word}]}
+        assert_error(httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=120), 400, "messages")
+    finally:
+        s.stop()
+
+
+def test_health_answers_while_prompts_are_tokenized(tiny_model):
+    """200 prompts, each as long as the length check lets through, take seconds to tokenize; /health, asked
+    again and again meanwhile, never waits for them (compared with the request itself: no fixed time)."""
+    s = ServerProcess(tiny_model, "--max-prompts-per-request", "200").wait_ready()
+    try:
+        longest = max(len(t) for t in __import__("transformers").AutoTokenizer.from_pretrained(tiny_model).get_vocab())
+        prompt = "ab " * (2048 * longest // 3 - 1)
+        result = {}
+
+        def big():
+            start = time.monotonic()
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": [prompt] * 200, "max_tokens": 1}, timeout=600)
+            result["status"], result["s"] = r.status_code, time.monotonic() - start
+
+        t = threading.Thread(target=big)
+        t.start()
+        health = []
+        with httpx.Client() as client:
+            while t.is_alive():
+                start = time.monotonic()
+                assert client.get(s.url + "/health", timeout=600).status_code == 200
+                health.append(time.monotonic() - start)
+        t.join()
+        assert result["status"] == 400, result  # the prompts are longer than the context, once tokenized
+        assert len(health) > 1 and max(health) < result["s"] / 2, (max(health), result, len(health))
+    finally:
+        s.stop()

@@ -20,11 +20,11 @@ class ChatCompletions:
     async def create(self, request: Request):
         s = self.s
         req: p.ChatCompletionRequest = await s.admission.admit(request, p.ChatCompletionRequest)
-        ids = s.tokenizer.encode(s.builder.render_chat(req), add_special_tokens=False)
+        ids = await s.builder.encode(s.builder.render_chat(req), "messages", add_special_tokens=False)
         max_tokens = req.max_new_tokens
         top = req.top_logprobs or 0 if req.logprobs else None
         params = await s.builder.sampling_params(req, max_tokens, top)
-        requests = s.builder.make_requests([ids], params, req.priority, max_tokens)
+        requests = await s.builder.make_requests([ids], params, req.priority, max_tokens)
         rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
 
         if req.stream:

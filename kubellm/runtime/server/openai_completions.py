@@ -21,7 +21,7 @@ class Completions:
         s = self.s
         req: p.CompletionRequest = await s.admission.admit(request, p.CompletionRequest)
         params = await s.builder.sampling_params(req, req.max_tokens, req.logprobs)
-        requests = s.builder.make_requests(req.prompts(), params, req.priority, req.max_tokens)
+        requests = await s.builder.make_requests(req.prompts(), params, req.priority, req.max_tokens)
         # one id and timestamp for every chunk of the response, as OpenAI's
         response = partial(
             p.CompletionResponse, id=f"cmpl-{request.state.request_id}", created=int(time.time()), model=s.model_name

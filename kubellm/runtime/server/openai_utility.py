@@ -33,9 +33,10 @@ class Utility:
         s = self.s
         req: p.TokenizeRequest = await s.admission.admit(request, p.TokenizeRequest, shed_load=False)
         if req.messages is not None:  # the template writes the special tokens itself
-            ids = s.tokenizer.encode(s.builder.render_chat(req), add_special_tokens=bool(req.add_special_tokens))
+            text = s.builder.render_chat(req)
+            ids = await s.builder.encode(text, "messages", add_special_tokens=bool(req.add_special_tokens))
         else:
-            ids = s.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+            ids = await s.builder.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         strs = s.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return p.TokenizeResponse(
             count=len(ids), max_model_len=s.engine.max_model_len, tokens=ids, token_strs=strs

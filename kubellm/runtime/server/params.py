@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING
 
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine
@@ -23,6 +25,12 @@ class RequestBuilder:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self._grammars: Grammars | None = None  # built on first use: the vocabulary size is known once it runs
+        # a text of N characters is at least N / (the longest token's length) tokens: longer than the context
+        # can ever hold is refused before the tokenizer spends seconds on it
+        self._longest_token = max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+        # tokenization runs here, off the event loop that streams everyone's tokens and answers /health; one
+        # thread: the Rust tokenizer releases the GIL, and one object is never encoding twice at once
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="kubellm-tokenize")
         # chat_template_kwargs are variables for the template; the call's own arguments (tokenize, chat_template,
         # return_dict, …) would change what comes back or which template runs
         self._template_call_args = set(inspect.signature(self.tokenizer.apply_chat_template).parameters) - {"kwargs"}
@@ -92,6 +100,25 @@ class RequestBuilder:
         except Exception as e:  # the template rejected these messages (roles, order, …)
             raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from None
 
+    def check_length(self, text: str | list[int], param: str = "prompt") -> None:
+        """400 for a text too long to fit the context whatever its tokens (cheap: before tokenizing it)."""
+        limit = self.engine.max_model_len * self._longest_token
+        if isinstance(text, str) and len(text) > limit:
+            raise ApiError(
+                400,
+                f"{param} has {len(text)} characters: more than this model's context of "
+                f"{self.engine.max_model_len} tokens can hold",
+                param=param,
+            )
+
+    async def off_loop(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the tokenizer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, partial(fn, *args, **kwargs))
+
+    async def encode(self, text: str, param: str = "prompt", **kwargs) -> list[int]:
+        self.check_length(text, param)
+        return await self.off_loop(self.tokenizer.encode, text, **kwargs)
+
     def check_context(self, prompt_len: int, max_tokens: int | None) -> None:
         limit = self.engine.max_model_len
         if prompt_len + (max_tokens or 1) > limit:
@@ -103,14 +130,15 @@ class RequestBuilder:
                 param="max_tokens",
             )
 
-    def make_requests(
+    async def make_requests(
         self, prompts: list[str | list[int]], params: SamplingParams, priority: int, max_tokens: int | None
     ) -> list[Submission]:
         """Tokenize and validate every prompt before queueing any."""
         out = []
         for prompt in prompts:
             try:
-                r = self.engine.make_request(f"req-{uuid.uuid4().hex}", prompt, params, priority)
+                self.check_length(prompt)
+                r = await self.off_loop(self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority)
             except ValueError as e:
                 raise ApiError(400, str(e), param="prompt") from None
             self.check_context(len(r.prompt_token_ids), max_tokens)
