@@ -125,6 +125,12 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--header-timeout-s", type=float, help="seconds to send a request's head (408; 30)")
     s.add_argument("--body-timeout-s", type=float, help="seconds to send a request's body (408; 60)")
     s.add_argument("--keep-alive-timeout-s", type=float, help="idle keep-alive connections close after (5)")
+    s.add_argument(
+        "--forwarded-allow-ips",
+        nargs="+",
+        metavar="IP",
+        help="trusted proxies (addresses, CIDRs or '*') whose X-Forwarded-For is the client address (default: none)",
+    )
     s.add_argument("--max-body-bytes", type=int)
     s.add_argument("--drain-timeout-s", "--drain-timeout", dest="drain_timeout_s", type=float)
     s.add_argument(

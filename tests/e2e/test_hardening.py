@@ -300,3 +300,46 @@ def test_health_answers_while_prompts_are_tokenized(tiny_model):
         assert len(health) > 1 and max(health) < result["s"] / 2, (max(health), result, len(health))
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------- 5. rate limit identity, bounded buckets
+def completion(s, headers):
+    return httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers=headers, timeout=60)
+
+
+def test_without_keys_a_bearer_string_is_no_identity(tiny_model):
+    s = ServerProcess(tiny_model, "--rate-limit-rpm", "6", "--rate-limit-burst", "2").wait_ready()
+    try:
+        codes = [completion(s, {"Authorization": f"Bearer random-{i}"}).status_code for i in range(3)]
+        assert codes == [200, 200, 429]
+        # and X-Forwarded-For is not trusted by default
+        assert completion(s, {"X-Forwarded-For": "203.0.113.9"}).status_code == 429
+    finally:
+        s.stop()
+
+
+def test_a_trusted_proxy_names_the_client(tiny_model):
+    s = ServerProcess(
+        tiny_model, "--rate-limit-rpm", "6", "--rate-limit-burst", "1", "--forwarded-allow-ips", "127.0.0.1"
+    ).wait_ready()
+    try:
+        assert completion(s, {"X-Forwarded-For": "203.0.113.1"}).status_code == 200
+        assert completion(s, {"X-Forwarded-For": "203.0.113.1"}).status_code == 429
+        assert completion(s, {"X-Forwarded-For": "203.0.113.2"}).status_code == 200  # another client behind it
+    finally:
+        s.stop()
+
+
+def test_rate_limit_buckets_are_bounded(monkeypatch):
+    from kubellm.runtime.server import limits
+
+    now = [1000.0]
+    monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
+    limiter = limits.RateLimiter(rpm=60, burst=2, max_buckets=1000)
+    for i in range(5000):  # 1 MB keys cost their digest only, and never more than max_buckets of them
+        assert limiter.acquire(f"{i}-" + "k" * 1000) is None
+    assert len(limiter) <= 1000
+    assert limiter.acquire("a") is None and limiter.acquire("a") is None and limiter.acquire("a") is not None
+    now[0] += 10  # every bucket has refilled: they are dropped as callers come
+    limiter.acquire("b")
+    assert len(limiter) == 1

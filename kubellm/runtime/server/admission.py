@@ -39,7 +39,8 @@ class Admission:
         self.limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_burst)
 
     def authorize(self, request: Request) -> str | None:
-        """The presented API key (None: none presented and none needed); 401 unless it is valid."""
+        """The API key, validated (None when keys are off: then any bearer string is no identity, and the
+        rate limit keys on the client's address); 401 unless it is valid."""
         header = request.headers.get("authorization", "")
         presented = header[7:].strip() if header.lower().startswith("bearer ") else None
         if not self.keys.check(presented):
@@ -47,7 +48,7 @@ class Admission:
             raise ApiError(
                 401, "missing or invalid API key", "authentication_error", headers={"WWW-Authenticate": "Bearer"}
             )
-        return presented
+        return presented if self.keys.enabled else None
 
     async def admit(self, request: Request, model_cls: type[BaseModel], shed_load: bool = True):
         """Auth → availability → rate limit → body → schema → model → load (for requests that queue in the

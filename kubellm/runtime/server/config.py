@@ -34,6 +34,8 @@ class ServerSettings(BaseSettings):
     header_timeout_s: float = Field(30.0, gt=0)
     body_timeout_s: float = Field(60.0, gt=0)
     keep_alive_timeout_s: float = Field(5.0, gt=0)
+    # proxies (addresses or CIDRs, "*" for any) whose X-Forwarded-For names the client; none by default
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
     max_queue_time_s: float | None = Field(30.0, gt=0)  # oldest waiting request older than this: 429
     max_body_bytes: int = Field(8 << 20, ge=1024)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -61,22 +61,39 @@ class ApiKeys:
 
 
 class RateLimiter:
-    """Token bucket per caller: `rpm` requests per minute, bursts up to `burst`."""
+    """Token bucket per caller: `rpm` requests per minute, bursts up to `burst`. Callers are kept by digest
+    (a 1 MB key costs 32 bytes), least recently seen first: a bucket that has refilled is dropped (it equals a
+    new one), and past max_buckets the least recent goes anyway, so memory stays bounded."""
 
-    def __init__(self, rpm: float | None, burst: int):
+    def __init__(self, rpm: float | None, burst: int, max_buckets: int = 100_000):
         self.rate = rpm / 60.0 if rpm else None
         self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # caller → (tokens, last refill)
+        self.max_buckets = max_buckets
+        self._buckets: dict[bytes, tuple[float, float]] = {}  # caller's digest → (tokens, last refill)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def acquire(self, caller: str) -> float | None:
         """None if allowed; otherwise the seconds until a request would be."""
         if self.rate is None:
             return None
         now = time.monotonic()
-        tokens, last = self._buckets.get(caller, (float(self.burst), now))
+        key = _digest(caller)
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))  # re-inserted last: most recent
         tokens = min(self.burst, tokens + (now - last) * self.rate)
+        self._evict(now)
         if tokens >= 1.0:
-            self._buckets[caller] = (tokens - 1.0, now)
+            self._buckets[key] = (tokens - 1.0, now)
             return None
-        self._buckets[caller] = (tokens, now)
+        self._buckets[key] = (tokens, now)
         return (1.0 - tokens) / self.rate
+
+    def _evict(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets))
+            tokens, last = buckets[oldest]
+            if len(buckets) < self.max_buckets and tokens + (now - last) * self.rate < self.burst:
+                return
+            del buckets[oldest]

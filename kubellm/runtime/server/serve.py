@@ -104,6 +104,9 @@ def serve(config: ServerConfig, make_core: Callable[[EngineConfig], EngineCore] 
             HttpLimits(config.max_header_bytes, config.max_headers, config.header_timeout_s)
         ),
         timeout_keep_alive=config.keep_alive_timeout_s,
+        # the client address (rate limits, logs) from X-Forwarded-For only behind proxies named by the operator
+        proxy_headers=bool(config.forwarded_allow_ips),
+        forwarded_allow_ips=config.forwarded_allow_ips or None,
         timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0),
     )
     DrainingServer(uv_config, app, config.drain_timeout_s).run()  # the engine process is stopped when it returns
