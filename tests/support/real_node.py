@@ -249,7 +249,7 @@ state = "{RUN / "containerd-state"}"
         repo = tag.rpartition(":")[0]
         for other in self.ctr("images", "ls", "-q", capture_output=True, text=True).stdout.split():
             if other.rpartition(":")[0] == repo and other != tag:
-                self.ctr("images", "rm", other, capture_output=True)
+                self.ctr("images", "rm", "--sync", other, capture_output=True)  # --sync: after containerd's GC
                 (self.state / "imported" / other.replace("/", "_").replace(":", "_")).unlink(missing_ok=True)
 
     # ------------------------------------------------------- kubelet, proxy
