@@ -214,10 +214,10 @@ def watch_until_ready(kubectl, timeout: float = 600) -> None:
             for p in pods
         ]
         conds = [(c["type"], c["status"], c.get("reason", ""), c.get("message", "")) for c in st.get("conditions", [])]
-        view = (st.get("phase"), tuple(conds), tuple(pod_view))
+        view = (st.get("replicas"), st.get("readyReplicas"), tuple(conds), tuple(pod_view))
         if view != last:
             stamp = time.strftime("%H:%M:%S")
-            print(f"  {stamp} phase={st.get('phase')} readyReplicas={st.get('readyReplicas', 0)}")
+            print(f"  {stamp} replicas={st.get('replicas', 0)} readyReplicas={st.get('readyReplicas', 0)}")
             for t, s, r, m in conds:
                 print(f"           {t}={s} {r}: {m}")
             for name, phase, cs in pod_view:
