@@ -98,6 +98,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(engine_flag(f.name), type=kind, help=f.metadata["help"])
 
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # runtime/server/tool_calls.py
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # runtime/server/reasoning.py
+
+
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     """Every flag of `kubellm serve` (the operator reads them too: kubellm/operator/serve_flags.py)."""
     s.add_argument("model", help="model directory (config.json, safetensors, tokenizer)")
@@ -160,6 +164,14 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="browser origins allowed to call the API (CORS), e.g. https://chat.example.com or '*'",
     )
+    s.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        default=None,
+        help='tool_choice "auto": the model decides, its calls read by --tool-call-parser',
+    )
+    s.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help="the model's tool-call format (vLLM's names)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, help="split the thinking block into reasoning")
     s.add_argument(
         "--chat-template",
         help="Jinja chat template (a file, or the template itself) replacing the "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import typing
+from typing import Literal
 
 from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kubellm.settings import SERVE_SETTINGS, EngineConfig
+from kubellm.settings import REASONING_PARSERS, SERVE_SETTINGS, TOOL_CALL_PARSERS, EngineConfig
 
 
 class ServerSettings(BaseSettings):
@@ -47,6 +48,10 @@ class ServerSettings(BaseSettings):
     allowed_origins: list[str] = Field(default_factory=list)
     # a Jinja chat template replacing the tokenizer's (or supplying one it lacks): a file, or the template itself
     chat_template: str | None = None
+    # tool calling and reasoning (vLLM's flags): chat_output.py
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Literal[TOOL_CALL_PARSERS] | None = None  # type: ignore[valid-type]
+    reasoning_parser: Literal[REASONING_PARSERS] | None = None  # type: ignore[valid-type]
 
     @field_validator("chat_template")
     @classmethod

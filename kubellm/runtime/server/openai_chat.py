@@ -9,6 +9,7 @@ from functools import partial
 from fastapi import Request
 
 from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.chat_output import ChatOutput
 from kubellm.runtime.server.formatting import ChoiceDelta, StreamFormatter, usage
 from kubellm.runtime.server.serving import Serving
 
@@ -26,21 +27,24 @@ class ChatCompletions:
         params = await s.builder.sampling_params(req, max_tokens, top)
         requests = await s.builder.make_requests([ids], params, req.priority, max_tokens)
         rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
+        output = ChatOutput.for_request(req, s.config)  # tool calls, reasoning: chat_output.py
 
         if req.stream:
             chunk = partial(p.ChatCompletionChunk, id=rid, created=created, model=s.model_name)
+            streams = output.streams()
 
             def chunks(d: ChoiceDelta):
                 if d.first:
                     yield chunk(
                         choices=[p.ChatChunkChoice(index=d.index, delta=p.DeltaMessage(role="assistant", content=""))]
                     )
-                if d.content:
+                delta, finish_reason = streams.delta(d.index, d.text, d.finish_reason) if d.content else (None, None)
+                if delta is not None or finish_reason is not None or d.logprobs:  # (delta None: held back)
                     choice = p.ChatChunkChoice(
                         index=d.index,
-                        delta=p.DeltaMessage(content=d.text),
+                        delta=delta or p.DeltaMessage(),
                         logprobs=s.logprobs.chat(d.logprobs) if d.logprobs is not None else None,
-                        finish_reason=d.finish_reason,
+                        finish_reason=finish_reason,
                         stop_reason=d.stop_reason,
                     )
                     yield chunk(choices=[choice])
@@ -59,12 +63,13 @@ class ChatCompletions:
         choices = [
             p.ChatChoice(
                 index=c.index,
-                message=p.AssistantMessage(content=c.text),
+                message=message,
                 logprobs=s.logprobs.chat(c.logprobs) if req.logprobs and c.logprobs else None,
-                finish_reason=c.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=c.stop_reason,
             )
             for c in out.outputs
+            for message, finish_reason in [output.message(c.text, c.finish_reason)]
         ]
         return p.ChatCompletionResponse(
             id=rid, created=created, model=s.model_name, choices=choices, usage=usage([out])

@@ -14,6 +14,7 @@ from kubellm.runtime.engine.async_engine import AsyncLLMEngine
 from kubellm.runtime.engine.guided import Grammars, grammar_for
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.chat_output import template_messages, template_tools
 from kubellm.runtime.server.errors import ApiError
 
 if TYPE_CHECKING:
@@ -88,10 +89,11 @@ class RequestBuilder:
         reserved = sorted(self._template_call_args & set(req.chat_template_kwargs or {}))
         if reserved:
             raise ApiError(400, f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        messages = template_messages(req)
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
+                tools=template_tools(req, self.tokenizer),
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,

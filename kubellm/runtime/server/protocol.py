@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubellm.runtime.sampling_params import MAX_LOGPROBS
+from kubellm.runtime.server.protocol_tools import DeltaToolCall, Tool, ToolCall, ToolChoice, forced_call_schema
 
 
 class OpenAIModel(BaseModel):
@@ -201,6 +202,8 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result's call
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -222,6 +225,19 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(False, description="the answer continues the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True
+
+    def structured_output(self) -> tuple[str, str, Any] | None:
+        """A forced tool call (tool_choice "required" or a named function) is a JSON schema's grammar."""
+        asked = super().structured_output()
+        forced = forced_call_schema(self.tools or [], self.tool_choice or "auto", self.parallel_tool_calls)
+        if forced is None:
+            return asked
+        if asked is not None:
+            raise ValueError(f"ask for one structured output at a time, not tool_choice and {asked[0]}")
+        return ("tools", "json", forced)
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -334,7 +350,10 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # --reasoning-parser: the thinking block (vLLM's older name)
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -357,6 +376,9 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,0 +1,97 @@
+"""OpenAI tool calling's request and response bodies (chat: `tools`, `tool_choice`, `tool_calls`), and the JSON
+schema a grammar enforces when the request forces a call (`tool_choice` "required" or a named function)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Open):
+    name: str
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(_Open):
+    """A call the assistant made: in a response, and in the history of a later request."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+def parameters_schema(tool: Tool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object", "properties": {}}
+
+
+def forced_call_schema(tools: list[Tool], choice: ToolChoice, parallel: bool) -> dict[str, Any] | None:
+    """The JSON schema of what the model must write when a call is forced (None when it is not): for a named
+    function, its arguments; for "required", an array of {"name", "parameters"} objects, one per call (at most
+    one unless parallel calls are allowed). Raises ValueError for a name that is no tool's."""
+    if isinstance(choice, NamedToolChoice):
+        for tool in tools:
+            if tool.function.name == choice.function.name:
+                return parameters_schema(tool)
+        raise ValueError(f"tool_choice names {choice.function.name!r}, which is not one of the tools")
+    if choice != "required":
+        return None
+    if not tools:
+        raise ValueError('tool_choice "required" needs at least one tool')
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.function.name}, "parameters": parameters_schema(t)},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+    }
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema

