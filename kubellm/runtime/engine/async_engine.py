@@ -20,6 +20,7 @@ import atexit
 import gc
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -63,9 +64,9 @@ def freeze_startup_heap() -> None:
     the garbage collector's reach: in the server and engine processes it lives as long as the process, and
     every full collection would walk it again (~350k objects: 170–340 ms on a 2-core VM), stalling the step
     loop or the event loop every few seconds at GPU rates, since each step allocates thousands of small
-    objects (vLLM's engine core does the same). Measured with bench/stand_in.py at 256 streams: the longest
-    engine pause 170 → 3.5 ms, the server's 336 → 45 ms, ITL p99 314 → 89 ms. Not for LLM in a user's
-    process: an engine dropped there must stay collectable (bench/offline.py frees it for the HF baselines)."""
+    objects (vLLM's engine core does the same; the pauses it removes are in bench/RESULTS.md). Not for LLM in a
+    user's process: an engine dropped there must stay collectable (bench/offline.py frees it for the HF
+    baselines)."""
     gc.collect()
     gc.freeze()
 
@@ -191,6 +192,10 @@ class AsyncLLMEngine:
         inbox_w = await asyncio.to_thread(self._spawn)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._outbox.fileno(), self._on_messages)
+        # uvloop (libuv) makes a polled fd non-blocking; a step message the engine is still writing would then
+        # fail recv_bytes with EAGAIN mid-message, which read as a dead engine under load. Blocking, recv_bytes
+        # waits for the rest of a message whose start woke the reader.
+        os.set_blocking(self._outbox.fileno(), True)
         threading.Thread(target=self._send_loop, args=(inbox_w,), name="kubellm-engine-send", daemon=True).start()
 
     def _spawn(self) -> Connection:
@@ -291,11 +296,15 @@ class AsyncLLMEngine:
         self._num_sent += req.params.n  # sequences (the core counts what it took the same way)
         self._outgoing.put(req)
         try:
-            while not out.finished:
+            # the output may finish while the consumer is busy with the previous yield: that last change is
+            # still yielded (the event is set), then the stream ends
+            finished = False
+            while not finished:
                 await stream.event.wait()
                 stream.event.clear()
                 if stream.error is not None:
                     raise stream.error
+                finished = out.finished
                 yield out
         finally:
             self._streams.pop(req.request_id, None)
@@ -397,5 +406,10 @@ class AsyncLLMEngine:
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
+        self.end_all(error)
+
+    def end_all(self, error: BaseException) -> None:
+        """End every stream in flight with this error (the drain's deadline passed: each client gets a clean
+        error instead of a cut connection); they are aborted in the core as their consumers leave."""
         for request_id in list(self._streams):
             self._wake(request_id, error)
