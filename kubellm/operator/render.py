@@ -142,6 +142,10 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
         args += ["--rate-limit-burst", str(s.rate_limit_burst)]
     if s.max_queue_length is not None:
         args += ["--max-waiting-requests", str(s.max_queue_length)]
+    if r.tool_call_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", r.tool_call_parser]
+    if r.reasoning_parser:
+        args += ["--reasoning-parser", r.reasoning_parser]
     return args + list(r.extra_args)
 
 

@@ -36,6 +36,9 @@ OWNED_SETTINGS = frozenset(
         "rate_limit_rpm",
         "rate_limit_burst",
         "max_waiting_requests",
+        "enable_auto_tool_choice",  # runtime.toolCallParser
+        "tool_call_parser",
+        "reasoning_parser",  # runtime.reasoningParser
     }
 )
 # Every KUBELLM_* variable is a `kubellm serve` setting (matched case-insensitively by pydantic-settings):

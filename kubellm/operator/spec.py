@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubellm.operator.serve_flags import OWNED_ENV, allowed_extra_flags, env_rule, extra_args_rule
+from kubellm.settings import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 GROUP, VERSION, KIND, PLURAL = "kubellm.io", "v1alpha1", "InferenceService", "inferenceservices"
 SHORT_NAMES = ["kisvc", "kllm"]  # KServe owns isvc and llmisvc
@@ -78,6 +79,14 @@ class RuntimeSpec(Spec):
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    tool_call_parser: Literal[TOOL_CALL_PARSERS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="The model's tool-call format (vLLM's names); enables tool_choice \"auto\" "
+        "(--enable-auto-tool-choice --tool-call-parser)",
+    )
+    reasoning_parser: Literal[REASONING_PARSERS] | None = Field(  # type: ignore[valid-type]
+        None, description="Split the model's thinking block into reasoning_content (--reasoning-parser)"
+    )
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list,
         max_length=64,

@@ -1,0 +1,42 @@
+"""runtime.toolCallParser and runtime.reasoningParser: typed CRD fields rendered into `kubellm serve` flags the
+serve parser accepts, owned by the operator (not settable again through extraArgs)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from kubellm.operator.render import render
+from kubellm.operator.serve_flags import allowed_extra_flags, parse_serve_args
+from kubellm.operator.spec import InferenceServiceSpec
+
+
+def isvc(runtime: dict) -> dict:
+    return {
+        "apiVersion": "kubellm.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "agents", "namespace": "team-a", "uid": "uid-1", "generation": 1},
+        "spec": {"model": {"uri": "hf://Qwen/Qwen3-8B"}, "runtime": runtime},
+    }
+
+
+def serve_args(runtime: dict) -> list[str]:
+    (deployment,) = [c for c in render(isvc(runtime)) if c["kind"] == "Deployment"]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "runtime"]
+    return container["args"]
+
+
+def test_parsers_are_rendered_as_serve_flags():
+    args = serve_args({"toolCallParser": "hermes", "reasoningParser": "qwen3"})
+    parsed = parse_serve_args(args[2:])
+    assert parsed["enable_auto_tool_choice"] is True
+    assert (parsed["tool_call_parser"], parsed["reasoning_parser"]) == ("hermes", "qwen3")
+    plain = parse_serve_args(serve_args({})[2:])
+    assert (plain["enable_auto_tool_choice"], plain["tool_call_parser"], plain["reasoning_parser"]) == (None,) * 3
+
+
+def test_unknown_parser_is_refused_and_extra_args_cannot_set_them():
+    with pytest.raises(ValidationError, match="toolCallParser|tool_call_parser"):
+        InferenceServiceSpec.model_validate({"model": {"uri": "hf://a/b"}, "runtime": {"toolCallParser": "nope"}})
+    flags = allowed_extra_flags()
+    assert not {"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"} & set(flags)
