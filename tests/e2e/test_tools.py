@@ -193,3 +193,76 @@ def test_tool_result_for_no_call_is_400(client):
     with pytest.raises(openai.BadRequestError, match="call_unknown") as e:
         client.chat.completions.create(model="smol", messages=messages, max_tokens=2)
     assert e.value.body["param"] == "messages.1.tool_call_id"
+
+
+# ------------------------------------------------------------------ /v1/responses (stateless)
+RESPONSE_TOOL = {"type": "function", "name": "get_weather", "parameters": WEATHER["function"]["parameters"]}
+
+
+def summary(items) -> list[tuple]:
+    out = []
+    for item in items:
+        if item.type == "function_call":
+            out.append((item.type, item.name, item.arguments, item.status))
+        elif item.type == "message":
+            out.append((item.type, "".join(c.text for c in item.content), item.status))
+        else:
+            out.append((item.type,))
+    return out
+
+
+def test_responses_function_call_round_trip(client):
+    kw = dict(model="smol", tools=[RESPONSE_TOOL], temperature=0, max_output_tokens=60)
+    first = client.responses.create(input="What is the weather in Paris, in celsius?", tool_choice="required", **kw)
+    assert first.status == "completed" and first.object == "response"
+    (call,) = first.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    args = validate(call.arguments, WEATHER)
+    items = [
+        {"role": "user", "content": "What is the weather in Paris, in celsius?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({**args, "temperature": 21})},
+    ]
+    final = client.responses.create(input=items, instructions="Answer in one sentence.", **kw)
+    assert final.output_text and final.output[-1].type == "message"
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("tool_choice", ["required", None])
+def test_responses_stream_events(client, tool_choice):
+    kw = dict(model="smol", input="What is the weather in Paris, in celsius?", temperature=0, max_output_tokens=30)
+    if tool_choice:
+        kw |= dict(tools=[RESPONSE_TOOL], tool_choice=tool_choice)
+    whole = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    types = [e.type for e in events]
+    assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert types[-2:] == ["response.output_item.done", "response.completed"]
+    delta = "response.function_call_arguments.delta" if tool_choice else "response.output_text.delta"
+    assert delta in types
+    assert summary(final.output) == summary(whole.output)  # streamed == non-streamed
+    assert final.status == whole.status
+
+
+def test_responses_text_format_json_schema(client):
+    schema = WEATHER["function"]["parameters"]
+    out = client.responses.create(
+        model="smol",
+        input="Weather in Tokyo?",
+        text={"format": {"type": "json_schema", "name": "weather", "schema": schema}},
+        temperature=0,
+        max_output_tokens=40,
+    )
+    validate(out.output_text, WEATHER)
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id")],
+)
+def test_responses_needing_storage_are_400(client, extra, field):
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.responses.create(model="smol", input="hi", max_output_tokens=2, extra_body=extra)
