@@ -119,27 +119,77 @@ def test_a_stuck_engine_fails_the_liveness_check(tiny_model):
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_model):
-    s = ServerProcess(tiny_model, "--drain-timeout-s", "60").wait_ready()
+    """Independent of the machine's speed: the drained request waits behind a blocker (one batch slot) that
+    only the test ends, on an emulated device whose steps take at least 20 ms (bench/stand_in.py), so the
+    blocker is still running whatever the probes cost; the drain deadline is far off."""
+    s = ServerProcess(
+        tiny_model,
+        "--drain-timeout-s",
+        "600",
+        "--max-num-seqs",
+        "1",
+        "--stand-in-fixed-ms",
+        "20",
+        module="bench.stand_in",
+    ).wait_ready()
     result = {}
 
     def in_flight():
-        # long enough (~1,200 tokens) that the drain is still going while the test probes the server
-        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 1200}, timeout=120)
+        body = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=600)
         result["status"], result["body"] = r.status_code, r.json()
 
-    t = threading.Thread(target=in_flight)
-    t.start()
-    wait_until(lambda: s.metric("kubellm_num_requests_running") == 1, timeout=10, what="the request to be running")
+    blocker_body = {**LONG, "max_tokens": 2000}  # >= 40 s on the emulated device, unless the test ends it
+    with httpx.stream("POST", s.url + "/v1/completions", json=blocker_body, timeout=600) as blocker:
+        lines = blocker.iter_lines()
+        next(lines)  # the blocker holds the only batch slot
+        t = threading.Thread(target=in_flight)
+        t.start()
+        wait_until(lambda: s.metric("kubellm_num_requests_waiting") == 1, timeout=60, what="the request to wait")
+        s.terminate()
+        wait_until(lambda: httpx.get(s.url + "/ready").status_code == 503, timeout=30, what="readiness to fail")
+        late = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert late.status_code == 503 and late.json()["error"]["code"] == 503
+        assert httpx.get(s.url + "/health").status_code == 200  # alive while draining
+        assert t.is_alive() and s.proc.poll() is None  # the drain waits for both
+    # the blocker's client has gone: the queued request runs and finishes in full, then the server exits
+    t.join(timeout=600)
+    assert result["status"] == 200, result
+    assert result["body"]["usage"]["completion_tokens"] == 40
+    assert s.proc.wait(timeout=60) == 0
+    assert '"event": "drained", "unfinished": 0' in s.logs()
+    s.stop()
+
+
+def test_a_request_cut_off_by_the_drain_deadline_gets_a_clean_error(tiny_model):
+    """Past --drain-timeout-s, requests still running end with an OpenAI-shaped 503 (Retry-After), in-band
+    for a stream; the process exits 0."""
+    s = ServerProcess(tiny_model, "--drain-timeout-s", "1", "--stand-in-fixed-ms", "20", module="bench.stand_in")
+    s.wait_ready()
+    result = {}
+
+    def plain():
+        r = httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False, "max_tokens": 2000}, timeout=600)
+        result["plain"] = r
+
+    def streamed():
+        with httpx.stream("POST", s.url + "/v1/completions", json={**LONG, "max_tokens": 2000}, timeout=600) as r:
+            result["events"] = [line for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: s.metric("kubellm_num_requests_running") == 2, timeout=60, what="both requests running")
     s.terminate()
-    wait_until(lambda: httpx.get(s.url + "/ready").status_code == 503, timeout=5, what="readiness to fail")
-    late = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
-    assert late.status_code == 503 and late.json()["error"]["code"] == 503
-    assert httpx.get(s.url + "/health").status_code == 200  # alive while draining
-    t.join(timeout=120)
-    assert result["status"] == 200
-    assert result["body"]["usage"]["completion_tokens"] == 1200
-    assert s.proc.wait(timeout=30) == 0
-    assert '"event": "drained"' in s.logs()
+    for t in threads:
+        t.join(timeout=600)
+    r = result["plain"]
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable" and "drain deadline" in r.json()["error"]["message"]
+    assert int(r.headers["retry-after"]) >= 1
+    events = result["events"]
+    assert events[-1] == "data: [DONE]" and "drain deadline" in events[-2], events[-3:]
+    assert s.proc.wait(timeout=60) == 0
     s.stop()
 
 

@@ -47,8 +47,8 @@ class Runner:
                     done.add(i)
                     self._finished(item, request, start)
                 yield i, item
-        except EngineDeadError as e:
-            raise ApiError(503, str(e), "service_unavailable") from None
+        except EngineDeadError as e:  # the engine died, or the drain's deadline passed
+            raise ApiError(503, str(e), "service_unavailable", headers=retry_after(5)) from None
         except RequestRefused as e:
             raise ApiError(400, str(e)) from None
         except RequestFailed as e:  # the engine goes on; this request could not be run

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import uvicorn
 
-from kubellm.runtime.engine.async_engine import AsyncLLMEngine
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.server.app import create_app
@@ -72,9 +72,15 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.drain_timeout_s
         while state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if state.in_flight:  # past the deadline: each request left ends with a clean 503 (in-band if streaming)
+            log.info(json.dumps({"event": "drain_deadline", "unfinished": state.in_flight}))
+            self.app_ref.state.engine.end_all(EngineDeadError("the server is shutting down (drain deadline passed)"))
+            grace = time.monotonic() + 5
+            while state.in_flight > 0 and time.monotonic() < grace:
+                await asyncio.sleep(0.05)
         log.info(json.dumps({"event": "drained", "unfinished": state.in_flight}))
         self.should_exit = True
-        if state.in_flight:  # past the deadline: uvicorn closes the remaining connections
+        if state.in_flight:  # still there: uvicorn closes the remaining connections
             self.force_exit = True
 
 
