@@ -27,6 +27,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks skip the tokenizer entirely)
     grammar: str | None = None  # llguidance grammar the output must match (engine/guided.py: grammar_for)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings not matched) before this many
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM's)
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and this many top alternatives (vLLM's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,6 +52,16 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, f"repetition_penalty must be positive, got {self.repetition_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
             (all(t >= 0 for t in self.logit_bias), "logit_bias token ids must be non-negative"),
+            (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+            ),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
             (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
         ]
         for ok, message in checks:

@@ -32,3 +32,12 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> 
             assert len(out) == max_new_tokens, "HF stopped early: compare with ignore_eos only on full runs"
             outs.append(out)
     return outs
+
+
+def hf_prompt_logprobs(model_dir: str, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i = 1 … (the first token has none), from HF transformers in float32."""
+    model = _load(model_dir)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0]
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]

@@ -38,6 +38,9 @@ class CoreRequest:
 
     def delta(self) -> RequestDelta:
         first = self.seqs[0]
+        prompt_logprobs = None
+        if first.prompt_logprobs is not None and not first.prompt_logprobs_sent and not first.needs_prompt_logprobs:
+            prompt_logprobs, first.prompt_logprobs_sent = first.prompt_logprobs, True
         return RequestDelta(
             self.request_id,
             self.finished,
@@ -45,6 +48,7 @@ class CoreRequest:
             first.first_scheduled_time,
             self.first_token_time,
             [s.take_delta() for s in self.seqs],
+            prompt_logprobs,
         )
 
 
@@ -104,6 +108,10 @@ class EngineCore:
             Sequence(req.request_id, i, ids, params, max_tokens, req.priority, req.arrival_time)
             for i in range(params.n)
         ]
+        if params.min_tokens:  # vLLM: EOS (unless ignored) and the stop tokens wait for min_tokens
+            ban = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
+            for s in core_req.seqs:
+                s.min_tokens_ban = ban or None
         if params.grammar is not None:  # compiled once; siblings (n > 1) start from copies
             first = self.grammars.matcher(params.grammar)
             for s in core_req.seqs:
@@ -249,8 +257,10 @@ class EngineCore:
         if not seqs or len(seqs) != len(out.scheduled) or sch.waiting or sch.swapped:
             return None
         keep = [i for i, s in enumerate(seqs) if not s.is_finished]
-        if not keep or any(seqs[i].params.has_penalties or seqs[i].matcher is not None for i in keep):
-            return None  # both need the token being sampled
+        if not keep or any(
+            seqs[i].params.has_penalties or seqs[i].matcher is not None or seqs[i].restricted for i in keep
+        ):
+            return None  # they need the token being sampled (min_tokens counts it)
         in_flight = {id(seq): n for seq, n in out.scheduled}  # tokens the running step computes per sequence
         positions: list[int | None] = []
         for i in keep:

@@ -38,6 +38,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1 … (the first has none), if asked for
 
 
 @dataclass(slots=True)
@@ -155,6 +156,8 @@ class OutputProcessor:
             out.num_cached_tokens = delta.num_cached_tokens
             out.first_scheduled_time = delta.first_scheduled_time
             out.first_token_time = delta.first_token_time
+            if delta.prompt_logprobs is not None:
+                out.prompt_logprobs = delta.prompt_logprobs
             for c in delta.outputs:
                 if not state.open[c.index]:
                     continue
@@ -221,7 +224,9 @@ class OutputProcessor:
             self._close(state, index, "stop", found[1] if found else stop_token)
             return
         found = (
-            find_stop(text.text, params.stop, max(start - max(map(len, params.stop)) + 1, 0)) if params.stop else None
+            find_stop(text.text, params.stop, max(start - max(map(len, params.stop)) + 1, 0))
+            if params.stop and len(completion.token_ids) > params.min_tokens  # vLLM: none before min_tokens
+            else None
         )
         if found:
             text.text = text.text[: found[0]]

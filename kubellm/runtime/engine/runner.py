@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kubellm.runtime.engine.sampler import SampledTokens, Sampler
+from kubellm.runtime.engine.sampler import PromptLogprobs, SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.tp_workers import Workers
@@ -51,6 +51,7 @@ class LaunchedStep:
 
     sampling: list[Sequence]
     sampled: SampledTokens | None
+    prompt: PromptLogprobs | None = None  # prompt logprobs computed by this step, if any asked for them
 
 
 class HostBlockTables:
@@ -311,26 +312,36 @@ class ModelRunner:
         dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=dst.device.type != "cpu")
 
     # ------------------------------------------------------------------ a step
-    def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepPlan:
-        """The plan of a mixed batch (decodes first), run eagerly. Per-token values (positions, cache slots)
-        are computed with numpy over the whole batch: an 8k-token prefill step is 8k of each."""
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[StepPlan, list[tuple[Sequence, int, int]]]:
+        """The plan of a mixed batch (decodes first), run eagerly, and the spans of prompt positions whose
+        logits give prompt logprobs (their rows follow the sampled ones in sample_rows). Per-token values
+        (positions, cache slots) are computed with numpy over the whole batch: an 8k-token prefill step is 8k
+        of each."""
         input_ids: list[int] = []
         starts, query_lens, context_lens, sample_rows = [], [], [], []
+        prompt_rows: list[int] = []
+        spans: list[tuple[Sequence, int, int]] = []
         for seq, n in batch:
             start = seq.num_computed_tokens
+            base = len(input_ids)
             input_ids.extend(seq.token_ids[start : start + n])
             starts.append(start)
             query_lens.append(n)
             context_lens.append(start + n)
             if start + n == len(seq):  # the prompt (or recompute) is complete: this step yields a token
                 sample_rows.append(len(input_ids) - 1)
+            if seq.prompt_logprobs is not None:  # position q scores prompt token q + 1; each is scored once
+                first, last = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
+                if first < last:
+                    prompt_rows.extend(range(base + first - start, base + last - start))
+                    spans.append((seq, first, last - first))
         tables = self.host_tables.fill([seq for seq, _ in batch])  # also fills host_tables.array's rows
         qlens = np.array(query_lens)
         row_of_token = np.repeat(np.arange(len(batch)), qlens)
         positions = np.arange(len(input_ids)) + np.repeat(np.array(starts) - (np.cumsum(qlens) - qlens), qlens)
         slots = self.host_tables.array[row_of_token, positions // self.block_size] * self.block_size
         slots += positions % self.block_size
-        return StepPlan(
+        plan = StepPlan(
             len(input_ids),
             input_ids,
             positions,
@@ -339,8 +350,9 @@ class ModelRunner:
             tables,
             query_lens,
             sum(1 for q in query_lens if q == 1),
-            sample_rows,
+            sample_rows + prompt_rows,
         )
+        return plan, spans
 
     def run_plan(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Swap blocks and run the forward a plan describes; the hidden states of the rows to sample.
@@ -391,15 +403,16 @@ class ModelRunner:
         # decodes first: attention handles them as one padded batch
         batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        spans = None  # a decode step scores no prompt position
         if not batch:
             plan = StepPlan(0)
         elif self.graphs and len(sampling) == len(batch) <= max(self.graphs) and all(n == 1 for _, n in batch):
             positions = [seq.num_computed_tokens for seq in sampling]  # every row is a decode that samples
             plan = self._decode_plan(sampling, positions, [seq.token_ids[p] for seq, p in zip(sampling, positions)])
         else:
-            plan = self._prepare(batch)
+            plan, spans = self._prepare(batch)
         plan.swap_out, plan.swap_in = out.swap_out, out.swap_in
-        return self._sample(self._run(plan), sampling)
+        return self._sample(self._run(plan), sampling, spans)
 
     @torch.inference_mode()
     def launch_ahead(self, prev: LaunchedStep, keep: list[int], positions: list[int | None]) -> LaunchedStep:
@@ -419,14 +432,22 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, hidden: torch.Tensor | None, sampling: list[Sequence]) -> LaunchedStep:
+    def _sample(self, hidden: torch.Tensor | None, sampling: list[Sequence], spans: list | None = None) -> LaunchedStep:
+        if spans:  # hidden: the sampled rows, then the prompt positions scored for prompt logprobs
+            logits = self.model.compute_logits(hidden)
+            k = len(sampling)
+            prompt = self.sampler.prompt_logprobs(logits[k:], spans)
+            return LaunchedStep(sampling, self.sampler.sample(logits[:k], sampling) if sampling else None, prompt)
         if not sampling:
             return LaunchedStep([], None)
         return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling))
 
     @torch.inference_mode()
     def collect(self, step: LaunchedStep) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
-        """Wait for a launched step; its sampled sequences, their tokens and logprobs, on the host."""
+        """Wait for a launched step; its sampled sequences, their tokens and logprobs, on the host (prompt
+        logprobs go to their sequences)."""
+        if step.prompt is not None:
+            self.sampler.prompt_logprobs_to_host(step.prompt)
         if not step.sampling:
             return [], [], []
         tokens, logprobs = self.sampler.to_host(step.sampled, step.sampling)

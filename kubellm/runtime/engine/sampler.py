@@ -30,6 +30,16 @@ class SampledTokens:
     ready: torch.cuda.Event | None
 
 
+@dataclass
+class PromptLogprobs:
+    """Prompt logprobs of one step on their way to the host (Sampler.prompt_logprobs)."""
+
+    spans: list[tuple[Sequence, int, int]]  # (sequence, first position, positions)
+    targets: list[int]  # the prompt token each row scores
+    host: tuple[torch.Tensor, ...]  # chosen logprob, rank, top values, top ids
+    ready: torch.cuda.Event | None
+
+
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -57,6 +67,21 @@ def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
             bias.append(value)
     index = (to_device(rows, logits.device), to_device(ids, logits.device))
     return logits.index_put_(index, to_device(bias, logits.device, logits.dtype), accumulate=True)
+
+
+def _apply_restrictions(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+    """vLLM's allowed_token_ids (every other token masked) and min_tokens (EOS and stop tokens masked until
+    that many tokens), in place."""
+    for row in rows:
+        seq = seqs[row]
+        allowed = seq.params.allowed_token_ids
+        if allowed is not None:
+            index = to_device(allowed, logits.device)
+            keep = logits[row, index]
+            logits[row] = float("-inf")
+            logits[row, index] = keep
+        if seq.min_tokens_ban is not None and seq.num_output_tokens < seq.params.min_tokens:
+            logits[row, to_device(seq.min_tokens_ban, logits.device)] = float("-inf")
 
 
 def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -113,12 +138,15 @@ class Sampler:
         raw = logits  # the model's dtype; widened exactly (bf16 → fp32) wherever arithmetic follows
         penalties, bias = any(s.params.has_penalties for s in seqs), any(s.params.logit_bias for s in seqs)
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if penalties or bias or guided:
+        restricted = [i for i, s in enumerate(seqs) if s.restricted]
+        if penalties or bias or guided or restricted:
             logits = raw.to(torch.float32, copy=True)
             if penalties:
                 logits = _apply_penalties(logits, seqs)
             if bias:
                 logits = _apply_logit_bias(logits, seqs)
+            if restricted:
+                _apply_restrictions(logits, seqs, restricted)
             if guided:  # last: no bias may bring back a token the grammar forbids
                 mask_disallowed(logits, guided, [seqs[i].matcher for i in guided])
         if use_triton() and all(_temperature_only(s.params) for s in seqs):
@@ -142,6 +170,39 @@ class Sampler:
         ready = torch.cuda.Event()
         ready.record()
         return SampledTokens(tokens, host, logprobs, ready)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, logits: torch.Tensor, spans: list[tuple[Sequence, int, int]]) -> PromptLogprobs:
+        """Queue the logprobs of prompt tokens: logits row r is position q of a span (seq, first, count), and
+        scores prompt token q + 1 (its logprob, its rank, and the top prompt_logprobs alternatives)."""
+        targets = [t for seq, first, count in spans for t in seq.token_ids[first + 1 : first + 1 + count]]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(1, to_device(targets, lp.device).unsqueeze(1))
+        rank = (lp > chosen).sum(dim=-1) + 1
+        k = max(seq.params.prompt_logprobs for seq, _, _ in spans)
+        top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+        host = tuple(t.to("cpu", non_blocking=True) for t in (chosen.squeeze(1), rank, top_vals, top_ids))
+        ready = None
+        if lp.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return PromptLogprobs(spans, targets, host, ready)
+
+    @staticmethod
+    def prompt_logprobs_to_host(pending: PromptLogprobs) -> None:
+        """Append each span's prompt logprobs to its sequence."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        chosen, rank, top_vals, top_ids = (t.tolist() for t in pending.host)
+        row = 0
+        for seq, _first, count in pending.spans:
+            n = seq.params.prompt_logprobs
+            out = seq.prompt_logprobs
+            for r in range(row, row + count):
+                out.append(
+                    TokenLogprob(pending.targets[r], chosen[r], list(zip(top_ids[r][:n], top_vals[r][:n])), rank[r])
+                )
+            row += count
 
     def _sample_torch(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Greedy rows take the argmax; the others are filtered (min-p, top-k, top-p) and drawn by dividing

@@ -142,7 +142,8 @@ class Scheduler:
             source = seq.prefix_source
             if source is not None and not source.is_finished and source.num_computed_tokens < source.num_prompt_tokens:
                 continue  # an n > 1 sibling: wait for the prompt's blocks so they are shared, not recomputed
-            hits = bm.lookup_prefix(seq)
+            # prompt logprobs need the prompt's logits: its positions are computed, not read from the cache
+            hits = [] if seq.prompt_logprobs is not None and seq.needs_prompt_logprobs else bm.lookup_prefix(seq)
             num_new = min(len(seq) - len(hits) * bm.block_size, budget)
             admitted = bm.allocate(seq, num_new, hits)
             while not admitted and may_preempt:

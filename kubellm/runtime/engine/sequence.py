@@ -52,6 +52,13 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
         self.num_published_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # prompt_logprobs (the request's first sequence only): entry k is prompt token k + 1's, from position k
+        self.prompt_logprobs: list[TokenLogprob] | None = (
+            [] if params.prompt_logprobs is not None and index == 0 else None
+        )
+        self.prompt_logprobs_sent = False
+        self.min_tokens_ban: list[int] | None = None  # token ids masked until min_tokens (set by the core)
+        self.restricted = params.allowed_token_ids is not None or params.min_tokens > 0  # the sampler masks
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
         self.first_scheduled_time: float | None = None
@@ -75,6 +82,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prompt positions must run (no prefix-cache hits)."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) < self.num_prompt_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -22,6 +22,7 @@ class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the most likely alternatives, best first
+    rank: int | None = None  # the token's rank (1: the most likely); prompt logprobs only
 
 
 # ---------------------------------------------------------------------- frontend → core
@@ -65,6 +66,8 @@ class RequestDelta(msgspec.Struct, array_like=True, gc=False):
     first_scheduled_time: float | None
     first_token_time: float | None
     outputs: list[CompletionDelta]
+    # the request's prompt_logprobs, once (with its first token): one per prompt token after the first
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):

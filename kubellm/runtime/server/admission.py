@@ -19,6 +19,17 @@ from kubellm.runtime.server.limits import ApiKeys, RateLimiter
 from kubellm.runtime.server.metrics import ServerMetrics
 
 
+def check_content_type(value: str | None) -> None:
+    """As vLLM: a body declared as anything but JSON is refused (415), so a form post (curl -d's default) is
+    not read as JSON by accident. JSON with parameters (charset) and +json types pass; a body with no content
+    type at all is read as JSON, as it was before (raw HTTP clients often send none)."""
+    if value is None or not value.strip():
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError(415, f"Unsupported Media Type: {media!r}; only 'application/json' is allowed")
+
+
 # a JSON \\u escape of a high surrogate not followed by a low one, or a low one (pairs are valid text)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
@@ -88,6 +99,7 @@ class Admission:
 
     async def _read_json(self, request: Request) -> dict:
         """The body as a JSON object, read up to the size limit (413 past it, whatever Content-Length said)."""
+        check_content_type(request.headers.get("content-type"))
         limit = self.config.max_body_bytes
         body = bytearray()
         declared = request.headers.get("content-length")

@@ -30,17 +30,21 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None  # the new tokens' logprobs, with content; None if not asked for
     finish_reason: str | None
     stop_reason: str | int | None
+    token_ids: list[int]  # the new tokens
+    output: RequestOutput  # the request's output (its prompt, prompt logprobs, usage so far)
 
 
 class StreamFormatter:
     """Per-choice bookkeeping of a stream: the text and logprobs already sent, and which choices have finished
     (a finished choice gets exactly one delta with its finish_reason, however long the others run)."""
 
-    def __init__(self, n: int, logprobs: bool, prefixes: list[str] | None = None):
+    def __init__(self, n: int, logprobs: bool, prefixes: list[str] | None = None, generated: bool = True):
         self.n = n
         self.logprobs = logprobs
-        self.prefixes = prefixes  # per request, sent before the choice's first text (completions' echo)
+        self.prefixes = prefixes  # per request, sent before the choice's first text (echo)
+        self.generated = generated  # False: the generated tokens are not sent (echo with max_tokens 0)
         self._sent: dict[int, int] = {}
+        self._sent_tokens: dict[int, int] = {}
         self._sent_logprobs: dict[int, int] = {}
         self._finished: set[int] = set()
 
@@ -52,62 +56,124 @@ class StreamFormatter:
                 continue
             first = index not in self._sent
             offset = self._sent.get(index, 0)
-            text = (self.prefixes[i] if first and self.prefixes else "") + c.text[offset:]
+            new_text = c.text[offset:] if self.generated else ""
+            text = (self.prefixes[i] if first and self.prefixes else "") + new_text
             content = bool(text) or c.finish_reason is not None
             if not (first or content):
                 continue
             self._sent[index] = len(c.text)
             logprobs = None
-            if content and self.logprobs and c.logprobs:
+            if content and self.logprobs and c.logprobs and self.generated:
                 logprobs = c.logprobs[self._sent_logprobs.get(index, 0) :]
                 self._sent_logprobs[index] = len(c.logprobs)
+            token_ids = []
+            if content and self.generated:
+                token_ids = c.token_ids[self._sent_tokens.get(index, 0) :]
+                self._sent_tokens[index] = len(c.token_ids)
             if c.finish_reason is not None:
                 self._finished.add(index)
-            yield ChoiceDelta(index, first, content, text, offset, logprobs, c.finish_reason, c.stop_reason)
+            yield ChoiceDelta(
+                index, first, content, text, offset, logprobs, c.finish_reason, c.stop_reason, token_ids, out
+            )
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # vLLM's floor: JSON has no -inf
 
 
 class LogprobFormatter:
-    """Token logprobs as completions (tokens, offsets, top maps) and chat (entries with bytes) write them."""
+    """Token logprobs as completions (tokens, offsets, top maps) and chat (entries with bytes) write them, and
+    vLLM's prompt_logprobs."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
 
-    def text_of(self, token_id: int) -> str:
+    def text_of(self, token_id: int, as_id: bool = False) -> str:
+        """A token's text (as_id: vLLM's return_tokens_as_token_ids, "token_id:<id>")."""
+        if as_id:
+            return f"token_id:{token_id}"
         if token_id not in self._text:
             self._text[token_id] = self.tokenizer.decode([token_id])
         return self._text[token_id]
 
-    def completion(self, lps: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
+    def completion(
+        self,
+        lps: list[TokenLogprob],
+        offset: int,
+        as_ids: bool = False,
+        prompt: tuple[list[int], list[TokenLogprob], int] | None = None,
+    ) -> p.CompletionLogprobs:
+        """The completions shape: each token's text, logprob, a map of it and its top alternatives (as OpenAI
+        and vLLM: logprobs 0 maps the token alone), and its offset into the text. prompt: (prompt token ids,
+        their prompt logprobs, how many alternatives) for echo: the prompt's tokens come first, the first
+        without a logprob."""
         out = p.CompletionLogprobs()
-        for lp in lps:
-            tok = self.text_of(lp.token_id)
+        if prompt is not None:
+            ids, prompt_lps, n = prompt
+            tok = self.text_of(ids[0], as_ids)
             out.tokens.append(tok)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.text_of(t): v for t, v in lp.top})
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
             out.text_offset.append(offset)
             offset += len(tok)
+            offset = self._add(
+                out, [TokenLogprob(lp.token_id, lp.logprob, lp.top[:n]) for lp in prompt_lps], offset, as_ids
+            )
+        self._add(out, lps, offset, as_ids)
         return out
 
-    def _entry(self, token_id: int, logprob: float) -> p.TopLogprob:
-        s = self.text_of(token_id)
-        return p.TopLogprob(token=s, logprob=logprob, bytes=list(s.encode()))
+    def _add(self, out: p.CompletionLogprobs, lps: list[TokenLogprob], offset: int, as_ids: bool) -> int:
+        for lp in lps:
+            tok = self.text_of(lp.token_id, as_ids)
+            out.tokens.append(tok)
+            out.token_logprobs.append(_finite(lp.logprob))
+            top = {tok: _finite(lp.logprob)}
+            for t, v in lp.top:
+                top.setdefault(self.text_of(t, as_ids), _finite(v))
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(tok)
+        return offset
 
-    def chat(self, lps: list[TokenLogprob]) -> p.ChatLogprobs:
+    def _entry(self, token_id: int, logprob: float, as_id: bool) -> p.TopLogprob:
+        s = self.text_of(token_id, as_id)
+        return p.TopLogprob(token=s, logprob=_finite(logprob), bytes=list(s.encode()))
+
+    def chat(self, lps: list[TokenLogprob], as_ids: bool = False) -> p.ChatLogprobs:
         return p.ChatLogprobs(
             content=[
                 p.TokenLogprobEntry(
-                    **self._entry(lp.token_id, lp.logprob).model_dump(),
-                    top_logprobs=[self._entry(t, v) for t, v in lp.top],
+                    **self._entry(lp.token_id, lp.logprob, as_ids).model_dump(),
+                    top_logprobs=[self._entry(t, v, as_ids) for t, v in lp.top],
                 )
                 for lp in lps
             ]
         )
 
+    def prompt(self, lps: list[TokenLogprob] | None, as_ids: bool = False) -> p.PromptLogprobs | None:
+        """vLLM's prompt_logprobs: None for the first token, then token id → {logprob, rank, decoded_token} for
+        the prompt's token and its top alternatives (ranks 1 …)."""
+        if lps is None:
+            return None
+        out: p.PromptLogprobs = [None]
+        for lp in lps:
+            entry = {
+                lp.token_id: p.PromptLogprob(
+                    logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=self.text_of(lp.token_id, as_ids)
+                )
+            }
+            for rank, (t, v) in enumerate(lp.top, 1):
+                entry.setdefault(
+                    t, p.PromptLogprob(logprob=_finite(v), rank=rank, decoded_token=self.text_of(t, as_ids))
+                )
+            out.append(entry)
+        return out
 
-def usage(outs: list[RequestOutput]) -> p.Usage:
+
+def usage(outs: list[RequestOutput], generated: bool = True) -> p.Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
-    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs) if generated else 0
     return p.Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,

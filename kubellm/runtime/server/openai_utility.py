@@ -40,7 +40,7 @@ class Utility:
         strs = s.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return p.TokenizeResponse(
             count=len(ids), max_model_len=s.engine.max_model_len, tokens=ids, token_strs=strs
-        ).model_dump(exclude_none=True)
+        ).model_dump()
 
     async def detokenize(self, request: Request):
         s = self.s

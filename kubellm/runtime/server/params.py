@@ -51,11 +51,17 @@ class RequestBuilder:
         return compiled
 
     async def sampling_params(
-        self, req: p.SamplingFields, max_tokens: int | None, logprobs: int | None
+        self, req: p.SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
     ) -> SamplingParams:
         vocab_size = self.engine.vocab_size
         if req.logit_bias and max(req.logit_bias) >= vocab_size:
             raise ApiError(400, f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            outside = [t for t in getattr(req, name) or () if t >= vocab_size]
+            if outside:
+                raise ApiError(
+                    400, f"{name}: token id {outside[0]} is outside the vocabulary (size {vocab_size})", param=name
+                )
         # compiling a grammar (and, the first time, llguidance's view of the vocabulary) takes milliseconds to
         # a second: off the event loop, which is streaming everyone else's tokens
         asked = req.structured_output()
@@ -79,6 +85,9 @@ class RequestBuilder:
                 skip_special_tokens=req.skip_special_tokens,
                 logit_bias=dict(req.logit_bias or {}),
                 grammar=compiled,
+                min_tokens=req.min_tokens,
+                allowed_token_ids=None if req.allowed_token_ids is None else sorted(set(req.allowed_token_ids)),
+                prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             )
         except ValueError as e:
             raise ApiError(400, str(e)) from None
@@ -132,12 +141,34 @@ class RequestBuilder:
                 param="max_tokens",
             )
 
+    async def truncate(self, prompt: str | list[int], keep: int | None) -> str | list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: as many as the context holds)."""
+        if keep is None:
+            return prompt
+        limit = self.engine.max_model_len
+        if keep == -1:
+            keep = limit
+        elif keep > limit:
+            raise ApiError(
+                400,
+                f"truncate_prompt_tokens ({keep}) must not exceed the context ({limit})",
+                param="truncate_prompt_tokens",
+            )
+        ids = await self.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else prompt
+        return ids[-keep:] if len(ids) > keep else prompt
+
     async def make_requests(
-        self, prompts: list[str | list[int]], params: SamplingParams, priority: int, max_tokens: int | None
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        priority: int,
+        max_tokens: int | None,
+        truncate_prompt_tokens: int | None = None,
     ) -> list[Submission]:
         """Tokenize and validate every prompt before queueing any."""
         out = []
         for prompt in prompts:
+            prompt = await self.truncate(prompt, truncate_prompt_tokens)
             try:
                 self.check_length(prompt)
                 r = await self.off_loop(self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority)

@@ -30,6 +30,7 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage (so far) on every chunk too
 
 
 def _off(value) -> bool:
@@ -45,7 +46,7 @@ UNSUPPORTED_FIELDS = {
     "tool_choice": lambda v: _off(v) or v == "auto",
     "function_call": lambda v: _off(v) or v == "auto",
     "best_of": lambda v: v in (None, 1),
-    "prompt_logprobs": _off,
+    "use_beam_search": _off,  # vLLM's beam search: not implemented
 }
 
 
@@ -116,6 +117,16 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+    min_tokens: int = Field(
+        0, ge=0, le=INT32_MAX, description="EOS and stop_token_ids are masked until this many tokens"
+    )
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, le=INT32_MAX, description="keep the prompt's last k tokens (-1: context)"
+    )
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
     # structured output: OpenAI's response_format, or vLLM's guided_* extras (at most one of them)
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -167,7 +178,8 @@ class SamplingFields(OpenAIModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="default: what the context leaves")
+    # OpenAI's and vLLM's default; null: what the context leaves; 0 only with echo (score the prompt)
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -225,6 +237,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = Field(False, description="the answer continues the last (assistant) message")
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = Field(False, description="vLLM: the answer starts with the last message if it is the assistant's")
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: bool = True
@@ -312,9 +325,22 @@ class ModelList(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one token's logprob, its rank in the distribution (1: the most likely) and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, token id → its Logprob (the prompt's own token and the top ones);
+# None for the first token, which nothing predicts
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -323,6 +349,9 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class CompletionResponse(BaseModel):
@@ -362,6 +391,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -371,6 +401,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class DeltaMessage(BaseModel):
@@ -387,6 +419,7 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -396,3 +429,4 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the first chunk

@@ -51,12 +51,13 @@ class Serving:
         formatter: StreamFormatter,
         chunks: Callable[[ChoiceDelta], Iterable[BaseModel]],
         usage_chunk: Callable[[p.Usage], BaseModel] | None,
+        generated: bool = True,
     ) -> StreamingResponse:
         """An SSE response: the endpoint's chunks for every delta, then usage (usage_chunk: if asked for) and
         [DONE]. The status waits for the first event, so a refusal before any token is a real 4xx/5xx."""
-        return await stream_response(self._events(requests, request, formatter, chunks, usage_chunk))
+        return await stream_response(self._events(requests, request, formatter, chunks, usage_chunk, generated))
 
-    async def _events(self, requests, request, formatter, chunks, usage_chunk) -> AsyncIterator[str]:
+    async def _events(self, requests, request, formatter, chunks, usage_chunk, generated) -> AsyncIterator[str]:
         finals = []
         async for i, out in self.runner.run(requests, request):
             self.runner.check_timeout(out)
@@ -66,5 +67,5 @@ class Serving:
             if out.finished:
                 finals.append(out)
         if usage_chunk is not None:
-            yield sse(usage_chunk(usage(finals)))
+            yield sse(usage_chunk(usage(finals, generated)))
         yield DONE
