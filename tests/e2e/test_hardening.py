@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.test_errors import assert_error, post
+from tests.support.api import assert_error, post
 from tests.support.faulty_serve import FAULT_MARKER
 from tests.support.server import ServerProcess
 from tests.support.wait import wait_until

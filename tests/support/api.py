@@ -1,0 +1,24 @@
+"""Raw-HTTP helpers for the e2e tests of the OpenAI endpoints: post with the shared server's key, and check an
+error is OpenAI-shaped with the right status (and param, and words)."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.support.server import KEY
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def post(server, path, body=None, headers=AUTH, content=None):
+    return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: str = ""):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status
+    assert contains.lower() in err["message"].lower()
+    if param is not None:
+        assert err["param"] == param
