@@ -266,3 +266,57 @@ def test_responses_text_format_json_schema(client):
 def test_responses_needing_storage_are_400(client, extra, field):
     with pytest.raises(openai.BadRequestError, match=field):
         client.responses.create(model="smol", input="hi", max_output_tokens=2, extra_body=extra)
+
+
+# ------------------------------------------------------------------ real agent frameworks, unmodified
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+def test_openai_agents_sdk_runs_a_tool(smol_server, api):
+    """The OpenAI Agents SDK, through its Chat Completions model and its Responses model: the first turn is
+    forced to call the tool (a 135M model would not choose it), the SDK resets tool_choice and the answer
+    comes after the tool's result."""
+    agents = pytest.importorskip("agents")
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    ran: list[dict] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        ran.append({"city": city})
+        return f"It is 21 C and sunny in {city}."
+
+    client = AsyncOpenAI(base_url=smol_server.url + "/v1", api_key="none", max_retries=0)
+    model_cls = agents.OpenAIChatCompletionsModel if api == "chat_completions" else agents.OpenAIResponsesModel
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer briefly.",
+        tools=[get_weather],
+        model=model_cls("smol", client),
+        model_settings=agents.ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=40),
+    )
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3))
+    assert len(ran) == 1 and isinstance(ran[0]["city"], str) and ran[0]["city"]
+    kinds = [type(item).__name__ for item in result.new_items]
+    assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"] and kinds[-1] == "MessageOutputItem"
+    assert isinstance(result.final_output, str) and result.final_output
+
+
+@pytest.mark.parametrize("tool_choice", ["get_weather", "required"])
+def test_langchain_bind_tools(smol_server, tool_choice):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    llm = langchain_openai.ChatOpenAI(
+        model="smol", base_url=smol_server.url + "/v1", api_key="none", temperature=0, max_tokens=40
+    )
+    message = llm.bind_tools([get_weather], tool_choice=tool_choice).invoke("What is the weather in Paris?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"].get("city"), str) and call["id"]
