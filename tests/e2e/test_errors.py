@@ -307,6 +307,13 @@ field_names = st.sampled_from(
         "guided_choice",
         "guided_grammar",
         "structured_outputs",
+        "parallel_tool_calls",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "store",
+        "previous_response_id",
+        "text",
     ]
 )
 bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
@@ -315,15 +322,21 @@ bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     body=bodies,
-    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"]),
     base=st.sampled_from(
-        [{}, {"prompt": "hi", "max_tokens": 3}, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}]
+        [
+            {},
+            {"prompt": "hi", "max_tokens": 3},
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            {"input": "hi", "max_output_tokens": 3},
+        ]
     ),
 )
 def test_fuzzed_bodies_never_get_a_5xx(server, body, path, base):
     payload = {**base, **body} if isinstance(body, dict) else body
-    if isinstance(payload, dict) and isinstance(payload.get("max_tokens"), int):
-        payload["max_tokens"] = min(max(payload["max_tokens"], -5), 8)  # keep the run short
+    for name in ("max_tokens", "max_output_tokens"):
+        if isinstance(payload, dict) and isinstance(payload.get(name), int):
+            payload[name] = min(max(payload[name], -5), 8)  # keep the run short
     if isinstance(payload, dict) and isinstance(payload.get("n"), int):
         payload["n"] = min(payload["n"], 3)
     r = post(server, path, content=json.dumps(payload).encode())
