@@ -181,6 +181,10 @@ def test_reasoning_is_split(client):
         ({"tools": [], "tool_choice": "required"}, "at least one tool"),
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "one structured"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+            "tools.0.function.parameters",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400(client, body, contains):

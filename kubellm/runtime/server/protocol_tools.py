@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Open(BaseModel):
@@ -17,6 +17,18 @@ class FunctionDefinition(_Open):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A schema llguidance cannot enforce is a 400 naming the tool, whatever tool_choice is."""
+        if value is not None:
+            import llguidance
+
+            error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(value), None)
+            if error:
+                raise ValueError(f"not a usable JSON schema: {error}")
+        return value
 
 
 class Tool(_Open):
