@@ -18,22 +18,31 @@ class Completions:
     def __init__(self, serving: Serving):
         self.s = serving
 
-    async def create(self, request: Request):
-        s = self.s
-        req: p.CompletionRequest = await s.admission.admit(request, p.CompletionRequest)
+    async def _submissions(self, req: p.CompletionRequest) -> tuple[list, bool]:
+        """The engine submissions, and whether the generated tokens are answered (max_tokens 0 with echo: the
+        prompt alone, though the engine still makes one token). Echo with logprobs scores the prompt's tokens
+        too (vLLM: prompt_logprobs = logprobs)."""
         if req.max_tokens == 0 and not req.echo:
             raise ApiError(
                 400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)", param="max_tokens"
             )
-        generated = req.max_tokens != 0  # 0 (with echo): the prompt alone; the engine still makes one token
+        generated = req.max_tokens != 0
         max_tokens = req.max_tokens if generated else 1
-        # echo with logprobs scores the prompt's tokens too (vLLM: prompt_logprobs = logprobs)
-        echo_logprobs = req.echo and req.logprobs is not None
-        prompt_logprobs = max(req.prompt_logprobs or 0, req.logprobs) if echo_logprobs else req.prompt_logprobs
-        params = await s.builder.sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
-        requests = await s.builder.make_requests(
-            req.prompts(), params, req.priority, max_tokens, req.truncate_prompt_tokens
+        prompt_logprobs = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:
+            prompt_logprobs = max(req.prompt_logprobs or 0, req.logprobs)
+        params = await self.s.builder.sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
+        prompts = req.prompts()
+        requests = await self.s.builder.make_requests(
+            prompts, params, req.priority, max_tokens, req.truncate_prompt_tokens
         )
+        return requests, generated
+
+    async def create(self, request: Request):
+        s = self.s
+        req: p.CompletionRequest = await s.admission.admit(request, p.CompletionRequest)
+        requests, generated = await self._submissions(req)
+        echo_logprobs = req.echo and req.logprobs is not None
         # one id and timestamp for every chunk of the response, as OpenAI's
         response = partial(
             p.CompletionResponse, id=f"cmpl-{request.state.request_id}", created=int(time.time()), model=s.model_name
