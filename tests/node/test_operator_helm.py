@@ -156,15 +156,16 @@ def active_operator(kubectl) -> str:
     names = [p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")]
     paused = [n for n in names if "Pausing operations" in kubectl("logs", "-n", "kubellm-system", n).stdout]
     active = [n for n in names if n not in paused]
-    assert len(active) == 1, (names, paused)
-    return active[0]
+    return active[0] if len(active) == 1 and len(names) >= 2 else None  # None: peering not settled yet
 
 
 def test_kill_the_active_operator_the_other_reconciles(ns, kubectl):
     apply(kubectl, ns, isvc("ha", "tiny"))
     sel = "kubellm.io/inferenceservice=ha"
     wait_until(lambda: get(kubectl, "deployments", "-n", ns, "-l", sel)["items"], timeout=60, what="reconciled")
-    active = wait_until(lambda: active_operator(kubectl), timeout=30, what="one active replica")
+    active = wait_until(
+        lambda: active_operator(kubectl), timeout=120, interval=2, what="one active, one paused replica"
+    )
     kubectl("delete", "pod", "-n", "kubellm-system", active, "--grace-period=0", "--force")
     kubectl("patch", P, "ha", "-n", ns, "--type=merge", "-p", '{"spec": {"runtime": {"maxNumSeqs": 3}}}')
 
