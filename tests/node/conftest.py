@@ -4,23 +4,18 @@ local PersistentVolume. If this machine cannot run containers the session fails 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
-import yaml
 
-from tests.support.wait import wait_until
+from tests.support.node_k8s import make_namespace, operator_manifest, wait_deployment_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-G, V, P = "kubellm.io", "v1alpha1", "inferenceservices"
 
 
 @pytest.fixture(scope="session")
@@ -55,36 +50,6 @@ def kubectl(real):
         return p
 
     return run
-
-
-def operator_manifest(node, replicas: int | None = None, extra_args: list[str] | None = None) -> str:
-    """manifests/operator.yaml with the locally built images (the only change a user on this cluster needs)."""
-    docs = [d for d in yaml.safe_load_all((ROOT / "manifests/operator.yaml").read_text()) if d]
-    for d in docs:
-        if d["kind"] == "Deployment":
-            if replicas is not None:
-                d["spec"]["replicas"] = replicas
-            c = d["spec"]["template"]["spec"]["containers"][0]
-            c["image"] = node.images["OPERATOR_IMAGE"]
-            c["args"] = c["args"] + (extra_args or [])
-            for e in c.get("env", []):
-                if e["name"] == "KUBELLM_RUNTIME_IMAGE":
-                    e["value"] = node.images["RUNTIME_IMAGE"]
-    return yaml.safe_dump_all(docs, sort_keys=False)
-
-
-def wait_deployment_ready(kubectl, ns: str, name: str, timeout: float = 180) -> dict:
-    def ready():
-        p = kubectl("get", "deployment", name, "-n", ns, "-o", "json", check=False)
-        if p.returncode:
-            return None
-        d = json.loads(p.stdout)
-        want = d["spec"].get("replicas", 1)
-        st = d.get("status", {})
-        ok = st.get("readyReplicas", 0) == want and st.get("updatedReplicas", 0) == want
-        return d if ok and st.get("replicas", 0) == want else None
-
-    return wait_until(ready, timeout=timeout, interval=1, what=f"deployment {ns}/{name} ready")
 
 
 @pytest.fixture(scope="session")
@@ -122,63 +87,10 @@ def models_pv(node, kubectl):
     return base
 
 
-@contextlib.contextmanager
-def make_namespace(kubectl, models_pv, node):
-    """A fresh namespace with a PVC `models` bound to a local PV of the models directory."""
-    ns = f"n-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"models-{ns}"},
-        "spec": {
-            "capacity": {"storage": "5Gi"},
-            "accessModes": ["ReadOnlyMany"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "local": {"path": str(models_pv)},
-            "nodeAffinity": {
-                "required": {
-                    "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node_name()]}
-                            ]
-                        }
-                    ]
-                }
-            },
-            "claimRef": {"namespace": ns, "name": "models"},
-        },
-    }
-    pvc = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models", "namespace": ns},
-        "spec": {
-            "accessModes": ["ReadOnlyMany"],
-            "storageClassName": "",
-            "volumeName": f"models-{ns}",
-            "resources": {"requests": {"storage": "5Gi"}},
-        },
-    }
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [pv, pvc]}))
-    yield ns
-    kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    kubectl("delete", "pv", f"models-{ns}", "--wait=false", check=False)
-    node.check_alive()
-
-
 @pytest.fixture
 def namespace(kubectl, models_pv, node):
     with make_namespace(kubectl, models_pv, node) as ns:
         yield ns
-
-
-def node_name() -> str:
-    from tests.support.real_node import NODE_NAME
-
-    return NODE_NAME
 
 
 os.environ.setdefault("NO_PROXY", "10.96.0.0/16,10.244.0.0/16")

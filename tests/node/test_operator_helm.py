@@ -15,8 +15,18 @@ import time
 
 import pytest
 
-from tests.node.conftest import P, make_namespace, wait_deployment_ready
-from tests.node.test_real_node import apply, client_for, get, isvc, pods, ready_pods, wait_isvc_ready
+from tests.support.node_k8s import (
+    P,
+    apply,
+    client_for,
+    get,
+    isvc,
+    make_namespace,
+    pods,
+    ready_pods,
+    wait_deployment_ready,
+    wait_isvc_ready,
+)
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]

@@ -26,67 +26,22 @@ import threading
 import time
 
 import pytest
-from openai import OpenAI
 
-from tests.node.conftest import G, P, V
+from tests.support.node_k8s import (
+    P,
+    apply,
+    client_for,
+    get,
+    isvc,
+    make_namespace,
+    pods,
+    ready_pods,
+    service_client,
+    wait_isvc_ready,
+)
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]
-
-SMALL = {"requests": {"cpu": "100m", "memory": "256Mi"}}  # 2-core node: operators and several runtime pods fit
-
-
-def isvc(name: str, model: str, **spec) -> dict:
-    body = {
-        "model": {"uri": f"pvc://models/{model}"},
-        "runtime": {"maxModelLen": 512, "maxNumSeqs": 4, "maxNumBatchedTokens": 512},
-        "resources": {"gpus": 0, **SMALL},
-        "autoscaling": {"enabled": False},
-        "replicas": 1,
-        "startup": {"timeoutSeconds": 300},
-        "server": {"drainSeconds": 60},
-    }
-    body.update(spec)
-    return {"apiVersion": f"{G}/{V}", "kind": "InferenceService", "metadata": {"name": name}, "spec": body}
-
-
-def get(kubectl, *args) -> dict:
-    return json.loads(kubectl("get", *args, "-o", "json").stdout)
-
-
-def apply(kubectl, ns: str, obj: dict) -> None:
-    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
-
-
-def wait_isvc_ready(kubectl, ns: str, name: str, timeout: float = 300) -> dict:
-    def ready():
-        o = get(kubectl, P, name, "-n", ns)
-        conds = (o.get("status") or {}).get("conditions", [])
-        return o if any(c["type"] == "Ready" and c["status"] == "True" for c in conds) else None
-
-    return wait_until(ready, timeout=timeout, interval=2, what=f"{ns}/{name} Ready")
-
-
-def pods(kubectl, ns: str, name: str) -> list[dict]:
-    return get(kubectl, "pods", "-n", ns, "-l", f"kubellm.io/inferenceservice={name}")["items"]
-
-
-def ready_pods(kubectl, ns, name) -> list[dict]:
-    return [
-        p
-        for p in pods(kubectl, ns, name)
-        if not p["metadata"].get("deletionTimestamp")
-        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    ]
-
-
-def client_for(host: str, port: int = 80) -> OpenAI:
-    return OpenAI(base_url=f"http://{host}:{port}/v1", api_key="none", max_retries=0, timeout=120)
-
-
-def service_client(kubectl, ns: str, name: str) -> OpenAI:
-    svc = get(kubectl, "service", name, "-n", ns)
-    return client_for(svc["spec"]["clusterIP"], 80)
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -140,8 +95,6 @@ def tiny(operator_installed, kubectl, request):
 
 @pytest.fixture(scope="module")
 def module_namespace(kubectl, models_pv, node):
-    from tests.node.conftest import make_namespace
-
     with make_namespace(kubectl, models_pv, node) as ns:
         yield ns
 
