@@ -34,7 +34,7 @@ import msgspec
 from kubellm.runtime.engine import wire
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.engine.intake import Submission, make_submission
-from kubellm.runtime.engine.output import OutputProcessor, RequestOutput
+from kubellm.runtime.engine.output import OutputProcessor, RequestOutput, publish, view_of
 from kubellm.runtime.engine.wire import Abort, EngineInfo, EngineSnapshot, Shutdown, StepOutput
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.sampling_params import SamplingParams
@@ -292,23 +292,21 @@ class AsyncLLMEngine:
         stream = _Stream()
         req = sub.request
         self._streams[req.request_id] = stream
-        out = self.output.add(req.request_id, sub.prompt, req.prompt_token_ids, req.params, req.arrival_time)
+        work = self.output.add(req.request_id, sub.prompt, req.prompt_token_ids, req.params, req.arrival_time)
+        out = view_of(work)  # changes only here, between yields, never while the consumer holds it
         self._num_sent += req.params.n  # sequences (the core counts what it took the same way)
         self._outgoing.put(req)
         try:
-            # the output may finish while the consumer is busy with the previous yield: that last change is
-            # still yielded (the event is set), then the stream ends
-            finished = False
-            while not finished:
+            while not out.finished:
                 await stream.event.wait()
                 stream.event.clear()
                 if stream.error is not None:
                     raise stream.error
-                finished = out.finished
+                publish(work, out)
                 yield out
         finally:
             self._streams.pop(req.request_id, None)
-            if not out.finished:
+            if not work.finished:
                 self.output.abort(req.request_id)
                 self.abort(req.request_id)
 

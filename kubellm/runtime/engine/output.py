@@ -9,7 +9,7 @@ Rust tokenizer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kubellm.runtime.engine.wire import Abort, RequestDelta, TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
@@ -39,6 +39,41 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1 … (the first has none), if asked for
+
+
+def view_of(work: RequestOutput) -> RequestOutput:
+    """An empty output shaped like work, for a consumer that must see changes only when it asks (publish)."""
+    return RequestOutput(
+        work.request_id,
+        work.prompt,
+        work.prompt_token_ids,
+        [CompletionOutput(c.index, "", [], None, [] if c.logprobs is not None else None) for c in work.outputs],
+        False,
+        arrival_time=work.arrival_time,
+    )
+
+
+def _catch_up(view, work) -> None:
+    for f in fields(work):
+        if f.name in ("outputs", "prompt_token_ids"):
+            continue
+        new = getattr(work, f.name)
+        if isinstance(new, list):  # grows only: copy the tail
+            old = getattr(view, f.name)
+            if old is None:
+                setattr(view, f.name, list(new))
+            else:
+                old.extend(new[len(old) :])
+        else:
+            setattr(view, f.name, new)
+
+
+def publish(work: RequestOutput, view: RequestOutput) -> None:
+    """Bring view up to date with work. The server's streams hand out views: the OutputProcessor updates work
+    whenever a step arrives, which may be while a consumer is half-way through the previous state."""
+    _catch_up(view, work)
+    for v, w in zip(view.outputs, work.outputs):
+        _catch_up(v, w)
 
 
 @dataclass(slots=True)
