@@ -11,24 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.api import AUTH, assert_error, post
 from tests.support.server import KEY, ServerProcess
 from tests.support.wait import wait_until
-
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def post(server, path, body=None, headers=AUTH, content=None):
-    return httpx.post(server.url + path, json=body, content=content, headers=headers, timeout=60)
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None, contains: str = ""):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == status
-    assert contains.lower() in err["message"].lower()
-    if param is not None:
-        assert err["param"] == param
 
 
 @pytest.mark.parametrize(

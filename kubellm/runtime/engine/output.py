@@ -53,27 +53,30 @@ def view_of(work: RequestOutput) -> RequestOutput:
     )
 
 
-def _catch_up(view, work) -> None:
-    for f in fields(work):
-        if f.name in ("outputs", "prompt_token_ids"):
-            continue
-        new = getattr(work, f.name)
+# what publish copies, fixed per class (it runs for every stream every step)
+_REQUEST_FIELDS = tuple(f.name for f in fields(RequestOutput) if f.name not in ("outputs", "prompt_token_ids"))
+_COMPLETION_FIELDS = tuple(f.name for f in fields(CompletionOutput))
+
+
+def _catch_up(view, work, names: tuple[str, ...]) -> None:
+    for name in names:
+        new = getattr(work, name)
         if isinstance(new, list):  # grows only: copy the tail
-            old = getattr(view, f.name)
+            old = getattr(view, name)
             if old is None:
-                setattr(view, f.name, list(new))
+                setattr(view, name, list(new))
             else:
                 old.extend(new[len(old) :])
         else:
-            setattr(view, f.name, new)
+            setattr(view, name, new)
 
 
 def publish(work: RequestOutput, view: RequestOutput) -> None:
     """Bring view up to date with work. The server's streams hand out views: the OutputProcessor updates work
     whenever a step arrives, which may be while a consumer is half-way through the previous state."""
-    _catch_up(view, work)
+    _catch_up(view, work, _REQUEST_FIELDS)
     for v, w in zip(view.outputs, work.outputs):
-        _catch_up(v, w)
+        _catch_up(v, w, _COMPLETION_FIELDS)
 
 
 @dataclass(slots=True)
