@@ -20,6 +20,9 @@ from kubellm.runtime.server.errors import ApiError
 if TYPE_CHECKING:
     from kubellm.runtime.engine.intake import Submission
 
+# Texts up to this long are tokenized on the event loop (well under a millisecond with a fast tokenizer).
+INLINE_TOKENIZE_CHARS = 4096
+
 
 class RequestBuilder:
     def __init__(self, engine: AsyncLLMEngine):
@@ -126,9 +129,18 @@ class RequestBuilder:
         """fn(*args, **kwargs) on the tokenizer's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, partial(fn, *args, **kwargs))
 
+    async def tokenizing(self, prompt: str | list[int], fn, *args, **kwargs):
+        """fn(*args, **kwargs), which tokenizes prompt: on the loop when that is cheaper than a handoff to the
+        tokenizer's thread (token ids, short texts), on that thread for long texts, which would stall every
+        stream. A handoff waits for the GIL while the loop is busy (up to its 5 ms switch interval): paid for
+        every request of a 256-request burst, it added ~250 ms to their first tokens (bench/RESULTS.md)."""
+        if isinstance(prompt, list) or len(prompt) <= INLINE_TOKENIZE_CHARS:
+            return fn(*args, **kwargs)
+        return await self.off_loop(fn, *args, **kwargs)
+
     async def encode(self, text: str, param: str = "prompt", **kwargs) -> list[int]:
         self.check_length(text, param)
-        return await self.off_loop(self.tokenizer.encode, text, **kwargs)
+        return await self.tokenizing(text, self.tokenizer.encode, text, **kwargs)
 
     def check_context(self, prompt_len: int, max_tokens: int | None) -> None:
         limit = self.engine.max_model_len
@@ -171,7 +183,9 @@ class RequestBuilder:
             prompt = await self.truncate(prompt, truncate_prompt_tokens)
             try:
                 self.check_length(prompt)
-                r = await self.off_loop(self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority)
+                r = await self.tokenizing(
+                    prompt, self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority
+                )
             except ValueError as e:
                 raise ApiError(400, str(e), param="prompt") from None
             self.check_context(len(r.prompt_token_ids), max_tokens)
