@@ -64,6 +64,12 @@ def _operator(args: argparse.Namespace) -> int:
     return run_operator(args.namespace or [], args.liveness, args.peering, args.priority, args.metrics_port)
 
 
+def _router(args: argparse.Namespace) -> int:
+    from kubellm.router.main import run_router
+
+    return run_router(args)
+
+
 def _crd(args: argparse.Namespace) -> int:
     from kubellm.operator.crd import crd_yaml
 
@@ -101,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--priority", type=int, default=0, help="peering priority")
     op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: off)")
     op.set_defaults(func=_operator)
+
+    router = sub.add_parser(
+        "router", help="one OpenAI endpoint for many InferenceServices (prefix-affinity routing, scale from zero)"
+    )
+    from kubellm.router.main import add_router_arguments
+
+    add_router_arguments(router)
+    router.set_defaults(func=_router)
 
     crd = sub.add_parser("crd", help="print the InferenceService CRD (generated from the pydantic spec)")
     crd.set_defaults(func=_crd)

@@ -1,0 +1,381 @@
+"""The router's HTTP side (aiohttp server and client): `/v1/models` from discovery, every other `/v1/*` POST
+forwarded by the body's `model` to a pod the policy picks, streamed through chunk by chunk.
+
+Failure handling, in order: unknown model → 404; a model with no Ready pod is held (bounded count and time;
+scaled 0 → 1 when it scales to zero) → 429/503 + Retry-After beyond the bounds; every pod saturated → 429 +
+Retry-After; a connection failure (or a draining pod's 503) before the first byte → the next pod on the policy's
+list; a failure after it → the stream ends with an error event (SSE) or a cut connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kubellm.router.discovery import Route
+from kubellm.router.metrics import RouterMetrics
+from kubellm.router.policy import Limits, PodLoad, Policy, make_policy, prompt_prefix
+from kubellm.router.scrape import Scraper
+
+log = logging.getLogger("kubellm.router")
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+RETRY_STATUSES = (502, 503)  # a pod that is draining or whose server is not up yet: another pod may answer
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: str = "prefix"
+    prefix_chars: int = 256
+    refresh_seconds: float = 1.0
+    scrape_seconds: float = 0.5
+    stale_seconds: float = 2.0
+    max_attempts: int = 3
+    connect_timeout: float = 3.0
+    down_seconds: float = 5.0  # a pod that refused a connection is skipped this long
+    max_held_requests: int = 64  # per model with no Ready pod
+    hold_seconds: float = 300.0
+    retry_after_seconds: float = 1.0
+    limits: Limits = Limits()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
+
+    def response(self) -> web.Response:
+        kind = {404: "NotFoundError", 429: "RateLimitError", 503: "ServiceUnavailableError"}.get(
+            self.status, "invalid_request_error"
+        )
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+        headers = {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+class Router:
+    def __init__(self, discovery, config: RouterConfig = RouterConfig(), policy: Policy | None = None):
+        self.discovery, self.config = discovery, config
+        self.policy = policy or make_policy(config.policy, config.limits)
+        self.routes: dict[str, Route] = {}
+        self.discovered = False
+        self.changed = asyncio.Condition()
+        self.in_flight: dict[str, int] = {}  # pod URL -> open requests through this router
+        self.model_in_flight: dict[str, int] = {}
+        self.down_until: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+        self.last_request: dict[str, float] = {}
+        self.started, self.started_wall = time.monotonic(), time.time()
+        self.metrics = RouterMetrics()
+        self.scraper = Scraper(config.scrape_seconds, config.stale_seconds)
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, app: web.Application | None = None) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+        await self.scraper.start()
+        await self.refresh()
+        self._tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._idle_loop())]
+
+    async def stop(self, app: web.Application | None = None) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scraper.stop()
+        if self.session:
+            await self.session.close()
+
+    async def refresh(self) -> None:
+        try:
+            routes = await self.discovery.routes()
+        except Exception as e:  # keep routing on the last view; say why it is stale
+            log.warning(json.dumps({"msg": "discovery failed", "error": repr(e)}))
+            return
+        async with self.changed:
+            self.routes, self.discovered = routes, True
+            self.changed.notify_all()
+        self.scraper.watch({u for r in routes.values() for u in r.endpoints})
+        for r in routes.values():
+            self.metrics.endpoints.labels(r.model).set(len(r.endpoints))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_seconds)
+            await self.refresh()
+
+    async def _idle_loop(self) -> None:
+        """Scale a model that scales to zero back to 0 after its idle window without requests."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for route in list(self.routes.values()):
+                if not route.scales_to_zero or route.replicas == 0:
+                    continue
+                busy = self.held.get(route.model, 0) or self.model_in_flight.get(route.model, 0)
+                last = self.last_request.get(route.model, self.started)
+                if busy or now - last < route.idle_seconds:
+                    continue
+                try:
+                    await self.discovery.scale_to(route, 0)
+                except Exception as e:
+                    log.warning(json.dumps({"msg": "scale to zero failed", "model": route.model, "error": repr(e)}))
+                    continue
+                self.metrics.scaled.labels(route.model, "0").inc()
+                log.info(json.dumps({"msg": "scaled to zero", "model": route.model, "idle_s": round(now - last)}))
+                await self.refresh()
+
+    # ------------------------------------------------------------------ choosing
+    def pod_loads(self, route: Route) -> dict[str, PodLoad]:
+        now = time.monotonic()
+        pods = {}
+        for url in route.endpoints:
+            if self.down_until.get(url, 0.0) > now:
+                continue
+            g = self.scraper.gauges(url)
+            pods[url] = PodLoad(self.in_flight.get(url, 0), *g) if g else PodLoad(self.in_flight.get(url, 0))
+        return pods
+
+    async def ready_route(self, model: str) -> Route:
+        """The model's route once it has a Ready pod: at once, or after holding this request (bounded) while the
+        model scales up from zero or its pods start."""
+        route = self.routes[model]
+        if route.endpoints:
+            return route
+        c = self.config
+        if self.held.get(model, 0) >= c.max_held_requests:
+            self.metrics.rejected.labels(model, "held_full").inc()
+            raise ApiError(
+                429, f"model {model!r} is starting; too many requests waiting for it", None, c.retry_after_seconds
+            )
+        self.held[model] = self.held.get(model, 0) + 1
+        self.metrics.held.labels(model).inc()
+        try:
+            if route.scale_target is not None:
+                await self._wake(route)
+            async with self.changed:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self._has_endpoints(model)), c.hold_seconds)
+                except TimeoutError:
+                    self.metrics.rejected.labels(model, "hold_timeout").inc()
+                    raise ApiError(503, f"model {model!r} has no Ready pod yet", None, c.retry_after_seconds) from None
+            if model not in self.routes:  # its InferenceService was deleted while the request waited
+                raise ApiError(404, f"The model `{model}` does not exist.", "model")
+            return self.routes[model]
+        finally:
+            self.held[model] -= 1
+            self.metrics.held.labels(model).dec()
+
+    def _has_endpoints(self, model: str) -> bool:
+        route = self.routes.get(model)
+        return route is None or bool(route.endpoints)
+
+    async def _wake(self, route: Route) -> None:
+        try:
+            woke = await self.discovery.wake(route)
+        except Exception as e:
+            log.warning(json.dumps({"msg": "scale from zero failed", "model": route.model, "error": repr(e)}))
+            raise ApiError(
+                503, f"model {route.model!r} could not be scaled up", None, self.config.retry_after_seconds
+            ) from e
+        if woke:
+            self.metrics.scaled.labels(route.model, "1").inc()
+            log.info(json.dumps({"msg": "scaling from zero", "model": route.model}))
+
+    # ------------------------------------------------------------------ HTTP
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": r.model, "object": "model", "created": int(self.started_wall), "owned_by": "kubellm"}
+            for r in sorted(self.routes.values(), key=lambda r: r.model)
+            if r.endpoints or r.scales_to_zero
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.discovered}, status=200 if self.discovered else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        body = await request.read()
+        headers = _forward_headers(request)
+        model, status, pod, attempts, affinity = "", 0, None, 0, None
+        try:
+            doc = _json_object(body)
+            model = _model_of(doc)
+            if model not in self.routes:
+                raise ApiError(404, f"The model `{model}` does not exist.", "model")
+            self.last_request[model] = time.monotonic()
+            route = await self.ready_route(model)
+            choice = self.policy.choose(prompt_prefix(doc, self.config.prefix_chars), self.pod_loads(route))
+            if not choice.order:
+                self.metrics.rejected.labels(model, "saturated").inc()
+                raise ApiError(429, f"every pod of model {model!r} is saturated", None, self.config.retry_after_seconds)
+            affinity = choice.affinity
+            self.metrics.routed.labels(model, "affinity" if affinity else "spill").inc()
+            response, pod, attempts = await self._send(request, headers, body, model, choice.order)
+            status = response.status
+            return response
+        except ApiError as e:
+            status = e.status
+            self.metrics.requests.labels(model if model in self.routes else "", str(e.status)).inc()
+            return e.response()
+        finally:
+            if model in self.routes:  # (names from clients: only known ones, or the dict grows without bound)
+                self.last_request[model] = time.monotonic()
+            log.info(
+                json.dumps(
+                    {
+                        "msg": "request",
+                        "path": request.path,
+                        "model": model,
+                        "pod": pod,
+                        "status": status,
+                        "attempts": attempts,
+                        "affinity": affinity,
+                        "ms": round((time.monotonic() - started) * 1000, 1),
+                        "trace_id": _trace_id(headers.get("traceparent")),
+                    }
+                )
+            )
+
+    async def _send(self, request: web.Request, headers: dict, body: bytes, model: str, order: list[str]):
+        """Try pods in order until one answers (headers received), then stream its answer through."""
+        last_error = "no pod answered"
+        tried = 0
+        for pod in order[: self.config.max_attempts]:
+            tried += 1
+            self._open(pod, model, +1)
+            try:
+                upstream = await self.session.post(pod + request.path_qs, data=body, headers=headers)
+            except (aiohttp.ClientConnectionError, TimeoutError) as e:
+                self._open(pod, model, -1)
+                self.down_until[pod] = time.monotonic() + self.config.down_seconds
+                self.metrics.attempts.labels(model, "connect_error").inc()
+                last_error = f"{type(e).__name__}"
+                continue
+            if upstream.status in RETRY_STATUSES and tried < min(len(order), self.config.max_attempts):
+                upstream.release()
+                self._open(pod, model, -1)
+                self.metrics.attempts.labels(model, f"upstream_{upstream.status}").inc()
+                last_error = f"HTTP {upstream.status}"
+                continue
+            self.metrics.attempts.labels(model, "ok").inc()
+            try:
+                response = await self._stream(request, upstream, model)
+            finally:
+                self._open(pod, model, -1)
+            return response, pod, tried
+        raise ApiError(503, f"no pod of model {model!r} answered ({last_error})", None, self.config.retry_after_seconds)
+
+    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse, model: str) -> web.StreamResponse:
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for k, v in upstream.headers.items():
+                if k.lower() not in HOP_BY_HOP:
+                    response.headers.add(k, v)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            self.metrics.requests.labels(model, str(upstream.status)).inc()
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                # the pod went away mid-answer: nothing can be retried once bytes reached the client
+                self.metrics.attempts.labels(model, "broken_stream").inc()
+                if upstream.content_type == "text/event-stream":
+                    err = {
+                        "error": {
+                            "message": f"the model's pod failed mid-stream ({type(e).__name__})",
+                            "type": "server_error",
+                            "code": 502,
+                        }
+                    }
+                    await response.write(f"data: {json.dumps(err)}\n\n".encode())
+                else:
+                    response.force_close()  # a cut connection: the client sees a short body, not a whole one
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+            await response.write_eof()
+            return response
+
+    def _open(self, pod: str, model: str, delta: int) -> None:
+        self.in_flight[pod] = self.in_flight.get(pod, 0) + delta
+        self.model_in_flight[model] = self.model_in_flight.get(model, 0) + delta
+        self.metrics.in_flight.labels(model).inc(delta)
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body must be a JSON object") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return doc
+
+
+def _model_of(doc: dict) -> str:
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required: the served model name (see GET /v1/models)", "model")
+    return model
+
+
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    if "traceparent" in request.headers:  # W3C trace context: one trace id from the client, or from here, down
+        headers["traceparent"] = request.headers["traceparent"]
+    else:
+        headers["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    return headers
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    parts = (traceparent or "").split("-")
+    return parts[1] if len(parts) == 4 else None
+
+
+def create_app(router: Router, max_body_bytes: int = 32 << 20) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_get("/health", router.health)
+    app.router.add_get("/ready", router.ready)
+    app.router.add_get("/metrics", router.prometheus)
+    app.router.add_get("/v1/models", router.models)
+    app.router.add_post("/v1/{tail:.+}", router.forward)
+    for path in ("/tokenize", "/detokenize"):
+        app.router.add_post(path, router.forward)
+    app.on_startup.append(router.start)
+    app.on_cleanup.append(router.stop)
+    return app

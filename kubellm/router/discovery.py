@@ -1,0 +1,154 @@
+"""Where each model's pods are: the router's view of the cluster, refreshed every `interval` seconds.
+
+Two sources, one shape (`Route` per served model name):
+- `KubernetesDiscovery`: the InferenceServices of one namespace (or all), each Service's EndpointSlices (Ready
+  addresses on the API port), and scale through each Deployment's `scale` subresource (RBAC: get/list/watch
+  inferenceservices and endpointslices; get/patch deployments/scale — charts/kubellm/templates/router.yaml);
+- `StaticDiscovery`: a JSON or YAML file (`models: {name: {endpoints: [url, ...], idleSeconds: s}}`), re-read when
+  it changes: for tests, benchmarks and running the router outside a cluster. Its `scale` only records the ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from kubellm.operator.render import HTTP_PORT
+from kubellm.operator.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One served model: the base URLs of its Ready pods, and (for scale to zero) what to scale and when."""
+
+    model: str
+    endpoints: tuple[str, ...] = ()
+    scale_target: tuple[str, str] | None = None  # (namespace, Deployment) the router may scale 0 -> 1 -> 0
+    idle_seconds: float | None = None  # back to 0 replicas after this long without a request (None: never)
+    replicas: int | None = None  # the Deployment's desired replicas, when known (0: scaled to zero)
+
+    @property
+    def scales_to_zero(self) -> bool:
+        return self.scale_target is not None and self.idle_seconds is not None
+
+
+@dataclass
+class StaticDiscovery:
+    path: str
+    scaled: list[tuple[str, int]] = field(default_factory=list)  # (model, replicas) asked, in order
+    _mtime: tuple = ()
+    _routes: dict[str, Route] = field(default_factory=dict)
+    _replicas: dict[str, int] = field(default_factory=dict)
+
+    async def routes(self) -> dict[str, Route]:
+        st = os.stat(self.path)
+        mtime = (st.st_mtime_ns, st.st_ino)
+        if mtime != self._mtime:
+            with open(self.path) as f:
+                doc = yaml.safe_load(f) or {}
+            self._routes = {name: _static_route(name, entry) for name, entry in (doc.get("models") or {}).items()}
+            self._mtime = mtime
+        return {
+            name: Route(r.model, r.endpoints, r.scale_target, r.idle_seconds, self._replicas.get(name, r.replicas))
+            for name, r in self._routes.items()
+        }
+
+    async def wake(self, route: Route) -> bool:
+        if self._replicas.get(route.model, route.replicas):
+            return False
+        await self.scale_to(route, 1)
+        return True
+
+    async def scale_to(self, route: Route, replicas: int) -> None:
+        self.scaled.append((route.model, replicas))
+        self._replicas[route.model] = replicas
+
+
+def _static_route(name: str, entry) -> Route:
+    if isinstance(entry, list):
+        entry = {"endpoints": entry}
+    idle = entry.get("idleSeconds")
+    target = ("static", name) if idle is not None else None
+    endpoints = tuple(u.rstrip("/") for u in entry.get("endpoints") or ())
+    return Route(name, endpoints, target, idle, entry.get("replicas", len(endpoints)))
+
+
+class KubernetesDiscovery:
+    """InferenceServices and their EndpointSlices through the Kubernetes API (the sync client, in a thread)."""
+
+    def __init__(self, namespace: str | None):
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi()
+        self.discovery = client.DiscoveryV1Api()
+        self.apps = client.AppsV1Api()
+
+    async def routes(self) -> dict[str, Route]:
+        return await asyncio.to_thread(self._routes)
+
+    def _routes(self) -> dict[str, Route]:
+        ns = self.namespace
+        if ns:
+            isvcs = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            slices = self.discovery.list_namespaced_endpoint_slice(ns, label_selector="kubernetes.io/service-name")
+        else:
+            isvcs = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+            slices = self.discovery.list_endpoint_slice_for_all_namespaces(label_selector="kubernetes.io/service-name")
+        ready: dict[tuple[str, str], list[str]] = {}
+        for s in slices.items:
+            key = (s.metadata.namespace, s.metadata.labels["kubernetes.io/service-name"])
+            for e in s.endpoints or ():
+                if e.conditions is None or e.conditions.ready is not False:
+                    ready.setdefault(key, []).extend(f"http://{_host(a)}:{HTTP_PORT}" for a in e.addresses)
+        routes = {}
+        for isvc in isvcs:
+            route = isvc_route(
+                isvc, sorted(set(ready.get((isvc["metadata"]["namespace"], isvc["metadata"]["name"]), [])))
+            )
+            if route.model in routes:  # two services claim one name: keep the first, say so
+                log.warning(json.dumps({"msg": "model served by two InferenceServices", "model": route.model}))
+                continue
+            routes[route.model] = route
+        return routes
+
+    async def wake(self, route: Route) -> bool:
+        """Scale the Deployment 0 -> 1 (nothing if it already has replicas: pods are starting)."""
+        return await asyncio.to_thread(self._wake, route)
+
+    def _wake(self, route: Route) -> bool:
+        ns, name = route.scale_target
+        if self.apps.read_namespaced_deployment_scale(name, ns).spec.replicas:
+            return False
+        self.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 1}})
+        return True
+
+    async def scale_to(self, route: Route, replicas: int) -> None:
+        ns, name = route.scale_target
+        await asyncio.to_thread(self.apps.patch_namespaced_deployment_scale, name, ns, {"spec": {"replicas": replicas}})
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def isvc_route(isvc: dict, endpoints: list[str]) -> Route:
+    """The Route of one InferenceService object (pure: unit-tested on plain dicts)."""
+    meta, spec, status = isvc["metadata"], isvc.get("spec") or {}, isvc.get("status") or {}
+    model = (spec.get("model") or {}).get("name") or meta["name"]
+    autoscaling = spec.get("autoscaling") or {}
+    zero = autoscaling.get("enabled", True) and autoscaling.get("minReplicas", 1) == 0
+    idle = float(autoscaling.get("idleSeconds", 300)) if zero else None
+    target = (meta["namespace"], meta["name"]) if zero else None
+    return Route(model, tuple(endpoints), target, idle, status.get("replicas"))

@@ -1,0 +1,78 @@
+"""Each pod's load, read from its /metrics (the vLLM names every engine behind an endpoint picker exports)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+WAITING, RUNNING, KV_USAGE = "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"
+
+
+def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
+    """(waiting, running, KV usage) from Prometheus text, each summed over its series; None when absent.
+
+    A line scan rather than a full parse: a runtime's page is mostly histograms the router does not read."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else line.partition(" ")
+        if name in (WAITING, RUNNING, KV_USAGE):
+            value = line.rsplit(" ", 1)[1] if "}" not in line else line.rsplit("}", 1)[1].split()[0]
+            found[name] = found.get(name, 0.0) + float(value)
+    return found.get(WAITING), found.get(RUNNING), found.get(KV_USAGE)
+
+
+class Scraper:
+    """Polls every watched pod's /metrics each `interval`; a value older than `stale` seconds counts as unknown."""
+
+    def __init__(self, interval: float, stale: float, timeout: float = 1.0):
+        self.interval, self.stale, self.timeout = interval, stale, timeout
+        self.urls: set[str] = set()
+        self.values: dict[str, tuple[float, tuple]] = {}
+        self._task: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def watch(self, urls: set[str]) -> None:
+        self.urls = set(urls)
+        for gone in set(self.values) - self.urls:
+            del self.values[gone]
+
+    def gauges(self, url: str) -> tuple | None:
+        got = self.values.get(url)
+        if got is None or time.monotonic() - got[0] > self.stale:
+            return None
+        return got[1]
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._scrape(u) for u in list(self.urls)))
+            await asyncio.sleep(self.interval)
+
+    async def _scrape(self, url: str) -> None:
+        try:
+            async with self._session.get(url + "/metrics") as r:
+                if r.status != 200:
+                    return
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        try:
+            load = parse_load(text)
+        except ValueError:
+            return
+        if url in self.urls:
+            self.values[url] = (time.monotonic(), load)
