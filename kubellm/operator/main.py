@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import random
+import time
 
 import kopf
 from prometheus_client import start_http_server
@@ -45,6 +46,15 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def seniority_priority() -> int:
+    """A kopf peering priority that falls with the start time, so the oldest replica acts and one that starts
+    later (a replacement after a crash, a new pod in a rollout) stands by instead of taking over from a working
+    one. Replicas of a Deployment share their arguments and kopf pauses every operator sharing the highest
+    priority, so each draws its own; the random part separates replicas started in the same millisecond.
+    Negative: an operator run by hand with kopf's default 0 (or any `--priority`) still pauses the deployed ones."""
+    return -(time.time_ns() // 1_000_000 * 1000 + random.SystemRandom().randrange(1000))
+
+
 def run_operator(
     namespaces: list[str], liveness: str | None, peering: str | None, priority: int, metrics_port: int | None
 ) -> int:
@@ -52,9 +62,7 @@ def run_operator(
 
     configure_logging()
     if peering is not None and not priority:
-        # Replicas of one Deployment share their arguments, and kopf pauses every operator that shares the
-        # highest priority: without an explicit --priority each replica draws its own, and the highest acts.
-        priority = random.SystemRandom().randint(1, 2**31 - 1)
+        priority = seniority_priority()
         logging.getLogger(__name__).info(f"peering {peering!r}: priority {priority}")
     if metrics_port:
         start_http_server(metrics_port)

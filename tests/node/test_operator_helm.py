@@ -7,6 +7,7 @@ install there starts from a cluster without the chart's objects (CRDs stay, as w
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import pathlib
 import subprocess
@@ -160,23 +161,47 @@ def test_hpa_scales_real_pods_on_real_queue_depth(ns, kubectl):
     kubectl("delete", P, "auto", "-n", ns, "--wait=true", "--timeout=120s")
 
 
-def active_operator(kubectl) -> str:
-    """The replica not paused by peering (kopf logs "Pausing operations in favour of ..." on the others)."""
+def operator_roles(kubectl) -> tuple[str, str] | None:
+    """(active, standby) by kopf's rule: of the live entries in the ClusterKopfPeering status (keyed by pod name:
+    the chart sets POD_ID), the highest priority acts and the others pause. Logs cannot tell: a replica that sees
+    a higher one at its first look starts paused and never logs "Pausing". None until both replicas are there."""
     items = get(kubectl, "pods", "-n", "kubellm-system", "-l", "app.kubernetes.io/name=kubellm-operator")["items"]
     names = [p["metadata"]["name"] for p in items if not p["metadata"].get("deletionTimestamp")]
-    paused = [n for n in names if "Pausing operations" in kubectl("logs", "-n", "kubellm-system", n).stdout]
-    active = [n for n in names if n not in paused]
-    return active[0] if len(active) == 1 and len(names) >= 2 else None  # None: peering not settled yet
+    status = get(kubectl, "clusterkopfpeering", "kubellm").get("status") or {}
+    now = dt.datetime.now(dt.UTC)
+    live = {
+        pod: peer["priority"]
+        for pod, peer in status.items()
+        if dt.datetime.fromisoformat(peer["lastseen"]) + dt.timedelta(seconds=peer["lifetime"]) > now
+    }
+    if len(names) != 2 or not set(names) <= set(live):
+        return None
+    print(f"[node] peering priorities: {live}")
+    active, standby = sorted(names, key=live.get, reverse=True)
+    return active, standby
+
+
+def applied(kubectl, pod: str, ns: str, name: str) -> list[str]:
+    """The operator's "applied ..." log lines (one per reconcile) about ns/name in pod's log."""
+    out = kubectl("logs", "-n", "kubellm-system", pod, check=False).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [
+        r["msg"] for r in lines if r["msg"].startswith("applied") and (r.get("namespace"), r.get("name")) == (ns, name)
+    ]
 
 
 def test_kill_the_active_operator_the_other_reconciles(ns, kubectl):
+    active, standby = wait_until(
+        lambda: operator_roles(kubectl), timeout=60, interval=1, what="both operator replicas in the peering object"
+    )
     apply(kubectl, ns, isvc("ha", "tiny"))
     sel = "kubellm.io/inferenceservice=ha"
     wait_until(lambda: get(kubectl, "deployments", "-n", ns, "-l", sel)["items"], timeout=60, what="reconciled")
-    active = wait_until(
-        lambda: active_operator(kubectl), timeout=120, interval=2, what="one active, one paused replica"
-    )
+    wait_until(lambda: applied(kubectl, active, ns, "ha"), timeout=30, what=f"the active replica {active} logs it")
+    assert not applied(kubectl, standby, ns, "ha"), "the standby replica reconciled while the active one ran"
+
     kubectl("delete", "pod", "-n", "kubellm-system", active, "--grace-period=0", "--force")
+    t0 = time.monotonic()
     kubectl("patch", P, "ha", "-n", ns, "--type=merge", "-p", '{"spec": {"runtime": {"maxNumSeqs": 3}}}')
 
     def reconciled():
@@ -184,7 +209,11 @@ def test_kill_the_active_operator_the_other_reconciles(ns, kubectl):
         args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
         return args[args.index("--max-num-seqs") + 1] == "3"
 
-    t0 = time.monotonic()
     wait_until(reconciled, timeout=180, interval=1, what="the standby replica reconciles the change")
     print(f"[node] change reconciled {time.monotonic() - t0:.0f}s after the active operator was killed")
+    # the standby did it, not the pod that replaced the killed one (it started later: lower priority, standing by)
+    assert applied(kubectl, standby, ns, "ha")
+    pods_now = get(kubectl, "pods", "-n", "kubellm-system", "-l", "app.kubernetes.io/name=kubellm-operator")["items"]
+    for replacement in {p["metadata"]["name"] for p in pods_now} - {active, standby}:
+        assert not applied(kubectl, replacement, ns, "ha"), f"the replacement {replacement} reconciled"
     kubectl("delete", P, "ha", "-n", ns, "--wait=true", "--timeout=120s")
