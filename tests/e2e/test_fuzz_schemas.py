@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.internal.conjecture import utils as conjecture_utils
 
 from kubellm.runtime.server import protocol as p
+from kubellm.runtime.server.protocol_responses import ResponsesRequest
 from tests.support.api import AUTH
 
 
@@ -49,6 +50,9 @@ ENDPOINTS = {
     "/v1/chat/completions": p.ChatCompletionRequest,
     "/tokenize": p.TokenizeRequest,
     "/detokenize": p.DetokenizeRequest,
+    "/v1/responses": ResponsesRequest,
+    "/v1/chat/completions/render": p.ChatCompletionRequest,
+    "/v1/completions/render": p.CompletionRequest,
 }
 
 
@@ -103,6 +107,10 @@ def abused(draw, path: str) -> bytes:
         body["max_tokens"] = 4  # keep valid runs short: not the whole context
     if isinstance(body.get("max_tokens"), int):
         body["max_tokens"] = min(body["max_tokens"], 8)
+    if path == "/v1/responses" and not isinstance(body.get("max_output_tokens"), int):
+        body["max_output_tokens"] = 4
+    if isinstance(body.get("max_output_tokens"), int):
+        body["max_output_tokens"] = min(body["max_output_tokens"], 8)
     if isinstance(body.get("max_completion_tokens"), int):
         body["max_completion_tokens"] = min(body["max_completion_tokens"], 8)
     if isinstance(body.get("n"), int):
@@ -167,6 +175,9 @@ def test_every_numeric_field_at_every_extreme_is_never_a_5xx(server, path):
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         "/tokenize": {"prompt": "hi"},
         "/detokenize": {"tokens": [1, 2]},
+        "/v1/responses": {"input": "hi", "max_output_tokens": 2},
+        "/v1/chat/completions/render": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        "/v1/completions/render": {"prompt": "hi", "max_tokens": 2},
     }[path]
     fields = numeric_fields(model.model_json_schema())
     assert fields or path == "/tokenize", path

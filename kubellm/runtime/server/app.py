@@ -22,6 +22,7 @@ from kubellm.runtime.server.errors import ApiError
 from kubellm.runtime.server.metrics import ServerMetrics
 from kubellm.runtime.server.openai_chat import ChatCompletions
 from kubellm.runtime.server.openai_completions import Completions
+from kubellm.runtime.server.openai_render import Render
 from kubellm.runtime.server.openai_responses import Responses
 from kubellm.runtime.server.openai_utility import Utility
 from kubellm.runtime.server.serving import Serving
@@ -91,6 +92,9 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/completions", completions.create, methods=["POST"], response_model=None)
     app.add_api_route("/v1/chat/completions", chat.create, methods=["POST"], response_model=None)
     app.add_api_route("/v1/responses", Responses(serving).create, methods=["POST"], response_model=None)
+    render = Render(chat, completions)  # vLLM's: the token ids a request would run (the llm-d router reads them)
+    app.add_api_route("/v1/chat/completions/render", render.chat_completion, methods=["POST"], response_model=None)
+    app.add_api_route("/v1/completions/render", render.completion, methods=["POST"], response_model=None)
     app.add_api_route("/tokenize", utility.tokenize, methods=["POST"], response_model=None)
     app.add_api_route("/detokenize", utility.detokenize, methods=["POST"], response_model=None)
     return app

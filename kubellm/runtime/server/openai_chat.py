@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -13,19 +14,28 @@ from kubellm.runtime.server.chat_output import ChatOutput
 from kubellm.runtime.server.formatting import ChoiceDelta, StreamFormatter, usage
 from kubellm.runtime.server.serving import Serving
 
+if TYPE_CHECKING:
+    from kubellm.runtime.engine.intake import Submission
+
 
 class ChatCompletions:
     def __init__(self, serving: Serving):
         self.s = serving
 
-    async def create(self, request: Request):
+    async def submissions(self, req: p.ChatCompletionRequest) -> list[Submission]:
+        """The one engine submission of this request: the messages through the chat template, tokenized, with
+        its sampling parameters (also what /v1/chat/completions/render answers)."""
         s = self.s
-        req: p.ChatCompletionRequest = await s.admission.admit(request, p.ChatCompletionRequest)
         ids = await s.builder.encode(s.builder.render_chat(req), "messages", add_special_tokens=False)
         max_tokens = req.max_new_tokens
         top = req.top_logprobs or 0 if req.logprobs else None
         params = await s.builder.sampling_params(req, max_tokens, top)
-        requests = await s.builder.make_requests([ids], params, req.priority, max_tokens, req.truncate_prompt_tokens)
+        return await s.builder.make_requests([ids], params, req.priority, max_tokens, req.truncate_prompt_tokens)
+
+    async def create(self, request: Request):
+        s = self.s
+        req: p.ChatCompletionRequest = await s.admission.admit(request, p.ChatCompletionRequest)
+        requests = await self.submissions(req)
         rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
         as_ids = bool(req.return_tokens_as_token_ids)
         token_ids = bool(req.return_token_ids)

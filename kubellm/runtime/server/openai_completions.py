@@ -18,7 +18,7 @@ class Completions:
     def __init__(self, serving: Serving):
         self.s = serving
 
-    async def _submissions(self, req: p.CompletionRequest) -> tuple[list, bool]:
+    async def submissions(self, req: p.CompletionRequest) -> tuple[list, bool]:
         """The engine submissions, and whether the generated tokens are answered (max_tokens 0 with echo: the
         prompt alone, though the engine still makes one token). Echo with logprobs scores the prompt's tokens
         too (vLLM: prompt_logprobs = logprobs)."""
@@ -41,7 +41,7 @@ class Completions:
     async def create(self, request: Request):
         s = self.s
         req: p.CompletionRequest = await s.admission.admit(request, p.CompletionRequest)
-        requests, generated = await self._submissions(req)
+        requests, generated = await self.submissions(req)
         echo_logprobs = req.echo and req.logprobs is not None
         # one id and timestamp for every chunk of the response, as OpenAI's
         response = partial(
