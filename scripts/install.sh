@@ -57,7 +57,9 @@ case "${3:-}" in
   editable) "${uv[@]}" -e "$here[${extras}]" ;;
   deps)
     if [[ -n "${4:-}" ]]; then reqs="$4"; else reqs="$(mktemp)"; requirements "$extras" > "$reqs"; fi
-    "${uv[@]}" --no-cache -r "$reqs" ;;
+    # an image build mounts a build cache at UV_CACHE_DIR (Dockerfile.runtime: not in the layer), so a rebuild
+    # reuses the downloaded wheels (torch and the CUDA libraries are ~3 GB); without one, nothing is cached
+    if [[ -n "${UV_CACHE_DIR:-}" ]]; then "${uv[@]}" -r "$reqs"; else "${uv[@]}" --no-cache -r "$reqs"; fi ;;
   nodeps) "${uv[@]}" --no-cache --no-deps "$here" ;;
   "") "${uv[@]}" --no-cache "$here[${extras}]" ;;
   *) echo "install.sh: unknown mode ${3}" >&2; exit 2 ;;

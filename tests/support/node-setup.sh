@@ -111,6 +111,10 @@ build_mounts() {  # the egress CA (TLS-intercepting proxies) and uv's use of it,
   mkdir -p "$CACHE/buildmnt" && printf 'native-tls = true\n' > "$CACHE/buildmnt/uv.toml"
   BUILD_MOUNTS=(-v "$CACHE/buildmnt/uv.toml:/etc/uv/uv.toml:ro")
   [[ -f $ca ]] && BUILD_MOUNTS+=(-v "$ca:$ca:ro")
+  # this host's uv cache over the Dockerfiles' cache mount: the wheels `make setup` downloaded (torch, CUDA) are
+  # not downloaded again for the runtime image, and the cache outlives podman's storage
+  local uvc; uvc="$(python3 -m uv cache dir 2>/dev/null || true)"
+  [[ -n $uvc ]] && mkdir -p "$uvc" && BUILD_MOUNTS+=(-v "$uvc:/root/.cache/uv")
   return 0
 }
 build_mounts
