@@ -4,6 +4,7 @@ in-memory indexes of our children and pods, and drift repair from the children's
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import kopf
@@ -89,6 +90,14 @@ def pod_index(namespace, labels, body, **_):
     return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
 
 
+def _api_message(e: ApiException) -> str:
+    """The API server's own sentence from an error response (a Status object), else the HTTP reason."""
+    try:
+        return json.loads(e.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(e.reason)
+
+
 # ------------------------------------------------------------------ desired state
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
@@ -110,8 +119,13 @@ def reconcile(body, namespace, name, **_):
         raise kopf.PermanentError(f"invalid spec: {e}") from None
     except ApiException as e:
         RECONCILES.labels("error").inc()
-        if e.status in (400, 403, 422):
-            kopf.event(body, type="Warning", reason="ApplyRejected", message=f"{e.status}: {e.body}"[:1000])
+        if e.status in (400, 403, 422):  # admission or validation said no: the status says why (not "Creating")
+            rejected = Refused("ApplyRejected", f"the API server rejected a child: {e.status} {_api_message(e)}")
+            before = _refusals.get((namespace, name))
+            if before is None or before.args != rejected.args:
+                kopf.event(body, type="Warning", reason=rejected.reason, message=rejected.message[:1000])
+                log.warning("%s", rejected.message, extra={"isvc": f"{namespace}/{name}"})
+            _refusals[(namespace, name)] = rejected
             raise kopf.TemporaryError(f"apply rejected: {e.reason}", delay=30) from None
         raise kopf.TemporaryError(f"apply failed: {e.reason}", delay=5) from None
     _refusals.pop((namespace, name), None)

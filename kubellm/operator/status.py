@@ -2,8 +2,8 @@
 
 `Ready` aggregates the sub-conditions that apply (WorkloadReady always, AutoscalerReady when autoscaling is
 on, Accepted when the operator refuses the spec: ChildConflict, PolicyViolation, InvalidRuntimeArgs,
-ForbiddenEnv); reasons say what the pods are actually doing: InsufficientGPU, Unschedulable, ImagePullBackOff,
-CrashLoopBackOff, OOMKilled, StartupTimeout, …
+ForbiddenEnv; or when the API server rejects a child: ApplyRejected); reasons say what the pods are actually
+doing: InsufficientGPU, Unschedulable, ImagePullBackOff, CrashLoopBackOff, OOMKilled, StartupTimeout, …
 """
 
 from __future__ import annotations

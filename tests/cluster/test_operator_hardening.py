@@ -222,3 +222,61 @@ def test_rendered_pods_pass_pod_security_restricted(cluster, namespace):
     finally:
         sched.delete_priority_class("kubellm-test-high")
         node.delete_runtime_class("kubellm-test-rc")
+
+
+@pytest.fixture
+def deployments_denied(crd_installed, namespace):
+    """A ValidatingAdmissionPolicy (an admin's, not ours) that denies every Deployment in the test namespace."""
+    adm = client.AdmissionregistrationV1Api()
+    name = f"kubellm-test-deny-{uuid.uuid4().hex[:6]}"
+    rules = [
+        {"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}
+    ]
+    adm.create_validating_admission_policy(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "matchConstraints": {"resourceRules": rules},
+                "validations": [{"expression": "false", "message": "no Deployments in this namespace"}],
+            },
+        }
+    )
+    adm.create_validating_admission_policy_binding(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+            },
+        }
+    )
+    probe = {
+        "metadata": {"name": "probe"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+        },
+    }
+
+    def in_force():
+        try:
+            client.AppsV1Api().create_namespaced_deployment(namespace, probe, dry_run="All")
+        except ApiException as e:
+            return "no Deployments in this namespace" in str(e.body)
+        return False
+
+    wait_for("the deny policy in force", in_force, timeout=30)
+    try:
+        yield name
+    finally:
+        adm.delete_validating_admission_policy_binding(name)
+        adm.delete_validating_admission_policy(name)
+
+
+def test_a_child_the_api_server_rejects_is_named_in_the_status(operator, namespace, deployments_denied):
+    """Not "Creating" forever: Accepted=False ApplyRejected with the API server's own message, and Ready says it."""
+    create_isvc(namespace, "denied", {"model": {"uri": "hf://a/b"}})
+    obj = accepted(namespace, "denied", "ApplyRejected")
+    assert "no Deployments in this namespace" in condition(obj, "Accepted")["message"]
+    assert condition(obj)["reason"] == "ApplyRejected"
