@@ -41,6 +41,28 @@ SHAPES = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    # Qwen/Qwen3-30B-A3B config.json: 48 layers, each a mixture of 128 experts (top 8, renormalized), ~30.5B
+    # parameters (61 GB in bf16), ~3.3B of them active per token. At a decode batch of 256 every expert is
+    # chosen by some row (256 × 8 picks of 128), so a step reads all weights: the floor counts them all.
+    "qwen3-30b-a3b": dict(
+        arch="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
     # Qwen3-0.6B's vocabulary and config on a tiny body: for bench/stand_in.py, which never runs the model
     "qwen3-tiny": dict(
         arch="qwen3",
@@ -73,7 +95,7 @@ def word_level_tokenizer(vocab_size: int):
 def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
     """Write a random model of the given shape, with a word-level tokenizer covering its whole vocabulary."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
@@ -81,7 +103,7 @@ def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
     arch = spec.pop("arch")
     rope_theta = spec.pop("rope_theta")
     spec.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
-    cls = Qwen3Config if arch == "qwen3" else LlamaConfig
+    cls = {"qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig, "llama": LlamaConfig}[arch]
     cfg = cls(**spec, eos_token_id=2, pad_token_id=3, bos_token_id=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a small random-weight model + tokenizer (offline)")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama")
+    tiny.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"], default="llama")
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--num-layers", type=int, default=2)
     tiny.add_argument("--num-heads", type=int, default=4)

@@ -4,7 +4,7 @@ chat template, built fully offline. HF transformers loads the result too (it is 
 
 from __future__ import annotations
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 # Qwen2's split regex: transformers 5.x rebuilds qwen2/qwen3 tokenizers with exactly this pipeline
 QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (one regex)
@@ -68,7 +68,7 @@ def build_tokenizer(vocab_size: int = 512):
 def build_config(
     arch: str, vocab_size: int, *, hidden: int, layers: int, heads: int, kv_heads: int, max_positions: int
 ):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -99,6 +99,22 @@ def build_config(
         return Qwen2Config(**common, bos_token_id=None, tie_word_embeddings=True, use_sliding_window=False)
     if arch == "qwen3":  # qk-norm, head_dim independent of hidden_size / heads
         return Qwen3Config(**common, bos_token_id=None, tie_word_embeddings=True, head_dim=2 * hidden // heads)
+    if arch == "qwen3_moe":  # 8 experts, top 2 renormalized (as Qwen3-30B-A3B: 128, top 8); the last layer dense
+        return Qwen3MoeConfig(
+            **common,
+            bos_token_id=None,
+            tie_word_embeddings=True,
+            head_dim=2 * hidden // heads,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=hidden // 2,
+            norm_topk_prob=True,
+            mlp_only_layers=[layers - 1] if layers > 1 else [],
+        )
+    if arch == "mixtral":  # 4 experts, top 2 (Mixtral-8x7B: 8, top 2), untied
+        return MixtralConfig(
+            **common, bos_token_id=1, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2
+        )
     raise ValueError(f"--arch must be one of {ARCHITECTURES}, got {arch!r}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 LENGTHS = [1, 2, 5, 16, 17, 33, 64, 100, 150, 200, 256, 300]  # 12 prompts, lengths 1 … 300
 NEW_TOKENS = 24
 

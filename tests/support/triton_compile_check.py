@@ -80,6 +80,20 @@ def model_launches(dtype, heads: int, kv_heads: int, head_dim: int, hidden: int,
     TO.sample(torch.zeros(4, vocab, dtype=dtype), torch.zeros(4), 12345)  # the LM head's output, as it is
 
 
+def moe_launches(dtype, tokens: int, experts: int, top_k: int, hidden: int, inter: int) -> None:
+    """The fused MoE layer's launches (both grouped GEMMs) for a batch of this many tokens."""
+    from kubellm.runtime.model import triton_moe as TM
+
+    ids = torch.zeros(tokens, top_k, dtype=torch.long)
+    TM.fused_moe(
+        torch.zeros(tokens, hidden, dtype=dtype),
+        torch.zeros(experts, 2 * inter, hidden, dtype=dtype),
+        torch.zeros(experts, hidden, inter, dtype=dtype),
+        torch.zeros(tokens, top_k),
+        ids,
+    )
+
+
 def main() -> None:
     launches = []
     JITFunction.run = lambda self, *args, grid, warmup, **kwargs: launches.append((self, args, kwargs))
@@ -88,6 +102,9 @@ def main() -> None:
     model_launches(torch.float16, 14, 2, 64, 896, 4864, 151936)  # Qwen2-0.5B's shape: a GQA group of 7
     model_launches(torch.float32, 4, 2, 32, 64, 128, 500)  # the fp32 exactness tests' tiny models
     model_launches(torch.float32, 16, 8, 128, 1024, 3072, 151936)  # fp32 at a real head size (IEEE dots)
+    for tokens in (4, 512):  # decode-sized (16-row tiles) and prefill-sized (64-row tiles)
+        moe_launches(torch.bfloat16, tokens, 128, 8, 2048, 768)  # Qwen3-30B-A3B
+        moe_launches(torch.float32, tokens, 8, 2, 64, 32)  # the tiny Qwen3-MoE of the exactness tests
     for capability, shared_limit in TARGETS:
         for fn, args, kwargs in launches:
             kernel = compile_launch(fn, args, kwargs, GPUTarget("cuda", capability, 32))

@@ -51,9 +51,10 @@ def run_two_ranks(model_dir: str, prompts: list[list[int]], device: str = "cpu")
         ),
     ],
 )
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 def test_two_ranks_match_hf(tiny_models, arch, device):
-    """llama: untied head, llama3 RoPE; qwen3: per-head q/k norms, head_dim apart from hidden / heads."""
+    """llama: untied head, llama3 RoPE; qwen3: per-head q/k norms, head_dim apart from hidden / heads;
+    qwen3_moe: every expert split over the ranks' intermediate columns, one dense layer."""
     llm = run_two_ranks(tiny_models[arch], random_prompts(), device)
     workers = llm.engine.runner.workers.procs
     assert len(workers) == 1 and workers[0].is_alive()

@@ -211,6 +211,46 @@ def test_triton_model_matches_hf_greedy(tiny_models):
     run_script(MODEL, tiny_models["llama"], tiny_models["qwen3"])
 
 
+def test_triton_moe_model_matches_hf_greedy(tiny_models):
+    """The fused MoE layer (routing, grouped GEMMs) in the whole model with the other kernels and the decode
+    graphs: Qwen3-MoE (8 experts, top 2, a dense last layer), fp32. Mixtral's routing (weights kept in fp32)
+    is in test_triton_fused_moe_matches_torch_experts."""
+    run_script(MODEL, tiny_models["qwen3_moe"])
+
+
+MOE = textwrap.dedent("""
+    import torch
+    from kubellm.runtime.model.moe import FusedExperts, route
+    from kubellm.runtime.model.triton_moe import fused_moe
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # (dtype, tokens, experts, top_k, hidden, intermediate): decode-sized (16-row tiles) and prefill-sized (64-row
+    # tiles) batches, sizes off the tile grid, Qwen3-30B-A3B's 128 experts / top 8 on one token
+    cases = [(torch.float32, 5, 8, 2, 64, 32), (torch.float32, 70, 4, 2, 48, 40), (torch.float16, 33, 16, 4, 64, 96),
+             (torch.float32, 1, 128, 8, 32, 16)]
+    if device == "cuda":
+        cases.append((torch.bfloat16, 300, 128, 8, 256, 128))
+    for dtype, tokens, experts, top_k, hidden, inter in cases:
+        layer = FusedExperts(experts, hidden, inter).to(dtype)
+        layer.w13.data = (torch.randn(experts, 2 * inter, hidden) * 0.2).to(dtype)
+        layer.w2.data = (torch.randn(experts, hidden, inter) * 0.2).to(dtype)
+        x = torch.randn(tokens, hidden).to(dtype)
+        for renormalize, weights_in_fp32 in ((True, False), (True, True), (False, False)):  # Qwen3-MoE, Mixtral
+            weights, ids = route(torch.randn(tokens, experts).to(dtype), top_k, renormalize, weights_in_fp32)
+            ref = layer._forward_torch(x, weights, ids).float()
+            dev = lambda t: t.to(device)
+            got = fused_moe(dev(x), dev(layer.w13.data), dev(layer.w2.data), dev(weights), dev(ids)).float().cpu()
+            err = ((got - ref).abs() / (ref.abs() + 1)).max().item()
+            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, tokens, experts, top_k, err)
+    print("ok")
+""")
+
+
+def test_triton_fused_moe_matches_torch_experts():
+    run_script(MOE)
+
+
 SAMPLE = textwrap.dedent("""
     import torch
     from kubellm.runtime.model.triton_ops import sample

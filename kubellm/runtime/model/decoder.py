@@ -1,6 +1,7 @@
-"""One decoder for Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias) and Qwen3 (qk-norm,
-explicit head_dim); GQA throughout. Parameter names follow HF checkpoints, with q/k/v and gate/up packed.
-With tensor parallelism each rank builds its shard: heads and MLP columns divided (sharded.py).
+"""One decoder for Llama (incl. llama3 RoPE scaling), Mistral, Qwen2 (qkv bias), Qwen3 (qk-norm, explicit
+head_dim) and the mixture-of-experts Qwen3-MoE and Mixtral (their expert layers in moe.py); GQA throughout.
+Parameter names follow HF checkpoints, with q/k/v and gate/up packed. With tensor parallelism each rank builds
+its shard: heads and MLP columns divided (sharded.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from kubellm.runtime.model import parallel
 from kubellm.runtime.model.attention import get_context, paged_attention, write_kv
 from kubellm.runtime.model.kernels import use_triton
 from kubellm.runtime.model.layers import MergedLinear, RMSNorm, RotaryEmbedding, silu_and_mul
+from kubellm.runtime.model.moe import SparseMoeBlock
 from kubellm.runtime.model.sharded import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 
-SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class ModelShape:
     qk_norm: bool
     tie_word_embeddings: bool
     sliding_window: int | None
+    # mixture of experts (0 experts: a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    dense_layers: tuple[int, ...] = ()  # layers of a MoE model with a dense MLP (Qwen3-MoE's mlp_only_layers)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @classmethod
     def from_hf(cls, cfg) -> ModelShape:
@@ -43,7 +54,7 @@ class ModelShape:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         sliding = getattr(cfg, "sliding_window", None)
-        if model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3_moe") and not getattr(cfg, "use_sliding_window", False):
             sliding = None
         return cls(
             model_type=model_type,
@@ -57,10 +68,32 @@ class ModelShape:
             rms_norm_eps=cfg.rms_norm_eps,
             max_position_embeddings=cfg.max_position_embeddings,
             attention_bias=model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             sliding_window=sliding,
+            **_moe_fields(cfg),
         )
+
+
+def _moe_fields(cfg) -> dict:
+    if cfg.model_type == "mixtral":  # every layer sparse; the router always renormalizes its top k
+        return dict(
+            num_experts=cfg.num_local_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.intermediate_size,
+            norm_topk_prob=True,
+        )
+    if cfg.model_type == "qwen3_moe":
+        step = cfg.decoder_sparse_step
+        dense = {i for i in range(cfg.num_hidden_layers) if (i + 1) % step or i in (cfg.mlp_only_layers or [])}
+        return dict(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=bool(cfg.norm_topk_prob),
+            dense_layers=tuple(sorted(dense)),
+        )
+    return {}
 
 
 class Attention(nn.Module):
@@ -133,11 +166,24 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+def feed_forward(shape: ModelShape, layer: int) -> nn.Module:
+    if not shape.is_moe_layer(layer):
+        return MLP(shape)
+    return SparseMoeBlock(
+        shape.hidden_size,
+        shape.num_experts,
+        shape.num_experts_per_tok,
+        shape.moe_intermediate_size,
+        renormalize=shape.norm_topk_prob,
+        weights_in_fp32=shape.model_type == "mixtral",
+    )
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, rotary: RotaryEmbedding):
+    def __init__(self, shape: ModelShape, rotary: RotaryEmbedding, layer: int):
         super().__init__()
         self.self_attn = Attention(shape, rotary)
-        self.mlp = MLP(shape)
+        self.mlp = feed_forward(shape, layer)
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
@@ -161,7 +207,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.rotary = RotaryEmbedding(hf_config, shape.head_dim, max_positions)
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape, self.rotary) for _ in range(shape.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(shape, self.rotary, i) for i in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kubellm.runtime.model.decoder import DecoderForCausalLM, ModelShape
+from kubellm.runtime.model.moe import EXPERT_WEIGHT
 from kubellm.runtime.model.sharded import load_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,6 +78,14 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
                 if name == "lm_head.weight" and info.shape.tie_word_embeddings:
                     continue
                 weight = f.get_slice(name)  # read lazily: each tensor-parallel rank reads only its part
+                expert = EXPERT_WEIGHT.match(name)
+                if expert:  # one expert's projection, into the layer's stacked expert weights
+                    experts = f"{expert[1]}.mlp.experts"
+                    loaded.add(
+                        f"{experts}.{model.get_submodule(experts).load_expert(weight, int(expert[2]), expert[3])}"
+                    )
+                    continue
+                name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's router
                 module_name, _, leaf = name.rpartition(".")
                 parent, _, proj = module_name.rpartition(".")
                 if proj in DecoderForCausalLM.packed_modules:
@@ -98,6 +107,9 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
 def _check_complete(model: DecoderForCausalLM, loaded: set[str], shape: ModelShape) -> None:
     missing = []
     for name, module in model.named_modules():
+        if hasattr(module, "checkpoint_keys"):  # stacked experts, loaded one expert's projection at a time
+            missing += sorted(f"{name}.{k}" for k in module.checkpoint_keys() if f"{name}.{k}" not in loaded)
+            continue
         for leaf, _ in module.named_parameters(recurse=False):
             full = f"{name}.{leaf}" if name else leaf
             if hasattr(module, "out_sizes"):

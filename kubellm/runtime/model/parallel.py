@@ -90,6 +90,7 @@ def check_divisible(shape, tp_size: int) -> None:
         ("attention heads", shape.num_heads),
         ("key/value heads", shape.num_kv_heads),
         ("MLP columns (intermediate_size)", shape.intermediate_size),
+        ("expert MLP columns (moe_intermediate_size)", getattr(shape, "moe_intermediate_size", 0)),
     ):
         if n % tp_size:
             raise ValueError(f"tensor_parallel_size={tp_size} must divide the model's {what} ({n})")
