@@ -13,7 +13,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from kubellm.operator.policy import Refused
-from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, Reconciler
+from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, OPTIONAL_KINDS, Reconciler
 from kubellm.operator.render import ISVC_LABEL, MANAGED_BY
 from kubellm.operator.spec import GROUP, PLURAL, VERSION
 from kubellm.operator.status import compute_status, merge_conditions
@@ -220,4 +220,5 @@ def _watch_child(kind: str):
 
 
 for _kind in CHILD_KINDS:
-    _watch_child(_kind)
+    if _kind not in OPTIONAL_KINDS:
+        _watch_child(_kind)

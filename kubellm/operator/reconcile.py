@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from kubellm.operator.policy import Policy, Refused, admit, policy_from_configmap
 from kubellm.operator.render import OPERATOR_NAMESPACE, render
@@ -30,13 +32,19 @@ CHILD_KINDS = {  # kind → apiVersion
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "InferencePool": "inference.networking.k8s.io/v1",
 }
+# kinds whose CRD a cluster may lack (the Gateway API Inference Extension): absent, there is nothing of ours to
+# read or delete, and asking for one is a refusal that says what to install; no drift watch (kopf would need them)
+OPTIONAL_KINDS = {"InferencePool"}
+MISSING_KIND_RECHECK_SECONDS = 60
 CHILD_PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "NetworkPolicy": "networkpolicies",
+    "InferencePool": "inferencepools",
 }
 
 
@@ -69,6 +77,7 @@ class Reconciler:
         self.core = client.CoreV1Api(api_client)
         self.policy_configmap = policy_configmap
         self._resources: dict[str, object] = {}
+        self._missing: dict[str, float] = {}  # optional kind -> when its absence was last seen
 
     def policy(self) -> Policy:
         """The admin's allow-list, read afresh (an edit applies at the next reconcile); none when absent."""
@@ -94,6 +103,20 @@ class Reconciler:
         if kind not in self._resources:
             self._resources[kind] = self.dynamic.resources.get(api_version=CHILD_KINDS[kind], kind=kind)
         return self._resources[kind]
+
+    def available(self, kind: str) -> bool:
+        """Does the cluster serve this kind? Always for the core kinds; an optional kind's absence is looked up
+        again after a minute (its CRD may be installed meanwhile)."""
+        if kind not in OPTIONAL_KINDS or kind in self._resources:
+            return True
+        if time.monotonic() - self._missing.get(kind, -MISSING_KIND_RECHECK_SECONDS) < MISSING_KIND_RECHECK_SECONDS:
+            return False
+        try:
+            self._resource(kind)
+        except ResourceNotFoundError:
+            self._missing[kind] = time.monotonic()
+            return False
+        return True
 
     def apply(self, manifest: dict, live: dict | None, isvc: dict) -> dict:
         """Write one child that is ours (`live`) or absent (None); never anyone else's."""
@@ -152,6 +175,8 @@ class Reconciler:
         )
 
     def read(self, kind: str, name: str, namespace: str) -> dict | None:
+        if not self.available(kind):
+            return None
         try:
             return self._resource(kind).get(name=name, namespace=namespace).to_dict()
         except ApiException as e:
@@ -177,6 +202,13 @@ class Reconciler:
         """Apply every rendered child and delete the kinds no longer rendered; returns what changed. Raises
         Refused, touching nothing, when the spec fails a check or a child's name is taken by a stranger."""
         children = self.desired(isvc)
+        missing = [c["kind"] for c in children if not self.available(c["kind"])]
+        if missing:
+            raise Refused(
+                f"{missing[0]}Unavailable",
+                f"this cluster does not serve {missing[0]} ({CHILD_KINDS[missing[0]]}): install the Gateway API "
+                "Inference Extension CRDs, or turn inferencePool.enabled off",
+            )
         live = {c["kind"]: self.read(c["kind"], c["metadata"]["name"], c["metadata"]["namespace"]) for c in children}
         taken = [c for c in children if live[c["kind"]] is not None and not owned_by(live[c["kind"]], isvc)]
         if taken:

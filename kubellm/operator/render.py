@@ -26,6 +26,7 @@ def _operator_namespace() -> str:
 
 OPERATOR_NAMESPACE = _operator_namespace()
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kubellm-operator"}  # manifests/operator.yaml, the chart
+ROUTER_POD_LABELS = {"app.kubernetes.io/name": "kubellm-router"}  # the chart's router.enabled
 MANAGED_BY = "kubellm-operator"
 ISVC_LABEL = "kubellm.io/inferenceservice"
 HTTP_PORT = 8000
@@ -33,6 +34,9 @@ MODEL_ROOT = "/models"
 API_KEYS_DIR = "/etc/kubellm/api-keys"
 PRESTOP_SECONDS = 5  # let endpoints drop the pod before SIGTERM reaches the server
 QUEUE_METRIC = "kubellm_num_requests_waiting"
+INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
+# the endpoint picker maps a pod's metric names by this label: ours are vLLM's (gauges, counters, histograms)
+ENGINE_TYPE_LABEL = {"llm-d.ai/engine-type": "vllm"}
 # requests and limits a container gets for what the CR leaves unset: enough to start a small model on CPU,
 # bounded so that one pod cannot take a node's memory; no CPU limit (throttling stalls the engine's step loop)
 RUNTIME_DEFAULTS = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "16Gi"}}
@@ -274,7 +278,7 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec) -> dict:
         "progressDeadlineSeconds": spec.startup.timeout_seconds + 600,
         "template": {
             "metadata": {
-                "labels": labels_for(name),
+                "labels": {**labels_for(name), **ENGINE_TYPE_LABEL},
                 "annotations": {
                     "prometheus.io/scrape": "true",
                     "prometheus.io/port": str(HTTP_PORT),
@@ -315,7 +319,8 @@ def render_hpa(isvc: dict, spec: InferenceServiceSpec) -> dict:
         "metadata": _metadata(isvc),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-            "minReplicas": a.min_replicas,
+            # an HPA cannot hold 0 (and does nothing while its target is at 0): the router takes 0 <-> 1
+            "minReplicas": max(1, a.min_replicas),
             "maxReplicas": a.max_replicas,
             "metrics": [
                 {
@@ -334,6 +339,27 @@ def render_hpa(isvc: dict, spec: InferenceServiceSpec) -> dict:
     }
 
 
+def render_inference_pool(isvc: dict, spec: InferenceServiceSpec) -> dict:
+    """An InferencePool over this service's Ready pods, for a Gateway API endpoint picker: its scrapers read the
+    vLLM-named metrics our pods export on the API port (the contract: tests/e2e/test_metrics_contract.py)."""
+    name, ref = isvc["metadata"]["name"], spec.inference_pool.endpoint_picker_ref
+    return {
+        "apiVersion": INFERENCE_POOL_API,
+        "kind": "InferencePool",
+        "metadata": _metadata(isvc),
+        "spec": {
+            "selector": {"matchLabels": selector_for(name)},
+            "targetPorts": [{"number": HTTP_PORT}],
+            "endpointPickerRef": {
+                "name": ref.name,
+                "kind": "Service",
+                "port": {"number": ref.port},
+                "failureMode": ref.failure_mode,
+            },
+        },
+    }
+
+
 def render_pdb(isvc: dict) -> dict:
     name = isvc["metadata"]["name"]
     return {
@@ -346,8 +372,9 @@ def render_pdb(isvc: dict) -> dict:
 
 def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
     """Ingress to the API port from this namespace's pods, the operator's (it reads the pods' /metrics for the
-    custom metrics API) and networkPolicy.ingressFrom; egress to DNS, to TCP 443 when the weights are downloaded
-    at start-up, and networkPolicy.egress. Probes come from the kubelet, which NetworkPolicies do not filter."""
+    custom metrics API), kubellm router's beside it, and networkPolicy.ingressFrom; egress to DNS, to TCP 443
+    when the weights are downloaded at start-up, and networkPolicy.egress. Probes come from the kubelet, which
+    NetworkPolicies do not filter."""
     name, np = isvc["metadata"]["name"], spec.network_policy
     dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
     egress = [{"ports": dns}]
@@ -356,6 +383,10 @@ def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
     operator = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
         "podSelector": {"matchLabels": OPERATOR_POD_LABELS},
+    }
+    router = {  # kubellm router, installed by the chart beside the operator
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
+        "podSelector": {"matchLabels": ROUTER_POD_LABELS},
     }
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -366,7 +397,7 @@ def render_network_policy(isvc: dict, spec: InferenceServiceSpec) -> dict:
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
                 {
-                    "from": [{"podSelector": {}}, operator, *np.ingress_from],
+                    "from": [{"podSelector": {}}, operator, router, *np.ingress_from],
                     "ports": [{"protocol": "TCP", "port": HTTP_PORT}],
                 }
             ],
@@ -403,4 +434,6 @@ def render(isvc: dict) -> list[dict]:
         children.append(render_pdb(isvc))
     if spec.network_policy.enabled:
         children.append(render_network_policy(isvc, spec))
+    if spec.inference_pool.enabled:
+        children.append(render_inference_pool(isvc, spec))
     return children

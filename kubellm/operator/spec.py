@@ -147,13 +147,21 @@ class Autoscaling(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
             ("self.minReplicas <= self.maxReplicas", "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
-            ("self.minReplicas >= 1", "autoscaling.minReplicas must be at least 1"),
+            ("self.minReplicas >= 0", "autoscaling.minReplicas must not be negative"),
+            ("self.maxReplicas >= 1", "autoscaling.maxReplicas must be at least 1"),
             ("self.targetQueueDepth > 0.0", "autoscaling.targetQueueDepth must be positive"),
         )
     )
     enabled: bool = True
-    min_replicas: int = 1
+    min_replicas: int = Field(
+        1,
+        description="0: scale to zero after idleSeconds without a request (through `kubellm router`, which holds "
+        "the next request while it scales the Deployment back to 1; the HPA keeps 1..maxReplicas)",
+    )
     max_replicas: int = 4
+    idle_seconds: int = Field(
+        300, ge=30, le=86400, description="With minReplicas 0: requestless time before the router scales to zero"
+    )
     target_queue_depth: float = Field(5.0, description="Average waiting requests per pod that the HPA aims for")
     scale_up_stabilization_seconds: int = Field(0, ge=0, le=3600)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=3600)
@@ -205,6 +213,32 @@ class NetworkPolicySpec(Spec):
     )
 
 
+class EndpointPickerRef(Spec):
+    name: str | None = Field(
+        None, min_length=1, max_length=253, description="The endpoint picker's Service (same namespace)"
+    )
+    port: int = Field(9002, ge=1, le=65535, description="Its gRPC ext-proc port (the Service port)")
+    failure_mode: Literal["FailOpen", "FailClose"] = "FailClose"
+
+
+class InferencePoolSpec(Spec):
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "!self.enabled || has(self.endpointPickerRef.name)",
+                "inferencePool.endpointPickerRef.name (the endpoint picker's Service) is required when enabled",
+            ),
+        )
+    )
+    enabled: bool = Field(
+        False,
+        description="Render an InferencePool (inference.networking.k8s.io/v1) over this service's pods for a Gateway "
+        "API endpoint picker (llm-d router, GIE EPP) instead of kubellm router; needs the Gateway API Inference "
+        "Extension CRDs",
+    )
+    endpoint_picker_ref: EndpointPickerRef = Field(default_factory=EndpointPickerRef)
+
+
 class InferenceServiceSpec(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
@@ -221,6 +255,7 @@ class InferenceServiceSpec(Spec):
     startup: Startup = Field(default_factory=Startup)
     rollout: Rollout = Field(default_factory=Rollout)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    inference_pool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
 
 
 def parse_spec(spec: dict) -> InferenceServiceSpec:

@@ -96,9 +96,25 @@ def compute_status(
         for p in live_pods
         if (pp := pod_problem(p, spec.resources.gpu_resource_name, spec.startup.timeout_seconds, now))
     ]
+    scaled_to_zero = (
+        spec.autoscaling.enabled
+        and spec.autoscaling.min_replicas == 0
+        and deployment is not None
+        and ((deployment.get("spec") or {}).get("replicas") == 0)
+        and not live_pods
+    )
     if deployment is None:
         workload = _condition(
             "WorkloadReady", False, "Creating", "the runtime Deployment does not exist yet", generation
+        )
+    elif scaled_to_zero:
+        workload = _condition(
+            "WorkloadReady",
+            False,
+            "ScaledToZero",
+            f"no replicas after {spec.autoscaling.idle_seconds} s without a request; kubellm router holds the next "
+            "request and scales back to 1",
+            generation,
         )
     elif ready_replicas >= 1:
         msg = f"{ready_replicas}/{dstatus.get('replicas', 0)} replicas ready"
@@ -119,7 +135,9 @@ def compute_status(
 
     if spec.autoscaling.enabled:
         active = _cond(hpa, "ScalingActive")
-        if hpa is None:
+        if scaled_to_zero:  # an HPA whose target is at 0 reports ScalingDisabled: by design here
+            subs.append(_condition("AutoscalerReady", True, "ScaledToZero", "resumes at 1 replica", generation))
+        elif hpa is None:
             subs.append(_condition("AutoscalerReady", False, "Creating", "the HPA does not exist yet", generation))
         elif active is None:
             subs.append(_condition("AutoscalerReady", None, "Pending", "the HPA has not evaluated yet", generation))
@@ -140,6 +158,7 @@ def compute_status(
         "modelName": spec.model.name or name,
         "replicas": dstatus.get("replicas", 0),
         "readyReplicas": ready_replicas,
+        "scaledToZero": bool(scaled_to_zero),
         "url": service_url(name, namespace),
         "selector": selector,
         "conditions": [ready, *subs],

@@ -83,17 +83,18 @@ def _static_route(name: str, entry) -> Route:
 class KubernetesDiscovery:
     """InferenceServices and their EndpointSlices through the Kubernetes API (the sync client, in a thread)."""
 
-    def __init__(self, namespace: str | None):
+    def __init__(self, namespace: str | None, api_client=None):
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
         self.namespace = namespace
-        self.custom = client.CustomObjectsApi()
-        self.discovery = client.DiscoveryV1Api()
-        self.apps = client.AppsV1Api()
+        self.custom = client.CustomObjectsApi(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
 
     async def routes(self) -> dict[str, Route]:
         return await asyncio.to_thread(self._routes)

@@ -95,4 +95,5 @@ def recording_reconciler() -> tuple[Reconciler, RecordingApi]:
     api = RecordingApi()
     r = Reconciler.__new__(Reconciler)
     r._resource, r.custom, r.core, r.policy_configmap = api.resource, api, api, POLICY_CONFIGMAP
+    r._resources, r._missing = {}, {}
     return r, api

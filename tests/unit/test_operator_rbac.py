@@ -23,7 +23,12 @@ GROUP = {**{k: v.rpartition("/")[0] for k, v in CHILD_KINDS.items()}, "Inference
 def reconciler_verbs() -> set[tuple[str, str, str]]:
     """Drive the Reconciler through everything it does and record what it asked of the API."""
     r, api = recording_reconciler()
-    spec = {"model": {"uri": "hf://a/b"}, "networkPolicy": {"enabled": True}, "autoscaling": {"minReplicas": 2}}
+    spec = {
+        "model": {"uri": "hf://a/b"},
+        "networkPolicy": {"enabled": True},
+        "autoscaling": {"minReplicas": 2},
+        "inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}},
+    }
     isvc = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1"}, "spec": spec}
     api.isvc = isvc
     r.reconcile(isvc)  # create everything

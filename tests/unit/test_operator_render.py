@@ -284,8 +284,9 @@ def test_network_policy_is_optional_and_narrow():
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubellm-system"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubellm-operator"}},
     }
+    router = {**operator, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubellm-router"}}}
     assert spec["ingress"] == [
-        {"from": [{"podSelector": {}}, operator, peer], "ports": [{"protocol": "TCP", "port": 8000}]}
+        {"from": [{"podSelector": {}}, operator, router, peer], "ports": [{"protocol": "TCP", "port": 8000}]}
     ]
     assert [p["port"] for rule in spec["egress"] for p in rule["ports"]] == [53, 53, 443]  # DNS, the download
     pvc = by_kind(render(isvc({"model": {"uri": "pvc://c/m"}, "networkPolicy": {"enabled": True}})))["NetworkPolicy"]
@@ -308,3 +309,34 @@ def test_the_downloader_gets_only_the_credential_keys_of_its_secret():
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"] if "valueFrom" in e}
     assert set(refs) >= {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
     assert all(r == {"name": "creds", "key": k, "optional": True} for k, r in refs.items())
+
+
+def test_scale_to_zero_keeps_the_hpa_at_one_or_more():
+    zero = by_kind(render(isvc({"model": {"uri": "hf://a/b"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 3}})))
+    assert (
+        zero["HorizontalPodAutoscaler"]["spec"]["minReplicas"],
+        zero["HorizontalPodAutoscaler"]["spec"]["maxReplicas"],
+    ) == (1, 3)
+    assert "replicas" not in zero["Deployment"]["spec"]  # the HPA (1..N) and the router (0 <-> 1) own it
+    assert "PodDisruptionBudget" not in zero
+
+
+def test_runtime_pods_say_which_metric_names_they_export():
+    d = by_kind(render(isvc({"model": {"uri": "hf://a/b"}})))["Deployment"]
+    assert d["spec"]["template"]["metadata"]["labels"]["llm-d.ai/engine-type"] == "vllm"
+    assert "llm-d.ai/engine-type" not in d["spec"]["selector"]["matchLabels"]
+
+
+def test_an_inference_pool_for_a_gateway_endpoint_picker_is_an_option():
+    assert "InferencePool" not in by_kind(render(isvc({"model": {"uri": "hf://a/b"}})))
+    spec = {"model": {"uri": "hf://a/b"}, "inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}}}
+    pool = by_kind(render(isvc(spec)))["InferencePool"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert pool["spec"] == {
+        "selector": {
+            "matchLabels": {"kubellm.io/inferenceservice": "chat", "app.kubernetes.io/name": "kubellm-runtime"}
+        },
+        "targetPorts": [{"number": 8000}],
+        "endpointPickerRef": {"name": "epp", "kind": "Service", "port": {"number": 9002}, "failureMode": "FailClose"},
+    }

@@ -1,10 +1,12 @@
-"""Prometheus metrics: engine state read at scrape time (kubellm_* plus vLLM-compatible aliases) and
-per-request latency histograms observed by the server."""
+"""Prometheus metrics: engine state read at scrape time and per-request histograms observed by the server, each
+under our kubellm_* name and under vLLM's `vllm:` name with a `model_name` label: the names an endpoint picker
+(GIE EPP, llm-d router), llm-d's WVA, the production-stack router, AIBrix and vLLM dashboards read
+(tests/e2e/test_metrics_contract.py checks every one)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 LATENCY_BUCKETS = (
     0.001,
@@ -32,6 +34,9 @@ LATENCY_BUCKETS = (
 )
 
 
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
 class EngineCollector:
     """Reads the engine's latest snapshot (sent with every step) when Prometheus scrapes."""
 
@@ -56,16 +61,48 @@ class EngineCollector:
             yield self._gauge(f"{prefix}num_requests_running", "Requests in the running batch.", running)
             yield self._gauge(f"{prefix}num_requests_waiting", "Requests waiting (queued or swapped out).", waiting)
         yield self._gauge("kubellm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", usage)
-        yield self._gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", usage)
-        yield self._counter(
-            "kubellm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.prefix_cache_queries
+        # vLLM's name since 0.9, and the older one the production-stack router and AIBrix still read
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            yield self._gauge(name, "Fraction of KV-cache blocks in use (0-1).", usage)
+        counters = (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", e.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_cache_hits),
+            ("num_preemptions", "Sequences preempted.", e.num_preemptions),
+            ("prompt_tokens", "Prompt tokens computed.", e.prompt_tokens),
+            ("generation_tokens", "Tokens generated.", e.generation_tokens),
         )
-        yield self._counter(
-            "kubellm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_cache_hits
-        )
-        yield self._counter("kubellm_num_preemptions", "Sequences preempted.", e.num_preemptions)
-        yield self._counter("kubellm_prompt_tokens", "Prompt tokens computed.", e.prompt_tokens)
-        yield self._counter("kubellm_generation_tokens", "Tokens generated.", e.generation_tokens)
+        for name, doc, value in counters:
+            yield self._counter(f"kubellm_{name}", doc, value)
+            yield self._counter(f"vllm:{name}", doc, value)
+        for name, doc, value in counters[:2]:  # vLLM's pre-0.9 names (production-stack router)
+            yield self._counter(f"vllm:gpu_{name}", doc, value)
+        info = self.engine.info
+        if info is not None:  # KV geometry, once the model is loaded: the EPP's prefix scorer tunes itself on it
+            config = InfoMetricFamily("vllm:cache_config", "KV-cache configuration.", labels=["model_name"])
+            geometry = {"block_size": str(self.engine.config.block_size), "num_gpu_blocks": str(info.num_gpu_blocks)}
+            config.add_metric(list(self.labels.values()), geometry)
+            yield config
+
+
+class Twin:
+    """One observation, two series: ours (as before, unlabelled or by our labels) and vLLM's name with the
+    model_name label (several vLLM names where consumers read an old one too)."""
+
+    def __init__(self, ours, *vllm):
+        self.ours, self.vllm = ours, vllm
+
+    def observe(self, value: float) -> None:
+        self.ours.observe(value)
+        for v in self.vllm:
+            v.observe(value)
+
+    def labels(self, *values: str) -> Twin:
+        return Twin(self.ours.labels(*values), *(v.labels(*values) for v in self.vllm))
+
+    def inc(self, amount: float = 1) -> None:
+        self.ours.inc(amount)
+        for v in self.vllm:
+            v.inc(amount)
 
 
 class ServerMetrics:
@@ -74,14 +111,56 @@ class ServerMetrics:
         self.registry.register(EngineCollector(engine, model_name))
         r = self.registry
 
-        def hist(name, doc):
-            return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=r)
+        def hist(name, doc, *vllm_names, buckets=LATENCY_BUCKETS):
+            ours = Histogram(name, doc, buckets=buckets, registry=r)
+            theirs = [Histogram(v, doc, ["model_name"], buckets=buckets, registry=r) for v in vllm_names]
+            return Twin(ours, *(h.labels(model_name) for h in theirs))
 
-        self.ttft = hist("kubellm_time_to_first_token_seconds", "Arrival to first token.")
-        self.itl = hist("kubellm_inter_token_latency_seconds", "Time between consecutive streamed tokens.")
-        self.e2e = hist("kubellm_e2e_request_latency_seconds", "Arrival to last token.")
-        self.queue = hist("kubellm_request_queue_time_seconds", "Arrival to first scheduling.")
+        self.ttft = hist(
+            "kubellm_time_to_first_token_seconds", "Arrival to first token.", "vllm:time_to_first_token_seconds"
+        )
+        self.itl = hist(
+            "kubellm_inter_token_latency_seconds",
+            "Time between consecutive streamed tokens.",
+            "vllm:inter_token_latency_seconds",
+            "vllm:time_per_output_token_seconds",  # deprecated in vLLM, still read by llm-d's WVA
+        )
+        self.e2e = hist(
+            "kubellm_e2e_request_latency_seconds", "Arrival to last token.", "vllm:e2e_request_latency_seconds"
+        )
+        self.queue = hist(
+            "kubellm_request_queue_time_seconds", "Arrival to first scheduling.", "vllm:request_queue_time_seconds"
+        )
+        self.prompt_tokens = hist(
+            "kubellm_request_prompt_tokens",
+            "Prompt tokens per request.",
+            "vllm:request_prompt_tokens",
+            buckets=TOKEN_BUCKETS,
+        )
+        self.generation_tokens = hist(
+            "kubellm_request_generation_tokens",
+            "Generated tokens per request.",
+            "vllm:request_generation_tokens",
+            buckets=TOKEN_BUCKETS,
+        )
         self.rejected = Counter("kubellm_rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
-        self.finished = Counter(
+        ours = Counter(
             "kubellm_request_success", "Finished requests, by finish reason.", ["finished_reason"], registry=r
         )
+        theirs = Counter(
+            "vllm:request_success",
+            "Finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.finished = _ByReason(ours, theirs, model_name)
+
+
+class _ByReason:
+    """`finished.labels(reason).inc()` on both counters (vLLM's has model_name first)."""
+
+    def __init__(self, ours: Counter, theirs: Counter, model_name: str):
+        self.ours, self.theirs, self.model_name = ours, theirs, model_name
+
+    def labels(self, reason: str) -> Twin:
+        return Twin(self.ours.labels(reason), self.theirs.labels(self.model_name, reason))

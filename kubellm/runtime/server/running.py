@@ -95,6 +95,8 @@ class Runner:
         if out.first_scheduled_time:
             m.queue.observe(out.first_scheduled_time - out.arrival_time)
         m.e2e.observe(now - out.arrival_time)
+        m.prompt_tokens.observe(len(out.prompt_token_ids))
+        m.generation_tokens.observe(sum(len(c.token_ids) for c in out.outputs))
         for c in out.outputs:
             m.finished.labels(c.finish_reason or "unknown").inc()
         if self.config.log_requests:

@@ -1,0 +1,138 @@
+"""The cluster side of routing on a real control plane: the InferencePool the operator renders validates against
+the upstream Gateway API Inference Extension CRD (and the operator applies it), `minReplicas: 0` passes the
+CRD's rules, and `kubellm router` finds a model at zero through the API and scales its Deployment 0 -> 1
+through the scale subresource while it holds the request."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import httpx
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubellm.operator.reconcile import Reconciler
+from kubellm.runtime.process import free_port
+from tests.support.isvc import create_isvc, get_isvc
+from tests.support.kube import wait_for
+from tests.support.server import wait_http_ok
+
+pytestmark = pytest.mark.cluster
+POOL_CRD = pathlib.Path(__file__).resolve().parents[1] / "support/crds/inference.networking.k8s.io_inferencepools.yaml"
+GROUP, VERSION, PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
+
+
+@pytest.fixture(scope="module")
+def pool_crd(kubectl, crd_installed):
+    kubectl("apply", "--server-side", "-f", str(POOL_CRD))
+    ext = client.ApiextensionsV1Api()
+    wait_for(
+        "the InferencePool CRD to be established",
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []
+        ),
+    )
+
+
+def test_the_operator_applies_an_inference_pool_the_upstream_crd_accepts(namespace, pool_crd):
+    spec = {
+        "model": {"uri": "hf://a/b"},
+        "resources": {"gpus": 0},
+        "inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp", "port": 9002}},
+    }
+    isvc = create_isvc(namespace, "pooled", spec)
+    changed = Reconciler().reconcile(isvc)
+    assert "InferencePool" in changed
+    custom = client.CustomObjectsApi()
+    pool = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "pooled")
+    assert pool["metadata"]["ownerReferences"][0]["uid"] == isvc["metadata"]["uid"]
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+    assert pool["spec"]["selector"]["matchLabels"]["kubellm.io/inferenceservice"] == "pooled"
+    assert pool["spec"]["endpointPickerRef"]["port"] == {"number": 9002}
+
+    # the CRD's own rules run on what we send: without a port for a Service it refuses (so the above was checked)
+    bad = {**pool, "metadata": {"name": "no-port"}}
+    bad["spec"] = {**pool["spec"], "endpointPickerRef": {"name": "epp", "kind": "Service"}}
+    with pytest.raises(ApiException) as e:
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, bad, dry_run="All")
+    assert e.value.status == 422 and "port is required" in e.value.body
+
+    # turned off: the operator deletes its pool
+    isvc = get_isvc(namespace, "pooled")
+    isvc["spec"]["inferencePool"] = {"enabled": False}
+    assert "-InferencePool" in Reconciler().reconcile(isvc)
+    with pytest.raises(ApiException) as e:
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "pooled")
+    assert e.value.status == 404
+
+
+def test_min_replicas_zero_is_accepted_and_negative_refused(namespace, crd_installed):
+    ok = create_isvc(namespace, "zero", {"model": {"uri": "hf://a/b"}, "autoscaling": {"minReplicas": 0}})
+    assert ok["spec"]["autoscaling"]["minReplicas"] == 0 and ok["spec"]["autoscaling"]["idleSeconds"] == 300
+    with pytest.raises(ApiException) as e:
+        create_isvc(namespace, "neg", {"model": {"uri": "hf://a/b"}, "autoscaling": {"minReplicas": -1}})
+    assert "minReplicas must not be negative" in e.value.body
+
+
+def test_the_router_scales_a_model_at_zero_up_through_the_api(namespace, cluster, crd_installed):
+    # no node matches: the new pod stays Pending, so the held request meets no pod (the fake nodes would make
+    # a pod Ready at an address no test should send to)
+    spec = {"model": {"uri": "hf://a/b", "name": "cold-model"}, "resources": {"gpus": 0}}
+    spec |= {"autoscaling": {"minReplicas": 0, "idleSeconds": 30}, "scheduling": {"nodeSelector": {"none": "x"}}}
+    isvc = create_isvc(namespace, "cold", spec)
+    Reconciler().reconcile(isvc)
+    apps = client.AppsV1Api()
+    assert client.AutoscalingV2Api().read_namespaced_horizontal_pod_autoscaler("cold", namespace).spec.min_replicas == 1
+    apps.patch_namespaced_deployment_scale("cold", namespace, {"spec": {"replicas": 0}})  # as after an idle window
+
+    port = free_port()
+    log_path = f"/tmp/kubellm-router-cluster-{port}.log"
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    cmd = [sys.executable, "-m", "kubellm.cli", "router", "--namespace", namespace, "--host", "127.0.0.1"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd + ["--port", str(port), "--hold-timeout-s", "3"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http_ok("kubellm router", url + "/ready", proc, log_path, 60)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["cold-model"]
+        body = {"model": "cold-model", "messages": [{"role": "user", "content": "hi"}]}
+        held = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        # held, the Deployment asked for 1 replica, and a clean 503 + Retry-After when no pod became Ready in time
+        assert held.status_code == 503 and held.headers["Retry-After"], held.text
+        assert apps.read_namespaced_deployment_scale("cold", namespace).spec.replicas == 1
+        assert "scaling from zero" in pathlib.Path(log_path).read_text()
+        unknown = httpx.post(url + "/v1/chat/completions", json={**body, "model": "nope"}, timeout=10)
+        assert unknown.status_code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_discovery_reads_ready_pods_from_endpoint_slices(namespace, crd_installed):
+    import asyncio
+
+    from kubellm.router.discovery import KubernetesDiscovery
+
+    isvc = create_isvc(
+        namespace, "warm", {"model": {"uri": "hf://a/b", "name": "warm-model"}, "resources": {"gpus": 0}}
+    )
+    Reconciler().reconcile(isvc)
+    discovery = KubernetesDiscovery(namespace, client.ApiClient())
+
+    def ready_ips():
+        pods = client.CoreV1Api().list_namespaced_pod(namespace, label_selector="kubellm.io/inferenceservice=warm")
+        return {p.status.pod_ip for p in pods.items if p.status.pod_ip}
+
+    routes = wait_for(
+        "the pod's address in the router's view",
+        lambda: (r := asyncio.run(discovery.routes())).get("warm-model") and r["warm-model"].endpoints and r,
+    )
+    assert routes["warm-model"].endpoints == tuple(f"http://{ip}:8000" for ip in sorted(ready_ips()))
+    assert not routes["warm-model"].scales_to_zero
