@@ -84,6 +84,7 @@ class Router:
         self.down_until: dict[str, float] = {}
         self.held: dict[str, int] = {}
         self.last_request: dict[str, float] = {}
+        self.pod_finished: dict[str, float] = {}  # model -> its pods' finished-request counters, summed
         self.started, self.started_wall = time.monotonic(), time.time()
         self.metrics = RouterMetrics()
         self.scraper = Scraper(config.scrape_seconds, config.stale_seconds)
@@ -134,6 +135,10 @@ class Router:
                 if not route.scales_to_zero or route.replicas == 0:
                     continue
                 busy = self.held.get(route.model, 0) or self.model_in_flight.get(route.model, 0)
+                pods_busy, finished = self.scraper.busy(route.endpoints)
+                if pods_busy or finished != self.pod_finished.get(route.model, finished):
+                    self.last_request[route.model] = now  # others' traffic: the pods worked since the last look
+                self.pod_finished[route.model] = finished
                 last = self.last_request.get(route.model, self.started)
                 if busy or now - last < route.idle_seconds:
                     continue

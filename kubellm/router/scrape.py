@@ -8,6 +8,7 @@ import time
 import aiohttp
 
 WAITING, RUNNING, KV_USAGE = "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"
+FINISHED = "vllm:request_success_total"  # requests a pod finished, from any client: activity the router did not see
 
 
 def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
@@ -25,6 +26,15 @@ def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
     return found.get(WAITING), found.get(RUNNING), found.get(KV_USAGE)
 
 
+def parse_finished(text: str) -> float | None:
+    """Requests the pod has finished so far (all finish reasons), None when it does not say."""
+    total = None
+    for line in text.splitlines():
+        if line.startswith(FINISHED + "{") or line.startswith(FINISHED + " "):
+            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class Scraper:
     """Polls every watched pod's /metrics each `interval`; a value older than `stale` seconds counts as unknown."""
 
@@ -32,6 +42,7 @@ class Scraper:
         self.interval, self.stale, self.timeout = interval, stale, timeout
         self.urls: set[str] = set()
         self.values: dict[str, tuple[float, tuple]] = {}
+        self.finished: dict[str, float] = {}  # pod URL -> its request counter at the last scrape
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -39,6 +50,8 @@ class Scraper:
         self.urls = set(urls)
         for gone in set(self.values) - self.urls:
             del self.values[gone]
+        for gone in set(self.finished) - self.urls:
+            del self.finished[gone]
 
     def gauges(self, url: str) -> tuple | None:
         got = self.values.get(url)
@@ -71,8 +84,19 @@ class Scraper:
         except (aiohttp.ClientError, TimeoutError):
             return
         try:
-            load = parse_load(text)
+            load, finished = parse_load(text), parse_finished(text)
         except ValueError:
             return
         if url in self.urls:
             self.values[url] = (time.monotonic(), load)
+            if finished is not None:
+                self.finished[url] = finished
+
+    def busy(self, urls) -> tuple[bool, float]:
+        """(any pod running or queueing something, the sum of their finished-request counters): traffic that
+        reached the pods without this router (their Service, another router replica) counts as activity too."""
+        running = False
+        for url in urls:
+            g = self.gauges(url)
+            running |= bool(g and ((g[0] or 0) + (g[1] or 0)) > 0)
+        return running, sum(self.finished.get(u, 0.0) for u in urls)

@@ -5,6 +5,7 @@ through the scale subresource while it holds the request."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -19,6 +20,7 @@ from kubellm.operator.reconcile import Reconciler
 from kubellm.runtime.process import free_port
 from tests.support.isvc import create_isvc, get_isvc
 from tests.support.kube import wait_for
+from tests.support.router import ROUTER_RULES
 from tests.support.server import wait_http_ok
 
 pytestmark = pytest.mark.cluster
@@ -79,7 +81,34 @@ def test_min_replicas_zero_is_accepted_and_negative_refused(namespace, crd_insta
     assert "minReplicas must not be negative" in e.value.body
 
 
-def test_the_router_scales_a_model_at_zero_up_through_the_api(namespace, cluster, crd_installed):
+def router_kubeconfig(cluster, namespace: str, path: pathlib.Path) -> pathlib.Path:
+    """A ServiceAccount bound to a Role of exactly the chart's router rules, and a kubeconfig with its token."""
+    core, rbac = client.CoreV1Api(), client.RbacAuthorizationV1Api()
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "router"}})
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "router"}, "rules": ROUTER_RULES})
+    binding = {
+        "metadata": {"name": "router"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "router"},
+        "subjects": [{"kind": "ServiceAccount", "name": "router", "namespace": namespace}],
+    }
+    rbac.create_namespaced_role_binding(namespace, binding)
+    token = core.create_namespaced_service_account_token(
+        "router", namespace, {"spec": {"expirationSeconds": 3600}}
+    ).status.token
+    server = {"server": cluster.server, "certificate-authority": str(cluster.pki / "ca.crt")}
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": server}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_the_router_scales_a_model_at_zero_up_through_the_api(namespace, cluster, crd_installed, tmp_path):
     # no node matches: the new pod stays Pending, so the held request meets no pod (the fake nodes would make
     # a pod Ready at an address no test should send to)
     spec = {"model": {"uri": "hf://a/b", "name": "cold-model"}, "resources": {"gpus": 0}}
@@ -92,7 +121,8 @@ def test_the_router_scales_a_model_at_zero_up_through_the_api(namespace, cluster
 
     port = free_port()
     log_path = f"/tmp/kubellm-router-cluster-{port}.log"
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    # under the chart's router RBAC, nothing more: a call it lacks would fail discovery or the scale-up
+    env = {**os.environ, "KUBECONFIG": str(router_kubeconfig(cluster, namespace, tmp_path / "router.kubeconfig"))}
     cmd = [sys.executable, "-m", "kubellm.cli", "router", "--namespace", namespace, "--host", "127.0.0.1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

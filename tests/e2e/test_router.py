@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import time
 
 import httpx
 import openai
@@ -185,6 +186,21 @@ def test_an_idle_model_is_scaled_to_zero_after_its_window(backends, router):
         what="the idle model scaled to zero",
     )
     assert metric(r, "kubellm_router_scale_events_total", model="busy", replicas="0") == 0
+
+
+def test_traffic_that_bypasses_the_router_keeps_a_model_up(backends, router):
+    pods = backends(1, models="shared")
+    r = router({"shared": {"endpoints": pods.urls, "idleSeconds": 5}})
+    body = {"model": "shared", "prompt": "x", "max_tokens": 1}
+    for _ in range(20):  # 10 s of requests straight to the pod (its Service), none through the router
+        assert httpx.post(pods.urls[0] + "/v1/completions", json=body).status_code == 200
+        time.sleep(0.5)
+    assert metric(r, "kubellm_router_scale_events_total", model="shared", replicas="0") == 0
+    wait_until(
+        lambda: metric(r, "kubellm_router_scale_events_total", model="shared", replicas="0") == 1,
+        timeout=30,
+        what="scaled to zero once the pod went quiet",
+    )
 
 
 # ------------------------------------------------------------------- real kubellm serve pods

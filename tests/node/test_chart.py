@@ -10,6 +10,8 @@ import subprocess
 import pytest
 import yaml
 
+from tests.support.router import ROUTER_RULES
+
 pytestmark = pytest.mark.node
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts/kubellm"
@@ -69,3 +71,29 @@ def test_chart_peering_option(helm):
     assert dep["spec"]["replicas"] == 2
     assert "--peering=kubellm" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [d["metadata"]["name"] for d in objs if d["kind"] == "ClusterKopfPeering"] == ["kubellm"]
+
+
+def test_the_router_option_deploys_kubellm_router_with_only_what_it_calls(helm):
+    """router.enabled: a Deployment running `kubellm router` from the operator image, its Service, and RBAC for
+    exactly the calls kubellm/router/discovery.py makes (list InferenceServices and EndpointSlices, get/patch
+    deployments/scale) — cluster-wide by default, a Role where router.watchNamespace names one namespace."""
+    assert not [d for d in template(helm) if d["metadata"]["name"] == "kubellm-router"]  # off by default
+    for values, role_kind, scope_arg in (
+        (["--set", "router.enabled=true"], "ClusterRole", "--all-namespaces"),
+        (["--set", "router.enabled=true,router.watchNamespace=ml"], "Role", "--namespace=ml"),
+    ):
+        objs = {(d["kind"], d["metadata"]["name"]): d for d in template(helm, *values)}
+        deploy = objs[("Deployment", "kubellm-router")]
+        container = deploy["spec"]["template"]["spec"]["containers"][0]
+        assert (
+            container["image"]
+            == objs[("Deployment", "kubellm-operator")]["spec"]["template"]["spec"]["containers"][0]["image"]
+        )
+        assert container["args"][:2] == ["router", "--port=8080"] and scope_arg in container["args"]
+        assert deploy["spec"]["replicas"] == 1  # held requests and idle windows live in one process
+        assert objs[(role_kind, "kubellm-router")]["rules"] == ROUTER_RULES
+        assert objs[("Service", "kubellm-router")]["spec"]["ports"][0]["targetPort"] == "http"
+    p = subprocess.run(
+        [helm, "lint", "--strict", str(CHART), "--set", "router.enabled=true"], capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -20,7 +20,7 @@ class FakeBackend:
     def __init__(self, name: str, models: list[str], token_rate: float, slots: int, prefix_chars: int = 64):
         self.name, self.models, self.token_rate, self.prefix_chars = name, models, token_rate, prefix_chars
         self.slots = asyncio.Semaphore(slots)
-        self.running = self.waiting = self.served = self.hits = 0
+        self.running = self.waiting = self.served = self.hits = self.finished = 0
         self.extra_waiting = 0  # set through POST /fake/load: a queue this router did not cause
         self.seen: set[str] = set()
 
@@ -45,6 +45,7 @@ class FakeBackend:
             f'vllm:num_requests_running{{model_name="{self.models[0]}"}} {self.running}',
             f'vllm:num_requests_waiting{{model_name="{self.models[0]}"}} {self.waiting + self.extra_waiting}',
             f'vllm:kv_cache_usage_perc{{model_name="{self.models[0]}"}} {min(1.0, self.running / 64)}',
+            f'vllm:request_success_total{{finished_reason="length",model_name="{self.models[0]}"}} {self.finished}',
             f"fake_requests_total {self.served}",
             f"fake_prefix_hits_total {self.hits}",
         ]
@@ -80,6 +81,7 @@ class FakeBackend:
                 return web.json_response(self._completion(body, "tok " * tokens, tokens), headers=headers)
             finally:
                 self.running -= 1
+                self.finished += 1
 
     def _completion(self, body: dict, text: str, tokens: int) -> dict:
         chat = "messages" in body

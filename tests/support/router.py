@@ -11,6 +11,14 @@ import sys
 from kubellm.runtime.process import free_port
 from tests.support.server import read_log, wait_http_ok
 
+# What kubellm/router/discovery.py calls, and so all charts/kubellm/templates/router.yaml grants (checked there by
+# tests/node/test_chart.py; tests/cluster/test_router_cluster.py runs the router under exactly these rules)
+ROUTER_RULES = [
+    {"apiGroups": ["kubellm.io"], "resources": ["inferenceservices"], "verbs": ["list"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
+    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+]
+
 
 class Process:
     def __init__(self, cmd: list[str], log_name: str):

@@ -7,7 +7,7 @@ import collections
 
 from kubellm.router.discovery import isvc_route
 from kubellm.router.policy import LeastLoad, Limits, PodLoad, PrefixAffinity, prompt_prefix
-from kubellm.router.scrape import parse_load
+from kubellm.router.scrape import parse_finished, parse_load
 
 PODS = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
 PREFIXES = [f"conversation {i}: you are a helpful assistant" for i in range(400)]
@@ -120,6 +120,8 @@ vllm:num_requests_waiting{model_name="tiny"} 2.0
 vllm:kv_cache_usage_perc{model_name="tiny"} 0.25
 kubellm_num_requests_waiting{model_name="tiny"} 2.0
 vllm:time_to_first_token_seconds_bucket{le="0.001",model_name="tiny"} 0.0
+vllm:request_success_total{finished_reason="length",model_name="tiny"} 5.0
+vllm:request_success_total{finished_reason="stop",model_name="tiny"} 2.0
 """
 
 
@@ -127,3 +129,8 @@ def test_a_pod_s_load_is_read_from_its_vllm_gauges():
     assert parse_load(RUNTIME_METRICS) == (2.0, 3.0, 0.25)
     assert parse_load("vllm:num_requests_waiting 1\n") == (1.0, None, None)
     assert parse_load("") == (None, None, None)
+
+
+def test_a_pod_s_finished_requests_are_read_so_traffic_around_the_router_counts_as_activity():
+    assert parse_finished(RUNTIME_METRICS) == 7.0
+    assert parse_finished("vllm:num_requests_waiting 1\n") is None
