@@ -51,6 +51,9 @@ class RouterConfig:
     stale_seconds: float = 2.0
     max_attempts: int = 3
     connect_timeout: float = 3.0
+    # no byte from a pod for this long ends the request (a pod gone without closing its connections, e.g. its
+    # node or network vanished, would otherwise hold the client for the kernel's ~15 min TCP timeout)
+    read_timeout: float = 600.0
     down_seconds: float = 5.0  # a pod that refused a connection is skipped this long
     max_held_requests: int = 64  # per model with no Ready pod
     hold_seconds: float = 300.0
@@ -85,6 +88,7 @@ class Router:
         self.held: dict[str, int] = {}
         self.last_request: dict[str, float] = {}
         self.pod_finished: dict[str, float] = {}  # model -> its pods' finished-request counters, summed
+        self.asleep: set[str] = set()  # models this router scaled to zero
         self.started, self.started_wall = time.monotonic(), time.time()
         self.metrics = RouterMetrics()
         self.scraper = Scraper(config.scrape_seconds, config.stale_seconds)
@@ -94,7 +98,9 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application | None = None) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout, sock_read=self.config.read_timeout
+        )
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         await self.scraper.start()
         await self.refresh()
@@ -132,7 +138,7 @@ class Router:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for route in list(self.routes.values()):
-                if not route.scales_to_zero or route.replicas == 0:
+                if not route.scales_to_zero or route.replicas == 0 or route.model in self.asleep:
                     continue
                 busy = self.held.get(route.model, 0) or self.model_in_flight.get(route.model, 0)
                 pods_busy, finished = self.scraper.busy(route.endpoints)
@@ -147,6 +153,7 @@ class Router:
                 except Exception as e:
                     log.warning(json.dumps({"msg": "scale to zero failed", "model": route.model, "error": repr(e)}))
                     continue
+                self.asleep.add(route.model)  # until a request wakes it (the status' replica count lags)
                 self.metrics.scaled.labels(route.model, "0").inc()
                 log.info(json.dumps({"msg": "scaled to zero", "model": route.model, "idle_s": round(now - last)}))
                 await self.refresh()
@@ -197,6 +204,7 @@ class Router:
         return route is None or bool(route.endpoints)
 
     async def _wake(self, route: Route) -> None:
+        self.asleep.discard(route.model)
         try:
             woke = await self.discovery.wake(route)
         except Exception as e:
@@ -237,6 +245,7 @@ class Router:
             if model not in self.routes:
                 raise ApiError(404, f"The model `{model}` does not exist.", "model")
             self.last_request[model] = time.monotonic()
+            self.asleep.discard(model)
             route = await self.ready_route(model)
             choice = self.policy.choose(prompt_prefix(doc, self.config.prefix_chars), self.pod_loads(route))
             if not choice.order:
@@ -312,7 +321,7 @@ class Router:
             try:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
                 # the pod went away mid-answer: nothing can be retried once bytes reached the client
                 self.metrics.attempts.labels(model, "broken_stream").inc()
                 if upstream.content_type == "text/event-stream":

@@ -49,6 +49,9 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-held-requests", type=int, default=64, help="per model with no Ready pod; beyond: 429")
     p.add_argument("--hold-timeout-s", type=float, default=300, help="how long a held request waits; then 503")
     p.add_argument("--max-attempts", type=int, default=3, help="pods tried per request before the first byte")
+    p.add_argument(
+        "--upstream-read-timeout-s", type=float, default=600, help="silence from a pod that ends a request (s)"
+    )
     p.add_argument("--refresh-s", type=float, default=1.0, help="discovery period")
     p.add_argument("--scrape-s", type=float, default=0.5, help="pod /metrics period")
 
@@ -62,6 +65,7 @@ def config_from(args: argparse.Namespace):
         refresh_seconds=args.refresh_s,
         scrape_seconds=args.scrape_s,
         max_attempts=args.max_attempts,
+        read_timeout=args.upstream_read_timeout_s,
         max_held_requests=args.max_held_requests,
         hold_seconds=args.hold_timeout_s,
         limits=Limits(max_waiting=args.max_waiting_per_pod, max_in_flight=args.max_in_flight_per_pod),

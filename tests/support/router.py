@@ -80,3 +80,27 @@ class RouterProcess(Process):
     def request_logs(self) -> list[dict]:
         lines = [json.loads(x) for x in self.logs().splitlines() if x.startswith("{")]
         return [x for x in lines if x.get("msg") == "request"]
+
+
+class KubeRouterProcess(Process):
+    """`kubellm router --namespace NS` on this host against a cluster (the node tier: pod IPs are routable here)."""
+
+    def __init__(self, kubeconfig: str, namespace: str, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "kubellm.cli", "router", "--namespace", namespace, "--host", "127.0.0.1"]
+        self.log_path = f"/tmp/kubellm-router-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        env = {**os.environ, "KUBECONFIG": kubeconfig}
+        cmd += ["--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        wait_http_ok("kubellm router", self.url + "/ready", self.proc, self.log_path, 60)
+
+    def request_logs(self) -> list[dict]:
+        lines = [json.loads(x) for x in self.logs().splitlines() if x.startswith("{")]
+        return [x for x in lines if x.get("msg") == "request"]
+
+    def metrics_text(self) -> str:
+        import httpx
+
+        return httpx.get(self.url + "/metrics", timeout=10).text
