@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kubellm.router.discovery import Route
 from kubellm.router.metrics import RouterMetrics
-from kubellm.router.policy import Limits, PodLoad, Policy, make_policy, prompt_prefix
+from kubellm.router.policy import Limits, PodLoad, Policy, deletion_cost, make_policy, prompt_prefix
 from kubellm.router.scrape import Scraper
 
 log = logging.getLogger("kubellm.router")
@@ -58,6 +58,7 @@ class RouterConfig:
     max_held_requests: int = 64  # per model with no Ready pod
     hold_seconds: float = 300.0
     retry_after_seconds: float = 1.0
+    cost_seconds: float = 5.0  # how often pods' deletion costs are brought up to date
     limits: Limits = Limits()
 
 
@@ -89,6 +90,7 @@ class Router:
         self.last_request: dict[str, float] = {}
         self.pod_finished: dict[str, float] = {}  # model -> its pods' finished-request counters, summed
         self.asleep: set[str] = set()  # models this router scaled to zero
+        self.costs: dict[tuple[str, str], int] = {}  # (namespace, pod) -> the deletion cost last written
         self.started, self.started_wall = time.monotonic(), time.time()
         self.metrics = RouterMetrics()
         self.scraper = Scraper(config.scrape_seconds, config.stale_seconds)
@@ -104,7 +106,11 @@ class Router:
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
         await self.scraper.start()
         await self.refresh()
-        self._tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._idle_loop())]
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop()),
+            asyncio.create_task(self._idle_loop()),
+            asyncio.create_task(self._cost_loop()),
+        ]
 
     async def stop(self, app: web.Application | None = None) -> None:
         for t in self._tasks:
@@ -157,6 +163,26 @@ class Router:
                 self.metrics.scaled.labels(route.model, "0").inc()
                 log.info(json.dumps({"msg": "scaled to zero", "model": route.model, "idle_s": round(now - last)}))
                 await self.refresh()
+
+    async def _cost_loop(self) -> None:
+        """Keep each pod's deletion cost at its load, writing only what changed."""
+        while True:
+            await asyncio.sleep(self.config.cost_seconds)
+            wanted = {}
+            for route in list(self.routes.values()):
+                loads = self.pod_loads(route)
+                for url, namespace, pod in route.pods:
+                    if url in loads:
+                        wanted[(namespace, pod)] = deletion_cost(loads[url])
+            for key, cost in wanted.items():
+                if self.costs.get(key) == cost:
+                    continue
+                try:
+                    await self.discovery.set_deletion_cost(*key, cost)
+                    self.costs[key] = cost
+                except Exception as e:  # a pod gone meanwhile, or no RBAC for it: routing goes on
+                    log.warning(json.dumps({"msg": "deletion cost not set", "pod": "/".join(key), "error": repr(e)}))
+            self.costs = {k: v for k, v in self.costs.items() if k in wanted}
 
     # ------------------------------------------------------------------ choosing
     def pod_loads(self, route: Route) -> dict[str, PodLoad]:

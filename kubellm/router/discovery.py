@@ -2,10 +2,14 @@
 
 Two sources, one shape (`Route` per served model name):
 - `KubernetesDiscovery`: the InferenceServices of one namespace (or all), each Service's EndpointSlices (Ready
-  addresses on the API port), and scale through each Deployment's `scale` subresource (RBAC: get/list/watch
+  addresses on the API port), and scale through each Deployment's `scale` subresource (RBAC: list
   inferenceservices and endpointslices; get/patch deployments/scale — charts/kubellm/templates/router.yaml);
-- `StaticDiscovery`: a JSON or YAML file (`models: {name: {endpoints: [url, ...], idleSeconds: s}}`), re-read when
-  it changes: for tests, benchmarks and running the router outside a cluster. Its `scale` only records the ask.
+- `StaticDiscovery`: a JSON or YAML file (`models: {name: {endpoints: [url, ...], idleSeconds: s, pods: {url:
+  name}}}`), re-read when it changes: for tests, benchmarks and running the router outside a cluster. Its scaling
+  and deletion costs are only recorded.
+
+Both also keep each pod's `controller.kubernetes.io/pod-deletion-cost` at its load (RBAC: patch pods), so that a
+scale-down removes idle pods rather than busy ones.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kubellm.operator.render import HTTP_PORT
 from kubellm.operator.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"  # the ReplicaSet removes low-cost pods first
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Route:
     scale_target: tuple[str, str] | None = None  # (namespace, Deployment) the router may scale 0 -> 1 -> 0
     idle_seconds: float | None = None  # back to 0 replicas after this long without a request (None: never)
     replicas: int | None = None  # the Deployment's desired replicas, when known (0: scaled to zero)
+    pods: tuple[tuple[str, str, str], ...] = ()  # (endpoint URL, namespace, pod name) where the API says
 
     @property
     def scales_to_zero(self) -> bool:
@@ -43,6 +49,7 @@ class Route:
 class StaticDiscovery:
     path: str
     scaled: list[tuple[str, int]] = field(default_factory=list)  # (model, replicas) asked, in order
+    costs: dict[tuple[str, str], int] = field(default_factory=dict)
     _mtime: tuple = ()
     _routes: dict[str, Route] = field(default_factory=dict)
     _replicas: dict[str, int] = field(default_factory=dict)
@@ -56,7 +63,9 @@ class StaticDiscovery:
             self._routes = {name: _static_route(name, entry) for name, entry in (doc.get("models") or {}).items()}
             self._mtime = mtime
         return {
-            name: Route(r.model, r.endpoints, r.scale_target, r.idle_seconds, self._replicas.get(name, r.replicas))
+            name: Route(
+                r.model, r.endpoints, r.scale_target, r.idle_seconds, self._replicas.get(name, r.replicas), r.pods
+            )
             for name, r in self._routes.items()
         }
 
@@ -65,6 +74,9 @@ class StaticDiscovery:
             return False
         await self.scale_to(route, 1)
         return True
+
+    async def set_deletion_cost(self, namespace: str, pod: str, cost: int) -> None:
+        self.costs[(namespace, pod)] = cost
 
     async def scale_to(self, route: Route, replicas: int) -> None:
         self.scaled.append((route.model, replicas))
@@ -77,7 +89,8 @@ def _static_route(name: str, entry) -> Route:
     idle = entry.get("idleSeconds")
     target = ("static", name) if idle is not None else None
     endpoints = tuple(u.rstrip("/") for u in entry.get("endpoints") or ())
-    return Route(name, endpoints, target, idle, entry.get("replicas", len(endpoints)))
+    pods = tuple((u.rstrip("/"), "static", p) for u, p in (entry.get("pods") or {}).items())
+    return Route(name, endpoints, target, idle, entry.get("replicas", len(endpoints)), pods)
 
 
 class KubernetesDiscovery:
@@ -95,6 +108,7 @@ class KubernetesDiscovery:
         self.custom = client.CustomObjectsApi(api_client)
         self.discovery = client.DiscoveryV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
 
     async def routes(self) -> dict[str, Route]:
         return await asyncio.to_thread(self._routes)
@@ -108,16 +122,20 @@ class KubernetesDiscovery:
             isvcs = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
             slices = self.discovery.list_endpoint_slice_for_all_namespaces(label_selector="kubernetes.io/service-name")
         ready: dict[tuple[str, str], list[str]] = {}
+        refs: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
         for s in slices.items:
             key = (s.metadata.namespace, s.metadata.labels["kubernetes.io/service-name"])
             for e in s.endpoints or ():
                 if e.conditions is None or e.conditions.ready is not False:
-                    ready.setdefault(key, []).extend(f"http://{_host(a)}:{HTTP_PORT}" for a in e.addresses)
+                    urls = [f"http://{_host(a)}:{HTTP_PORT}" for a in e.addresses]
+                    ready.setdefault(key, []).extend(urls)
+                    if e.target_ref is not None and e.target_ref.kind == "Pod":
+                        ref = (e.target_ref.namespace or s.metadata.namespace, e.target_ref.name)
+                        refs.setdefault(key, []).extend((u, *ref) for u in urls)
         routes = {}
         for isvc in isvcs:
-            route = isvc_route(
-                isvc, sorted(set(ready.get((isvc["metadata"]["namespace"], isvc["metadata"]["name"]), [])))
-            )
+            key = (isvc["metadata"]["namespace"], isvc["metadata"]["name"])
+            route = isvc_route(isvc, sorted(set(ready.get(key, []))), tuple(sorted(set(refs.get(key, [])))))
             if route.model in routes:  # two services claim one name: keep the first, say so
                 log.warning(json.dumps({"msg": "model served by two InferenceServices", "model": route.model}))
                 continue
@@ -135,6 +153,10 @@ class KubernetesDiscovery:
         self.apps.patch_namespaced_deployment_scale(name, ns, {"spec": {"replicas": 1}})
         return True
 
+    async def set_deletion_cost(self, namespace: str, pod: str, cost: int) -> None:
+        body = {"metadata": {"annotations": {DELETION_COST: str(cost)}}}
+        await asyncio.to_thread(self.core.patch_namespaced_pod, pod, namespace, body)
+
     async def scale_to(self, route: Route, replicas: int) -> None:
         ns, name = route.scale_target
         await asyncio.to_thread(self.apps.patch_namespaced_deployment_scale, name, ns, {"spec": {"replicas": replicas}})
@@ -144,7 +166,7 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def isvc_route(isvc: dict, endpoints: list[str]) -> Route:
+def isvc_route(isvc: dict, endpoints: list[str], pods: tuple = ()) -> Route:
     """The Route of one InferenceService object (pure: unit-tested on plain dicts)."""
     meta, spec, status = isvc["metadata"], isvc.get("spec") or {}, isvc.get("status") or {}
     model = (spec.get("model") or {}).get("name") or meta["name"]
@@ -152,4 +174,4 @@ def isvc_route(isvc: dict, endpoints: list[str]) -> Route:
     zero = autoscaling.get("enabled", True) and autoscaling.get("minReplicas", 1) == 0
     idle = float(autoscaling.get("idleSeconds", 300)) if zero else None
     target = (meta["namespace"], meta["name"]) if zero else None
-    return Route(model, tuple(endpoints), target, idle, status.get("replicas"))
+    return Route(model, tuple(endpoints), target, idle, status.get("replicas"), pods)

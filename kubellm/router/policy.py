@@ -165,3 +165,10 @@ def _prompt_pieces(body: dict):
         if isinstance(prompt, list):  # token ids
             yield " ".join(str(t) for t in prompt)
             return
+
+
+def deletion_cost(p: PodLoad) -> int:
+    """A pod's `controller.kubernetes.io/pod-deletion-cost`: its open requests (scraped or this router's), so a
+    ReplicaSet scaling down removes idle pods first and busy ones last. Whole requests: small changes in KV
+    usage do not rewrite the annotation."""
+    return int(round(p.load))

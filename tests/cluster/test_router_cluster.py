@@ -166,3 +166,37 @@ def test_discovery_reads_ready_pods_from_endpoint_slices(namespace, crd_installe
     )
     assert routes["warm-model"].endpoints == tuple(f"http://{ip}:8000" for ip in sorted(ready_ips()))
     assert not routes["warm-model"].scales_to_zero
+
+
+def test_the_router_keeps_pods_deletion_cost_under_its_rbac(namespace, cluster, crd_installed, tmp_path):
+    isvc = create_isvc(namespace, "costly", {"model": {"uri": "hf://a/b"}, "resources": {"gpus": 0}})
+    Reconciler().reconcile(isvc)
+    core = client.CoreV1Api()
+
+    def ready_pod():
+        pods = core.list_namespaced_pod(namespace, label_selector="kubellm.io/inferenceservice=costly").items
+        return next((p for p in pods if p.status.pod_ip and p.metadata.deletion_timestamp is None), None)
+
+    pod = wait_for("a Ready pod", ready_pod)
+    port = free_port()
+    log_path = f"/tmp/kubellm-router-cluster-{port}.log"
+    env = {**os.environ, "KUBECONFIG": str(router_kubeconfig(cluster, namespace, tmp_path / "router.kubeconfig"))}
+    cmd = [sys.executable, "-m", "kubellm.cli", "router", "--namespace", namespace, "--host", "127.0.0.1"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_http_ok("kubellm router", f"http://127.0.0.1:{port}/ready", proc, log_path, 60)
+        annotated = wait_for(
+            "the pod's deletion cost",
+            lambda: (core.read_namespaced_pod(pod.metadata.name, namespace).metadata.annotations or {}).get(
+                "controller.kubernetes.io/pod-deletion-cost"
+            ),
+            timeout=60,
+        )
+        # its load (0 here: nothing sent; the kwok pod's address does not answer a scrape, or on a host that also
+        # runs the node tier may reach one of its pods, hence no exact value)
+        assert int(annotated) >= 0
+        assert "deletion cost not set" not in pathlib.Path(log_path).read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

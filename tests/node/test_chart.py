@@ -76,7 +76,7 @@ def test_chart_peering_option(helm):
 def test_the_router_option_deploys_kubellm_router_with_only_what_it_calls(helm):
     """router.enabled: a Deployment running `kubellm router` from the operator image, its Service, and RBAC for
     exactly the calls kubellm/router/discovery.py makes (list InferenceServices and EndpointSlices, get/patch
-    deployments/scale) — cluster-wide by default, a Role where router.watchNamespace names one namespace."""
+    deployments/scale, patch pods) — cluster-wide by default, a Role where router.watchNamespace names one namespace."""
     assert not [d for d in template(helm) if d["metadata"]["name"] == "kubellm-router"]  # off by default
     for values, role_kind, scope_arg in (
         (["--set", "router.enabled=true"], "ClusterRole", "--all-namespaces"),

@@ -17,6 +17,7 @@ ROUTER_RULES = [
     {"apiGroups": ["kubellm.io"], "resources": ["inferenceservices"], "verbs": ["list"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]},
     {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]},
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 
 from kubellm.router.discovery import isvc_route
-from kubellm.router.policy import LeastLoad, Limits, PodLoad, PrefixAffinity, prompt_prefix
+from kubellm.router.policy import LeastLoad, Limits, PodLoad, PrefixAffinity, deletion_cost, prompt_prefix
 from kubellm.router.scrape import parse_finished, parse_load
 
 PODS = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
@@ -134,3 +134,10 @@ def test_a_pod_s_load_is_read_from_its_vllm_gauges():
 def test_a_pod_s_finished_requests_are_read_so_traffic_around_the_router_counts_as_activity():
     assert parse_finished(RUNTIME_METRICS) == 7.0
     assert parse_finished("vllm:num_requests_waiting 1\n") is None
+
+
+def test_a_pod_s_deletion_cost_is_its_load_so_idle_pods_go_first():
+    assert deletion_cost(PodLoad()) == 0
+    assert deletion_cost(PodLoad(in_flight=2, running=3, waiting=4)) == 7
+    assert deletion_cost(PodLoad(in_flight=5, kv_usage=0.3)) == 5
+    assert deletion_cost(PodLoad(running=9)) > deletion_cost(PodLoad(running=1))
