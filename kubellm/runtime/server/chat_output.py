@@ -90,8 +90,19 @@ class Split:
 class ChatOutput:
     """How one chat request's generated text becomes an assistant message."""
 
-    def __init__(self, tools: ToolParser | None = None, reasoning: ReasoningParser | None = None):
+    def __init__(
+        self,
+        tools: ToolParser | None = None,
+        reasoning: ReasoningParser | None = None,
+        parallel: bool = True,
+        legacy: bool = False,
+    ):
         self.tools, self.reasoning = tools, reasoning
+        # parallel_tool_calls false: only the first call is answered (vLLM's maybe_filter_parallel_tool_calls);
+        # a forced call's grammar already allows one only
+        self.parallel = parallel
+        # asked with the legacy `functions`: the (one) call is `function_call`, finish_reason "function_call"
+        self.legacy = legacy
 
     @classmethod
     def for_request(cls, req: p.ChatCompletionRequest, config) -> ChatOutput:
@@ -99,7 +110,8 @@ class ChatOutput:
         kwargs = req.chat_template_kwargs or {}
         if config.reasoning_parser and kwargs.get("enable_thinking", True) is not False:
             reasoning = REASONING_PARSERS[config.reasoning_parser]()
-        return cls(tool_parser(req, config), reasoning)
+        legacy = getattr(req, "legacy_functions", False)
+        return cls(tool_parser(req, config), reasoning, req.parallel_tool_calls and not legacy, legacy)
 
     @property
     def plain(self) -> bool:
@@ -119,7 +131,8 @@ class ChatOutput:
         content = parsed.content
         if not content.strip() and (parsed.calls or not final):  # whitespace before a call is not an answer
             content = ""
-        return Split(reasoning, content, [c for c in parsed.calls if c.name is not None], valid)
+        calls = [c for c in parsed.calls if c.name is not None]
+        return Split(reasoning, content, calls if self.parallel else calls[:1], valid)
 
     def message(self, text: str, finish_reason: str | None) -> tuple[p.AssistantMessage, str | None]:
         if self.plain:
@@ -134,7 +147,9 @@ class ChatOutput:
             reasoning_content=s.reasoning,
             reasoning=s.reasoning,
         )
-        return message, _finish(finish_reason, s)
+        if self.legacy and calls:
+            message.function_call, message.tool_calls = calls[0].function, None
+        return message, _finish(finish_reason, s, self.legacy)
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -156,8 +171,10 @@ class Streams:
         return self.choices[index].delta(text, finish_reason)
 
 
-def _finish(finish_reason: str | None, s: Split) -> str | None:
-    return "tool_calls" if finish_reason == "stop" and s.calls and s.valid else finish_reason
+def _finish(finish_reason: str | None, s: Split, legacy: bool = False) -> str | None:
+    if finish_reason == "stop" and s.calls and s.valid:
+        return "function_call" if legacy else "tool_calls"
+    return finish_reason
 
 
 @dataclass
@@ -191,10 +208,12 @@ class ChoiceStream:
             delta.content = s.content[self.content :]
             self.content = len(s.content)
         calls = [d for i, c in enumerate(s.calls) if (d := self._call_delta(i, c)) is not None]
-        if calls:
+        if calls and self.output.legacy:  # one call at most: its name first, then its arguments in pieces
+            delta.function_call = calls[0].function
+        elif calls:
             delta.tool_calls = calls
         empty = delta.content is None and delta.reasoning_content is None and not calls
-        return (None if empty else delta), _finish(finish_reason, s)
+        return (None if empty else delta), _finish(finish_reason, s, self.output.legacy)
 
     def _call_delta(self, i: int, call) -> DeltaToolCall | None:
         if i == len(self.calls):

@@ -5,12 +5,21 @@ Unknown fields are accepted and ignored, as vLLM does, so newer SDKs keep workin
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubellm.runtime.sampling_params import MAX_LOGPROBS
-from kubellm.runtime.server.protocol_tools import DeltaToolCall, Tool, ToolCall, ToolChoice, forced_call_schema
+from kubellm.runtime.server.protocol_tools import (
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    forced_call_schema,
+    legacy_functions_as_tools,
+)
 
 
 class OpenAIModel(BaseModel):
@@ -52,8 +61,9 @@ UNSUPPORTED_FIELDS = {
 
 def unsupported_field(req: BaseModel) -> str | None:
     """The first field of UNSUPPORTED_FIELDS that the request sets to something it asks for, if any."""
+    handled = getattr(req, "handled_extras", frozenset())
     for name, value in (req.model_extra or {}).items():
-        if name in UNSUPPORTED_FIELDS and not UNSUPPORTED_FIELDS[name](value):
+        if name in UNSUPPORTED_FIELDS and name not in handled and not UNSUPPORTED_FIELDS[name](value):
             return name
     return None
 
@@ -241,6 +251,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: bool = True
+    # OpenAI's legacy function calling, read as tools (protocol_tools.py: legacy_functions_as_tools)
+    handled_extras: ClassVar[frozenset[str]] = frozenset({"functions", "function_call"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, data):
+        return legacy_functions_as_tools(data)
+
+    @property
+    def legacy_functions(self) -> bool:
+        """Asked with OpenAI's deprecated `functions`: answered with `function_call`, not `tool_calls`."""
+        return bool((self.model_extra or {}).get("functions"))
 
     def structured_output(self) -> tuple[str, str, Any] | None:
         """A forced tool call (tool_choice "required" or a named function) is a JSON schema's grammar."""
@@ -381,6 +403,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # the legacy `functions` request's answer
     reasoning_content: str | None = None  # --reasoning-parser: the thinking block (vLLM's older name)
     reasoning: str | None = None
 
@@ -411,6 +434,7 @@ class DeltaMessage(BaseModel):
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    function_call: DeltaFunctionCall | None = None  # the legacy `functions` request's answer
 
 
 class ChatChunkChoice(BaseModel):

@@ -107,3 +107,46 @@ def forced_call_schema(tools: list[Tool], choice: ToolChoice, parallel: bool) ->
     if not parallel:
         schema["maxItems"] = 1
     return schema
+
+
+# ------------------------------------------------------------------ OpenAI's legacy function calling
+def legacy_functions_as_tools(data: dict[str, Any]) -> dict[str, Any]:
+    """A chat request body using OpenAI's deprecated function calling, rewritten as the tools request it stands
+    for (as OpenAI did): `functions` → `tools`, `function_call` ("none", "auto" or {"name"}) → `tool_choice`,
+    at most one call (`parallel_tool_calls` false); in the history, an assistant's `function_call` becomes a
+    tool call and a `function` message that call's result. The original fields stay in the body (the answer is
+    shaped as legacy too: `message.function_call`). Raises ValueError for a mix of both styles."""
+    if not isinstance(data, dict) or ("functions" not in data and "function_call" not in data):
+        return data
+    functions, choice = data.get("functions"), data.get("function_call")
+    if functions in (None, []):
+        if choice not in (None, "none", "auto"):
+            raise ValueError("function_call names a function, but the request has no functions")
+        return data
+    if data.get("tools") is not None or data.get("tool_choice") is not None:
+        raise ValueError("use either tools and tool_choice or the legacy functions and function_call, not both")
+    if not isinstance(functions, list):
+        raise ValueError("functions must be a list of function definitions")
+    out = {**data, "tools": [{"type": "function", "function": f} for f in functions], "parallel_tool_calls": False}
+    if isinstance(choice, dict):
+        out["tool_choice"] = {"type": "function", "function": choice}
+    elif choice is not None:
+        out["tool_choice"] = choice
+    if isinstance(data.get("messages"), list):
+        out["messages"] = _legacy_history(data["messages"])
+    return out
+
+
+def _legacy_history(messages: list) -> list:
+    """Legacy turns as tool turns: each assistant function_call gets an id, and the function message after it
+    answers that id."""
+    out, last_call = [], None
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("function_call"), dict):
+            last_call = f"call_{i}"
+            m = {k: v for k, v in m.items() if k != "function_call"}
+            m["tool_calls"] = [{"id": last_call, "type": "function", "function": messages[i]["function_call"]}]
+        elif isinstance(m, dict) and m.get("role") == "function":
+            m = {**m, "role": "tool", "tool_call_id": last_call}
+        out.append(m)
+    return out
