@@ -44,6 +44,15 @@ class EngineConfig:
     tensor_parallel_size: int = _flag(1, "split the model across this many GPUs of this machine", ge=1)
     kernels: str = _flag("auto", f"one of {', '.join(KERNEL_CHOICES)}: model/kernels.py")
     seed: int = _flag(0, "the engine's sampling seed (requests may bring their own)")
+    # LoRA adapters (vLLM's flags): engine/lora.py, model/lora.py
+    enable_lora: bool = _flag(False, "serve LoRA adapters (PEFT format) on the model: a request names one as its model")
+    max_loras: int = _flag(1, "LoRA adapters loaded at once at most (each holds a slot on the device)", ge=1)
+    max_lora_rank: int = _flag(16, "the largest LoRA rank an adapter may have", ge=1)
+    lora_modules: tuple[str, ...] = _flag((), "LoRA adapters loaded at start, as name=path (needs --enable-lora)")
+    # the fit check (kubellm/fit.py): the memory the model must fit in; the GPU's own when unset (none on CPU)
+    device_memory_bytes: int | None = _flag(
+        None, "memory of one device for the start-up fit check (default: the GPU's; on the CPU: no check)", ge=1
+    )
     served_model_name: str | None = None  # the server's --served-model-name
 
     def __post_init__(self) -> None:
@@ -63,6 +72,32 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (--enable-lora)")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported yet")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be at least 1")
+        modules = self.lora_module_paths()
+        if len(modules) > self.max_loras:
+            raise ValueError(f"max_loras: {len(modules)} lora_modules given, more than max_loras ({self.max_loras})")
+        if self.served_model_name is not None and self.served_model_name in modules:
+            raise ValueError(f"lora_modules: {self.served_model_name!r} is the served model's own name")
+
+    def lora_module_paths(self) -> dict[str, str]:
+        """lora_modules (name=path each) as name → path; ValueError for a malformed or repeated name."""
+        out: dict[str, str] = {}
+        for item in self.lora_modules:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: {item!r} is not name=path")
+            if name in out:
+                raise ValueError(f"lora_modules: the name {name!r} is given twice")
+            out[name] = path
+        return out
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
@@ -90,7 +125,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine settings' flags of `kubellm serve` (unset: None, so lower layers keep their say)."""
     for f in FLAG_SETTINGS:
         kind = type(f.default) if f.default is not None else int
-        if kind is bool:
+        if kind is tuple:  # a list of values: --flag a b c
+            parser.add_argument(engine_flag(f.name), nargs="+", metavar="VALUE", help=f.metadata["help"])
+        elif kind is bool:
             parser.add_argument(
                 engine_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
             )
@@ -172,6 +209,12 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, help="the model's tool-call format (vLLM's names)")
     s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, help="split the thinking block into reasoning")
+    s.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        default=None,
+        help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora; off by default)",
+    )
     s.add_argument(
         "--chat-template",
         help="Jinja chat template (a file, or the template itself) replacing the "

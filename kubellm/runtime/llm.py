@@ -17,8 +17,10 @@ class LLM:
         prompts: str | list[int] | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+        """Run every prompt to completion; outputs come back in input order. lora: the LoRA adapter (loaded with
+        lora_modules=[name=path] or engine.load_lora) for all prompts, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -26,9 +28,12 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("give one LoRA adapter, or one per prompt")
         ids = [f"offline-{i}" for i in range(len(prompts))]
         requests = [
-            self.engine.make_request(rid, prompt, p, priority[i] if priority else 0)
+            self.engine.make_request(rid, prompt, p, priority[i] if priority else 0, lora_name=loras[i])
             for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params))
         ]
         for req in requests:  # validate all before queueing any: a bad prompt loses nothing

@@ -26,16 +26,27 @@ import signal
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 
 import msgspec
 
+from kubellm.fit import DoesNotFit, termination_message
 from kubellm.runtime.engine import wire
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.engine.intake import Submission, make_submission
 from kubellm.runtime.engine.output import OutputProcessor, RequestOutput, publish, view_of
-from kubellm.runtime.engine.wire import Abort, EngineInfo, EngineSnapshot, Shutdown, StepOutput
+from kubellm.runtime.engine.wire import (
+    Abort,
+    EngineInfo,
+    EngineSnapshot,
+    LoadLora,
+    LoraReply,
+    Shutdown,
+    StepOutput,
+    UnloadLora,
+)
 from kubellm.runtime.process import exit_process
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.settings import EngineConfig
@@ -57,6 +68,23 @@ class RequestRefused(ValueError):
 
 class RequestFailed(RuntimeError):
     """A step running this request raised; the request ended there and the engine serves the others."""
+
+
+class EngineStartRefused(RuntimeError):
+    """The engine would not start, for a reason to show as it is (the model does not fit: kubellm/fit.py)."""
+
+    def __init__(self, reason: str, message: str, termination_message: str):
+        super().__init__(message)
+        self.reason, self.termination_message = reason, termination_message
+
+
+class LoraOpError(ValueError):
+    """The engine core could not load or unload a LoRA adapter; `field` names the setting or field at fault,
+    not_loaded: no adapter of that name is loaded."""
+
+    def __init__(self, message: str, field: str | None, not_loaded: bool = False):
+        super().__init__(message)
+        self.field, self.not_loaded = field, not_loaded
 
 
 def freeze_startup_heap() -> None:
@@ -87,15 +115,27 @@ def run_engine_core(
         exit_process(0)
 
 
+def _start_core(
+    config: EngineConfig, outbox: Connection, make_core: Callable[[EngineConfig], EngineCore]
+) -> EngineCore | None:
+    """The core, or None after telling the server why it could not start: a refusal (the model does not fit:
+    kubellm/fit.py) is a reason for the operator to show, anything else a traceback."""
+    try:
+        return make_core(config)
+    except DoesNotFit as e:
+        outbox.send_bytes(wire.encode(wire.StartRefused(e.reason, str(e), termination_message(e.estimate))))
+    except BaseException:
+        outbox.send_bytes(wire.encode(wire.Failed(traceback.format_exc())))
+    return None
+
+
 def _engine_core(
     config: EngineConfig, inbox: Connection, outbox: Connection, make_core: Callable[[EngineConfig], EngineCore]
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        core = make_core(config)
-    except BaseException:
-        outbox.send_bytes(wire.encode(wire.Failed(traceback.format_exc())))
+    core = _start_core(config, outbox, make_core)
+    if core is None:
         return
     freeze_startup_heap()
     outbox.send_bytes(wire.encode(wire.Ready(core.info())))
@@ -105,7 +145,7 @@ def _engine_core(
         while True:
             if not core.has_unfinished_requests():
                 inbox.poll(HEARTBEAT_S)  # idle: sleep until the server sends something, or report anyway
-            errors, failed = [], []
+            errors, failed, lora_replies = [], [], []
             while inbox.poll():
                 for msg in wire.decode_to_core(inbox.recv_bytes()):
                     if isinstance(msg, wire.EngineRequest):
@@ -116,6 +156,8 @@ def _engine_core(
                             errors.append((msg.request_id, f"{type(e).__name__}: {e}"))
                     elif isinstance(msg, Abort):
                         core.abort(msg.request_id, msg.index)
+                    elif isinstance(msg, LoadLora | UnloadLora):
+                        lora_replies.append(core.lora_op(msg))
                     else:  # Shutdown
                         return
             deltas = []
@@ -130,7 +172,8 @@ def _engine_core(
                     why = f"the engine failed running this request: {type(e).__name__}: {e}"
                     failed = [(request_id, why) for request_id in core.fail_step()]
                     log.error("engine step failed; its %d request(s) end:\n%s", len(failed), traceback.format_exc())
-            outbox.send_bytes(wire.encode(StepOutput(deltas, errors, core.snapshot(), num_added, failed)))
+            step = StepOutput(deltas, errors, core.snapshot(), num_added, failed, lora_replies)
+            outbox.send_bytes(wire.encode(step))
     except (EOFError, OSError, BrokenPipeError):  # the server process is gone
         return
     except BaseException:
@@ -185,6 +228,8 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None  # where they are read
         self._stopping = False
         self.last_report = time.monotonic()  # when the engine process last sent a step or a heartbeat
+        self.loras: dict[str, str] = {}  # the LoRA adapters loaded in the core: name → path
+        self._lora_ops: dict[str, asyncio.Future] = {}  # load/unload messages awaiting the core's reply
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -215,9 +260,12 @@ class AsyncLLMEngine:
             msg = wire.decode_from_core(outbox_r.recv_bytes())
         except EOFError:
             raise RuntimeError(f"the engine process exited while loading (code {self._process.exitcode})") from None
+        if isinstance(msg, wire.StartRefused):
+            raise EngineStartRefused(msg.reason, msg.message, msg.termination_message)
         if not isinstance(msg, wire.Ready):
             raise RuntimeError(f"the engine process failed to load the model:\n{msg.traceback}")
         self.info, self._outbox = msg.info, outbox_r
+        self.loras = dict(msg.info.loras)
         self.last_report = time.monotonic()
         return inbox_w
 
@@ -272,11 +320,23 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ requests
     def make_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        lora_name: str | None = None,
     ) -> Submission:
         """Tokenize and validate here (intake.py), so a bad request is refused without a round trip."""
         return make_submission(
-            self.tokenizer, self.vocab_size, self.max_model_len, request_id, prompt, params, priority
+            self.tokenizer,
+            self.vocab_size,
+            self.max_model_len,
+            request_id,
+            prompt,
+            params,
+            priority,
+            lora_name=lora_name,
         )
 
     def generate(
@@ -312,6 +372,29 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         self._outgoing.put(Abort(request_id, index))
+
+    # ------------------------------------------------------------------ LoRA adapters
+    async def load_lora(self, name: str, path: str) -> None:
+        """Load an adapter in the core (LoraOpError naming the field when it cannot be)."""
+        await self._lora_op(LoadLora(uuid.uuid4().hex, name, path))
+        self.loras[name] = path
+
+    async def unload_lora(self, name: str) -> None:
+        await self._lora_op(UnloadLora(uuid.uuid4().hex, name))
+        self.loras.pop(name, None)
+
+    async def _lora_op(self, op: LoadLora | UnloadLora) -> None:
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._lora_ops[op.op_id] = future
+        self._outgoing.put(op)
+        try:
+            reply: LoraReply = await future
+        finally:
+            self._lora_ops.pop(op.op_id, None)
+        if reply.error is not None:
+            raise LoraOpError(reply.error, reply.field, reply.not_loaded)
 
     # ------------------------------------------------------------------ the pipes
     def _send_loop(self, conn: Connection) -> None:
@@ -395,6 +478,10 @@ class AsyncLLMEngine:
             self._wake(request_id, RequestFailed(why))
         for out in changed:
             self._wake(out.request_id)
+        for reply in msg.lora_replies:
+            future = self._lora_ops.get(reply.op_id)
+            if future is not None and not future.done():
+                future.set_result(reply)
 
     def _wake(self, request_id: str, error: BaseException | None = None) -> None:
         stream = self._streams.get(request_id)
@@ -405,6 +492,9 @@ class AsyncLLMEngine:
     def _fail(self, error: BaseException) -> None:
         self.error = error
         self.end_all(error)
+        for future in self._lora_ops.values():
+            if not future.done():
+                future.set_exception(error)
 
     def end_all(self, error: BaseException) -> None:
         """End every stream in flight with this error (the drain's deadline passed: each client gets a clean

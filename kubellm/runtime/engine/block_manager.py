@@ -21,6 +21,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] | None = None  # kept to make prefix hits exact despite hash collisions
+    lora_id: int = 0  # the LoRA adapter load its KV was computed with (0: the base model)
 
 
 def chain_hash(prev_hash: int, token_ids: tuple[int, ...]) -> int:
@@ -60,7 +61,7 @@ class BlockManager:
         """The sequence's chained block hashes for its first num_full_blocks blocks (memoized on the seq)."""
         bs = self.block_size
         hashes = seq.block_hashes
-        prev = hashes[-1] if hashes else 0
+        prev = hashes[-1] if hashes else seq.lora_id  # KV depends on the adapter: each has its own chains
         for i in range(len(hashes), num_full_blocks):
             prev = chain_hash(prev, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
             hashes.append(prev)
@@ -74,7 +75,10 @@ class BlockManager:
         bs = self.block_size
         for i, h in enumerate(self._hashes(seq, (len(seq) - 1) // bs)):
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.lora_id != seq.lora_id or block.token_ids != tuple(seq.token_ids[i * bs : (i + 1) * bs]):
                 break
             hits.append(block_id)
         return hits
@@ -97,6 +101,7 @@ class BlockManager:
             if block.hash is None and hashes[i] not in self.hash_to_block:
                 block.hash = hashes[i]
                 block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                block.lora_id = seq.lora_id
                 self.hash_to_block[hashes[i]] = block.block_id
         seq.num_published_blocks = full
 

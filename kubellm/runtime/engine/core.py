@@ -10,11 +10,21 @@ from dataclasses import dataclass, field
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.guided import Grammars
 from kubellm.runtime.engine.intake import check_params
+from kubellm.runtime.engine.lora import LoraManager
 from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
-from kubellm.runtime.engine.wire import EngineInfo, EngineRequest, EngineSnapshot, RequestDelta
+from kubellm.runtime.engine.wire import (
+    EngineInfo,
+    EngineRequest,
+    EngineSnapshot,
+    LoadLora,
+    LoraReply,
+    RequestDelta,
+    UnloadLora,
+)
 from kubellm.runtime.model.loader import read_model_info
+from kubellm.runtime.model.lora import LoraError, LoraNotLoaded
 from kubellm.settings import EngineConfig
 
 
@@ -90,9 +100,38 @@ class EngineCore:
         self._ahead: tuple[SchedulerOutput, LaunchedStep] | None = None  # a step launched before its turn
         self._current: SchedulerOutput | None = None  # the step being run (fail_step ends its requests)
         self.num_steps_ahead = 0
+        self.loras: LoraManager | None = None
+        if self.runner.lora is not None:
+            self.loras = LoraManager(self.runner.lora)
+            for name, path in config.lora_module_paths().items():
+                self.loras.load(name, path)
 
     def info(self) -> EngineInfo:
-        return EngineInfo(self.max_model_len, self.vocab_size, self.runner.num_gpu_blocks, str(self.runner.device))
+        loras = {a.name: a.path for a in self.loras.adapters.values()} if self.loras else {}
+        return EngineInfo(
+            self.max_model_len, self.vocab_size, self.runner.num_gpu_blocks, str(self.runner.device), loras
+        )
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def lora_op(self, op: LoadLora | UnloadLora) -> LoraReply:
+        """Load or unload an adapter; the reply says why not (and the field at fault) when it cannot be."""
+        try:
+            if self.loras is None:
+                raise LoraError("LoRA adapters are off: start the server with --enable-lora", "model")
+            if isinstance(op, LoadLora):
+                self.loras.load(op.lora_name, op.lora_path)
+            else:
+                adapter = self.loras.adapters.get(op.lora_name)
+                in_use = 0
+                if adapter is not None:
+                    queues = (self.scheduler.running, self.scheduler.waiting, self.scheduler.swapped)
+                    in_use = sum(1 for q in queues for seq in q if seq.lora_slot == adapter.slot)
+                self.loras.unload(op.lora_name, in_use)
+        except LoraError as e:
+            return LoraReply(op.op_id, str(e), e.field, isinstance(e, LoraNotLoaded))
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # an unreadable or malformed adapter
+            return LoraReply(op.op_id, f"the adapter could not be loaded: {type(e).__name__}: {e}", "lora_path")
+        return LoraReply(op.op_id)
 
     # ------------------------------------------------------------------ intake
     def add(self, req: EngineRequest) -> None:
@@ -103,11 +142,19 @@ class EngineCore:
         check_params(ids, params, req.priority, self.vocab_size)  # what the step cannot take fails here, not there
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        adapter = None
+        if req.lora_name is not None:
+            if self.loras is None:
+                raise LoraError("LoRA adapters are off: start the server with --enable-lora", "model")
+            adapter = self.loras.get(req.lora_name)  # unloaded since the frontend looked: refused
         core_req = CoreRequest(req.request_id)
         core_req.seqs = [
             Sequence(req.request_id, i, ids, params, max_tokens, req.priority, req.arrival_time)
             for i in range(params.n)
         ]
+        if adapter is not None:
+            for s in core_req.seqs:
+                s.lora_slot, s.lora_id = adapter.slot, adapter.load_id
         if params.min_tokens:  # vLLM: EOS (unless ignored) and the stop tokens wait for min_tokens
             ban = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids))
             for s in core_req.seqs:
@@ -182,7 +229,16 @@ class EngineCore:
             self.stats.prompt_tokens,
             self.stats.generation_tokens,
             min(arrivals, default=None),
+            *self._lora_usage(),
         )
+
+    def _lora_usage(self) -> tuple[list[str], list[str]]:
+        """The adapters of the running sequences, and of the waiting and swapped ones (vllm:lora_requests_info)."""
+        if self.loras is None or not self.loras.adapters:
+            return [], []
+        sch = self.scheduler
+        waiting = [s.lora_slot for q in (sch.waiting, sch.swapped) for s in q]
+        return self.loras.names(s.lora_slot for s in sch.running), self.loras.names(waiting)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestDelta]:

@@ -68,10 +68,19 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_name: str | None = None,
     ) -> Submission:
         """Tokenize and validate (ValueError with a message for the user); touches no engine state."""
         return make_submission(
-            self.tokenizer, self.vocab_size, self.max_model_len, request_id, prompt, params, priority, arrival_time
+            self.tokenizer,
+            self.vocab_size,
+            self.max_model_len,
+            request_id,
+            prompt,
+            params,
+            priority,
+            arrival_time,
+            lora_name,
         )
 
     def add(self, sub: Submission) -> None:
@@ -80,9 +89,31 @@ class LLMEngine:
         self.output.add(req.request_id, sub.prompt, req.prompt_token_ids, req.params, req.arrival_time)
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        lora_name: str | None = None,
     ) -> None:
-        self.add(self.make_request(request_id, prompt, params or SamplingParams(), priority))
+        self.add(self.make_request(request_id, prompt, params or SamplingParams(), priority, lora_name=lora_name))
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (--enable-lora); LoraError naming the field when it cannot be."""
+        from kubellm.runtime.engine.wire import LoadLora
+        from kubellm.runtime.model.lora import LoraError
+
+        reply = self.core.lora_op(LoadLora("offline", name, path))
+        if reply.error is not None:
+            raise LoraError(reply.error, reply.field)
+
+    def unload_lora(self, name: str) -> None:
+        from kubellm.runtime.engine.wire import UnloadLora
+        from kubellm.runtime.model.lora import LoraError
+
+        reply = self.core.lora_op(UnloadLora("offline", name))
+        if reply.error is not None:
+            raise LoraError(reply.error, reply.field)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.core.abort(request_id)

@@ -82,9 +82,11 @@ def make_submission(
     params: SamplingParams,
     priority: int = 0,
     arrival_time: float | None = None,
+    lora_name: str | None = None,
 ) -> Submission:
-    """Tokenize and validate; raises ValueError with a message for the user."""
+    """Tokenize and validate; raises ValueError with a message for the user. lora_name: the LoRA adapter to
+    run with (the core refuses one it has not loaded)."""
     text, ids = tokenize_prompt(tokenizer, prompt)
     check_request(ids, params, vocab_size, max_model_len, priority)
     arrival = time.monotonic() if arrival_time is None else arrival_time
-    return Submission(EngineRequest(request_id, ids, params, priority, arrival), text)
+    return Submission(EngineRequest(request_id, ids, params, priority, arrival, lora_name), text)

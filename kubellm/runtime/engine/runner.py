@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kubellm import fit
 from kubellm.runtime.engine.sampler import PromptLogprobs, SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.tp_workers import Workers
 from kubellm.runtime.engine.wire import TokenLogprob
-from kubellm.runtime.model import kernels, parallel
+from kubellm.runtime.model import kernels, lora, parallel
 from kubellm.runtime.model.attention import AttentionMetadata, set_context
 from kubellm.runtime.model.kernels import to_device
 from kubellm.runtime.model.loader import ModelInfo, load_model
@@ -43,6 +44,7 @@ class StepPlan:
     graph_size: int | None = None  # replay the decode graph captured at this batch size
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    lora_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot): model/lora.py
 
 
 @dataclass
@@ -97,6 +99,35 @@ class _EagerReplay:
         self.hidden.copy_(r._forward(r.g_input[:n], r.g_positions[:n], self.meta))
 
 
+def check_fit(config: EngineConfig, max_model_len: int, device: torch.device) -> None:
+    """Refuse (fit.DoesNotFit) a model that cannot fit before loading it: kubellm/fit.py's estimate against
+    --device-memory-bytes, else the GPU's memory; on the CPU without that flag there is nothing to check."""
+    memory = config.device_memory_bytes
+    if memory is None and device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    if memory is None:
+        return
+    estimate = fit.estimate(
+        fit.read_config(config.model),
+        memory,
+        dtype=config.dtype,
+        tensor_parallel_size=config.tensor_parallel_size,
+        max_model_len=max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        # the CPU's budget stands in for a GPU's: no CUDA context in it
+        fixed_overhead_bytes=fit.DEFAULT_OVERHEAD_BYTES if device.type == "cuda" else 0,
+    )
+    if not estimate.fits:
+        raise fit.DoesNotFit(estimate)
+    log.info(
+        "fit check: %.2f of %.2f GiB usable per device",
+        estimate.needed_bytes / fit.GIB,
+        estimate.usable_bytes / fit.GIB,
+    )
+
+
 def pick_device(name: str, tp_size: int = 1, tp_rank: int = 0) -> torch.device:
     """The device of a rank: as configured; with tensor parallelism, GPU `rank` of those visible."""
     if name == "auto":
@@ -127,6 +158,8 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.workers: Workers | None = None
         check_workers = None  # rank 0: raises if a worker process has exited
+        if tp_rank == 0:  # before any weight is read or any other rank started
+            check_fit(config, max_model_len, self.device)
         if tp > 1 and tp_rank == 0:
             parallel.check_divisible(info.shape, tp)
             self.workers = Workers(type(self), config, info, max_model_len)
@@ -134,6 +167,8 @@ class ModelRunner:
         parallel.init_group(tp_rank, tp, port, self.device, check_workers)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
         self.model = load_model(config.model, info, self.device, max_model_len)
+        # the projections wrapped for LoRA adapters, whose weights the core's LoraManager (engine/lora.py) places
+        self.lora = lora.LoraModel(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.sampler = Sampler(self.device, config.seed)
         shape = info.shape
         kv_heads = shape.num_kv_heads // tp  # this rank's
@@ -163,7 +198,8 @@ class ModelRunner:
             max(config.max_num_seqs, 1), (max_model_len + self.block_size - 1) // self.block_size
         )
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | _EagerReplay, torch.Tensor]] = {}
-        if not config.enforce_eager and triton:  # graphs need the Triton kernels (no host-side shapes)
+        # graphs need the Triton kernels (no host-side shapes), and no LoRA: its rows are host data per step
+        if not config.enforce_eager and triton and self.lora is None:
             self._capture_decode_graphs()
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels%s",
@@ -267,7 +303,10 @@ class ModelRunner:
         tables = self.host_tables.fill(seqs)
         size = next((size for size in sorted(self.graphs) if size >= n), None)
         if size is None:
-            return StepPlan(n, input_ids, pos, slots, ctx, tables, [1] * n, n)
+            plan = StepPlan(n, input_ids, pos, slots, ctx, tables, [1] * n, n)
+            if self.lora is not None:
+                plan.lora_rows = lora.runs_of([seq.lora_slot for seq in seqs])
+            return plan
         # padded rows (n … size-1) attend to one token through whatever table their row holds and write
         # their K/V to the scratch block; their outputs are dropped
         pad = size - n
@@ -352,6 +391,8 @@ class ModelRunner:
             sum(1 for q in query_lens if q == 1),
             sample_rows + prompt_rows,
         )
+        if self.lora is not None:
+            plan.lora_rows = lora.runs_of([seq.lora_slot for seq, _ in batch], query_lens)
         return plan, spans
 
     def run_plan(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -374,7 +415,11 @@ class ModelRunner:
             plan.context_lens,
             plan.num_decodes,
         )
-        hidden = self._forward(input_ids, to_device(plan.positions, dev), meta)
+        lora.set_rows(plan.lora_rows)
+        try:
+            hidden = self._forward(input_ids, to_device(plan.positions, dev), meta)
+        finally:
+            lora.set_rows([])
         return hidden if plan.sample_rows is None else hidden[to_device(plan.sample_rows, dev)]
 
     def _run(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -400,8 +445,12 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
         """Queue one scheduled step on the device, sampling included; nothing waits for it here."""
-        # decodes first: attention handles them as one padded batch
-        batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
+        # decodes first: attention handles them as one padded batch; then by LoRA slot, so that each adapter's
+        # rows are one run (model/lora.py)
+        if self.lora is None:
+            batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
+        else:
+            batch = sorted(out.scheduled, key=lambda item: (item[1] != 1, item[0].lora_slot))
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
         spans = None  # a decode step scores no prompt position
         if not batch:

@@ -65,6 +65,8 @@ class Sequence:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.prefix_source: Sequence | None = None  # sibling (n > 1) whose prompt blocks this one waits to share
+        self.lora_slot = 0  # the LoRA adapter's device slot (engine/lora.py); 0: the base model
+        self.lora_id = 0  # that adapter's load id: where its prefix-cache hash chain starts
         self.generator: torch.Generator | None = None
         self.matcher = None  # llguidance matcher following this sequence's output (a guided request)
         if params.seed is not None:

@@ -4,8 +4,10 @@ Typed msgspec structs, encoded as MessagePack arrays (array_like: no field names
 the garbage collector (gc=False: they hold no cycles). A step of 256 running requests is one StepOutput;
 `bench/wire.py` measures its encode + decode cost against pickled positional tuples.
 
-    frontend ──[EngineRequest | Abort | Shutdown, batched]──► engine core
+    frontend ──[EngineRequest | Abort | LoadLora | UnloadLora | Shutdown, batched]──► engine core
     frontend ◄──[Ready | Failed, then StepOutput per step | Dead]── engine core
+
+A LoadLora or UnloadLora is answered by a LoraReply in the next StepOutput.
 
 The core sees token ids only: detokenization and stop strings are the frontend's (output.py), which aborts a
 sequence in the core when its text hits a stop string.
@@ -34,6 +36,7 @@ class EngineRequest(msgspec.Struct, array_like=True, gc=False, tag="add"):
     params: SamplingParams
     priority: int = 0
     arrival_time: float = 0.0  # time.monotonic() at intake: queue time and queue timeouts count from here
+    lora_name: str | None = None  # the LoRA adapter this request runs with; None: the base model
 
 
 class Abort(msgspec.Struct, array_like=True, gc=False, tag="abort"):
@@ -45,7 +48,18 @@ class Shutdown(msgspec.Struct, array_like=True, tag="stop"):
     pass
 
 
-ToCore = EngineRequest | Abort | Shutdown
+class LoadLora(msgspec.Struct, array_like=True, tag="load_lora"):
+    op_id: str
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLora(msgspec.Struct, array_like=True, tag="unload_lora"):
+    op_id: str
+    lora_name: str
+
+
+ToCore = EngineRequest | Abort | LoadLora | UnloadLora | Shutdown
 
 
 # ---------------------------------------------------------------------- core → frontend
@@ -82,6 +96,17 @@ class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
     prompt_tokens: int = 0
     generation_tokens: int = 0
     oldest_waiting_arrival: float | None = None  # time.monotonic() of the longest-waiting unscheduled request
+    running_loras: list[str] = []  # LoRA adapters of the running sequences (with --enable-lora)
+    waiting_loras: list[str] = []  # and of the waiting ones
+
+
+class LoraReply(msgspec.Struct, array_like=True):
+    """The answer to a LoadLora / UnloadLora: error None when it was done; else why, and the field at fault."""
+
+    op_id: str
+    error: str | None = None
+    field: str | None = None
+    not_loaded: bool = False  # the error is that no adapter of that name is loaded
 
 
 class EngineInfo(msgspec.Struct, array_like=True):
@@ -89,6 +114,16 @@ class EngineInfo(msgspec.Struct, array_like=True):
     vocab_size: int
     num_gpu_blocks: int
     device: str
+    loras: dict[str, str] = {}  # the LoRA adapters loaded at start: name → path
+
+
+class StartRefused(msgspec.Struct, array_like=True, tag="refused"):
+    """The core will not start, for a reason the operator shows as it is (kubellm/fit.py: the model does not
+    fit): no traceback, and the pod should not be restarted into the same refusal."""
+
+    reason: str
+    message: str
+    termination_message: str  # for the container's termination-message file (kubellm/fit.py)
 
 
 class Ready(msgspec.Struct, array_like=True, tag="ready"):
@@ -113,9 +148,10 @@ class StepOutput(msgspec.Struct, array_like=True, gc=False, tag="step"):
     snapshot: EngineSnapshot
     num_added: int  # sequences (prompts × n) taken in so far (refused ones included)
     failed: list[tuple[str, str]] = []  # (request_id, why): a step running it raised; the engine goes on
+    lora_replies: list[LoraReply] = []
 
 
-FromCore = Ready | Failed | Dead | StepOutput
+FromCore = Ready | Failed | StartRefused | Dead | StepOutput
 
 encode = msgspec.msgpack.Encoder().encode
 decode_to_core = msgspec.msgpack.Decoder(list[ToCore]).decode

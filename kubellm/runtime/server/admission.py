@@ -143,8 +143,9 @@ class Admission:
         unsupported = p.unsupported_field(req)
         if unsupported:
             raise ApiError(400, f"{unsupported} is not supported by this server", param=unsupported)
-        if req.model is not None and req.model != self.config.model_name:
-            raise ApiError(404, f"The model `{req.model}` does not exist.", "not_found_error", param="model")
+        model = getattr(req, "model", None)  # the served model, or a loaded LoRA adapter
+        if model is not None and model != self.config.model_name and model not in self.engine.loras:
+            raise ApiError(404, f"The model `{model}` does not exist.", "not_found_error", param="model")
         return req
 
     def _check_load(self, incoming: int = 1) -> None:

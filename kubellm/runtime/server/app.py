@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kubellm.runtime.engine.async_engine import AsyncLLMEngine, freeze_startup_heap
+from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineStartRefused, freeze_startup_heap
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.server.admission import ServerState
 from kubellm.runtime.server.config import ServerConfig
@@ -23,6 +23,7 @@ from kubellm.runtime.server.metrics import ServerMetrics
 from kubellm.runtime.server.openai_chat import ChatCompletions
 from kubellm.runtime.server.openai_completions import Completions
 from kubellm.runtime.server.openai_render import Render
+from kubellm.runtime.server.openai_lora import LoraAdapters
 from kubellm.runtime.server.openai_responses import Responses
 from kubellm.runtime.server.openai_utility import Utility
 from kubellm.runtime.server.serving import Serving
@@ -59,7 +60,12 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await engine.start()  # spawns the engine process and waits for the model
+        try:
+            await engine.start()  # spawns the engine process and waits for the model
+        except EngineStartRefused as e:  # serve.py ends the process with the reason (kubellm/fit.py)
+            app.state.start_refused = e
+            log.error(json.dumps({"event": "start_refused", "reason": e.reason, "message": str(e)}))
+            raise
         warmup = SamplingParams(max_tokens=1, detokenize=False)
         async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", [0], warmup):
             pass
@@ -74,6 +80,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="kubellm", version="0.1.0", lifespan=lifespan, **docs)
     app.state.server_state = state
     app.state.engine = engine
+    app.state.start_refused = None
     app.add_middleware(RequestIdMiddleware)
     if config.allowed_origins:  # outermost: preflight requests are answered before auth, as browsers need
         app.add_middleware(
@@ -97,6 +104,10 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     app.add_api_route("/v1/completions/render", render.completion, methods=["POST"], response_model=None)
     app.add_api_route("/tokenize", utility.tokenize, methods=["POST"], response_model=None)
     app.add_api_route("/detokenize", utility.detokenize, methods=["POST"], response_model=None)
+    if config.enable_lora and config.allow_runtime_lora_updating:
+        adapters = LoraAdapters(serving)
+        app.add_api_route("/v1/load_lora_adapter", adapters.load, methods=["POST"], response_model=None)
+        app.add_api_route("/v1/unload_lora_adapter", adapters.unload, methods=["POST"], response_model=None)
     return app
 
 

@@ -52,6 +52,8 @@ class ServerSettings(BaseSettings):
     enable_auto_tool_choice: bool = False
     tool_call_parser: Literal[TOOL_CALL_PARSERS] | None = None  # type: ignore[valid-type]
     reasoning_parser: Literal[REASONING_PARSERS] | None = None  # type: ignore[valid-type]
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING); with --enable-lora
+    allow_runtime_lora_updating: bool = False
 
     @field_validator("chat_template")
     @classmethod

@@ -5,6 +5,8 @@ under our kubellm_* name and under vLLM's `vllm:` name with a `model_name` label
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
@@ -82,6 +84,21 @@ class EngineCollector:
             geometry = {"block_size": str(self.engine.config.block_size), "num_gpu_blocks": str(info.num_gpu_blocks)}
             config.add_metric(list(self.labels.values()), geometry)
             yield config
+        yield from self._lora_info(e)
+
+    def _lora_info(self, e):
+        """vLLM's vllm:lora_requests_info (with --enable-lora): labels say which adapters run and wait, the
+        value is when (consumers take the newest series)."""
+        config = self.engine.config
+        if not config.enable_lora:
+            return
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "LoRA adapters of the running and waiting requests.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric([str(config.max_loras), ",".join(e.running_loras), ",".join(e.waiting_loras)], time.time())
+        yield info
 
 
 class Twin:

@@ -30,7 +30,9 @@ class ChatCompletions:
         max_tokens = req.max_new_tokens
         top = req.top_logprobs or 0 if req.logprobs else None
         params = await s.builder.sampling_params(req, max_tokens, top)
-        return await s.builder.make_requests([ids], params, req.priority, max_tokens, req.truncate_prompt_tokens)
+        return await s.builder.make_requests(
+            [ids], params, req.priority, max_tokens, req.truncate_prompt_tokens, model=req.model
+        )
 
     async def create(self, request: Request):
         s = self.s

@@ -34,7 +34,7 @@ class Completions:
         params = await self.s.builder.sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
         prompts = req.prompts()
         requests = await self.s.builder.make_requests(
-            prompts, params, req.priority, max_tokens, req.truncate_prompt_tokens
+            prompts, params, req.priority, max_tokens, req.truncate_prompt_tokens, model=req.model
         )
         return requests, generated
 

@@ -79,7 +79,7 @@ class Responses:
             raise ApiError(400, f"input: {err['msg'].removeprefix('Value error, ')}", param="input") from None
         ids = await s.builder.encode(s.builder.render_chat(chat), "input", add_special_tokens=False)
         params = await s.builder.sampling_params(chat, chat.max_tokens, None)
-        requests = await s.builder.make_requests([ids], params, 0, chat.max_tokens)
+        requests = await s.builder.make_requests([ids], params, 0, chat.max_tokens, model=req.model)
         output = ChatOutput.for_request(chat, s.config)
         shell = ResponseShell(req, s.model_name, _id("resp"))
         if req.stream:

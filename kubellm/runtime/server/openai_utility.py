@@ -27,7 +27,11 @@ class Utility:
             max_model_len=s.engine.max_model_len,
             vocab_size=s.engine.vocab_size,
         )
-        return p.ModelList(data=[card]).model_dump()
+        adapters = [  # vLLM's shape: each loaded LoRA adapter is a model whose parent is the served one
+            p.ModelCard(id=name, created=self.created, root=path, parent=s.model_name)
+            for name, path in sorted(s.engine.loras.items())
+        ]
+        return p.ModelList(data=[card, *adapters]).model_dump()
 
     async def tokenize(self, request: Request):
         s = self.s

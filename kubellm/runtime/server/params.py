@@ -176,15 +176,18 @@ class RequestBuilder:
         priority: int,
         max_tokens: int | None,
         truncate_prompt_tokens: int | None = None,
+        model: str | None = None,
     ) -> list[Submission]:
-        """Tokenize and validate every prompt before queueing any."""
+        """Tokenize and validate every prompt before queueing any. model: the request's; a LoRA adapter's name
+        runs it with that adapter (admission has checked that it is the served model or a loaded adapter)."""
+        lora = model if model in self.engine.loras else None
         out = []
         for prompt in prompts:
             prompt = await self.truncate(prompt, truncate_prompt_tokens)
             try:
                 self.check_length(prompt)
                 r = await self.tokenizing(
-                    prompt, self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority
+                    prompt, self.engine.make_request, f"req-{uuid.uuid4().hex}", prompt, params, priority, lora
                 )
             except ValueError as e:
                 raise ApiError(400, str(e), param="prompt") from None

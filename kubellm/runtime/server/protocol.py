@@ -336,8 +336,20 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "kubellm"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
     max_model_len: int | None = None
     vocab_size: int | None = None
+
+
+class LoadLoraAdapterRequest(OpenAIModel):
+    """vLLM's /v1/load_lora_adapter (with --allow-runtime-lora-updating): a PEFT adapter directory."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1, max_length=256)
 
 
 class ModelList(BaseModel):

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import uvicorn
 
+from kubellm import fit
 from kubellm.runtime.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.process import exit_process
@@ -115,5 +116,13 @@ def serve(config: ServerConfig, make_core: Callable[[EngineConfig], EngineCore] 
         forwarded_allow_ips=config.forwarded_allow_ips or None,
         timeout_graceful_shutdown=max(config.drain_timeout_s, 1.0),
     )
-    DrainingServer(uv_config, app, config.drain_timeout_s).run()  # the engine process is stopped when it returns
+    try:
+        DrainingServer(uv_config, app, config.drain_timeout_s).run()  # the engine process is stopped when it returns
+    except SystemExit:  # uvicorn's exit when the lifespan's start-up failed
+        if app.state.start_refused is None:
+            raise
+    refused = app.state.start_refused
+    if refused is not None:  # e.g. the model does not fit: the reason where Kubernetes shows it, a distinct code
+        fit.write_termination_message(refused.termination_message)
+        exit_process(fit.EXIT_CODE)
     exit_process(0)

@@ -1,0 +1,189 @@
+"""The fit check: will a model fit its devices? An estimate from the model's config.json alone — weights, the KV
+cache of one full-length sequence, and overhead — per device, against the memory the engine may use
+(device memory × gpu_memory_utilization). Standard library only, like kubellm.settings: `kubellm serve`
+refuses to start with it (runtime/engine/runner.py: check_fit) and the operator can call the same function
+before any pod starts, from a config it can read and the GPU's memory of the node (the GPU feature
+discovery label nvidia.com/gpu.memory, in MiB).
+
+A refusal at start ends `kubellm serve` with EXIT_CODE and writes termination_message(...) (one JSON object:
+reason, message, the numbers) to the container's termination-message file, where the operator reads it from
+the pod's status (lastState.terminated.message) and stops the restart loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+REASON = "InsufficientGPUMemory"
+EXIT_CODE = 78  # sysexits' EX_CONFIG: the configuration cannot work; distinct from a crash (1) or a kill (137)
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
+GIB = 1 << 30
+DEFAULT_OVERHEAD_BYTES = 512 << 20  # CUDA context, allocator slack, kernels' workspaces (measured: ~0.4–0.6 GiB)
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "float8_e4m3fn": 1}
+
+
+@dataclass(frozen=True)
+class FitEstimate:
+    """Bytes per device (one tensor-parallel rank)."""
+
+    weights_bytes: int
+    kv_bytes: int  # the KV cache of one max_model_len-token sequence
+    overhead_bytes: int  # activations of the largest step, logits, and the fixed overhead
+    device_memory_bytes: int
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    max_model_len: int
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.device_memory_bytes * self.gpu_memory_utilization)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.usable_bytes
+
+    def message(self) -> str:
+        g = GIB
+        return (
+            f"the model does not fit: weights {self.weights_bytes / g:.2f} GiB + KV cache of one "
+            f"{self.max_model_len}-token sequence {self.kv_bytes / g:.2f} GiB + overhead {self.overhead_bytes / g:.2f} "
+            f"GiB = {self.needed_bytes / g:.2f} GiB per device (tensor_parallel_size {self.tensor_parallel_size}), "
+            f"more than the {self.usable_bytes / g:.2f} GiB usable ({self.gpu_memory_utilization:g} of "
+            f"{self.device_memory_bytes / g:.2f} GiB); raise tensor_parallel_size, lower max_model_len, or use "
+            f"devices with more memory"
+        )
+
+
+class DoesNotFit(RuntimeError):
+    """The engine refuses to start: the estimate says the model cannot fit."""
+
+    reason = REASON
+
+    def __init__(self, estimate: FitEstimate):
+        super().__init__(estimate.message())
+        self.estimate = estimate
+
+
+def read_config(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+
+
+def dtype_bytes(config: dict, dtype: str = "auto") -> int:
+    """Bytes per weight for the engine's dtype setting ("auto": the checkpoint's)."""
+    name = dtype
+    if dtype == "auto":
+        name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {name!r}")
+    return _DTYPE_BYTES[name]
+
+
+def _linear_weight_bytes(config: dict, default: int) -> float:
+    """Bytes per weight of the linear layers: quantized checkpoints store less than their dtype."""
+    quant = config.get("quantization_config") or {}
+    method = str(quant.get("quant_method", "")).lower()
+    if method == "fp8":
+        return 1
+    if method in ("awq", "gptq") and quant.get("bits"):
+        return quant["bits"] / 8
+    return default
+
+
+def parameter_counts(config: dict) -> tuple[int, int, int]:
+    """(embedding + LM head, linear layers of the decoder, norms) parameter counts of a decoder-only
+    transformer config (Llama, Mistral, Qwen2/3 and their MoE variants)."""
+    hidden = config["hidden_size"]
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    vocab = config["vocab_size"]
+    embed = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    if experts:
+        expert_size = config.get("moe_intermediate_size") or config["intermediate_size"]
+        shared = config.get("shared_expert_intermediate_size") or 0
+        mlp = experts * 3 * hidden * expert_size + hidden * experts + 3 * hidden * shared
+    else:
+        mlp = 3 * hidden * config["intermediate_size"]
+    norms = layers * (2 * hidden + 2 * head_dim) + hidden
+    return embed, layers * (attention + mlp), norms
+
+
+def estimate(
+    config: dict,
+    device_memory_bytes: int,
+    *,
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+    max_num_batched_tokens: int = 8192,
+    max_num_seqs: int = 256,
+    kv_cache_dtype: str | None = None,
+    fixed_overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+) -> FitEstimate:
+    """The per-device estimate for a model's config.json (a dict) and the serving settings (`kubellm serve`'s
+    names; max_model_len None: the model's own)."""
+    tp = tensor_parallel_size
+    elem = dtype_bytes(config, dtype)
+    embed, linear, norms = parameter_counts(config)
+    weights = (embed * elem + linear * _linear_weight_bytes(config, elem)) / tp + norms * elem
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    length = max_model_len or config.get("max_position_embeddings") or 2048
+    kv_elem = _DTYPE_BYTES[kv_cache_dtype] if kv_cache_dtype and kv_cache_dtype != "auto" else elem
+    kv = 2 * layers * max(kv_heads // tp, 1) * head_dim * length * kv_elem
+    # the largest step's activations: hidden states and the MLP's widest intermediate for every token, and
+    # fp32 logits for every sampled row
+    inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    tokens = min(max_num_batched_tokens, max(length, 1))
+    activations = tokens * (4 * hidden + 3 * inter // tp) * elem + min(max_num_seqs, tokens) * config["vocab_size"] * 4
+    return FitEstimate(
+        int(weights),
+        int(kv),
+        int(activations + fixed_overhead_bytes),
+        int(device_memory_bytes),
+        gpu_memory_utilization,
+        tp,
+        length,
+    )
+
+
+def termination_message(estimate: FitEstimate) -> str:
+    """What `kubellm serve` writes to the termination-message file when it refuses (Kubernetes keeps 4 KiB)."""
+    numbers = asdict(estimate) | {"needed_bytes": estimate.needed_bytes, "usable_bytes": estimate.usable_bytes}
+    return json.dumps({"reason": REASON, "message": estimate.message(), **numbers}, separators=(",", ":"))
+
+
+def parse_termination_message(text: str) -> dict | None:
+    """The operator's side: the refusal's fields, or None for a message that is not one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("reason") == REASON else None
+
+
+def write_termination_message(text: str, path: str | None = None) -> bool:
+    """Write the message where Kubernetes reads it (KUBELLM_TERMINATION_MESSAGE_PATH, else its default); False
+    when there is no such file to write (outside a pod)."""
+    path = path or os.environ.get("KUBELLM_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,84 @@
+"""The fit check (kubellm/fit.py): its estimate against published model sizes, the refusal's numbers, and the
+runtime refusing at start (offline here; `kubellm serve`'s exit code and termination message in
+tests/e2e/test_fit_refusal.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubellm import fit
+from kubellm.runtime import LLM
+
+GIB = 1 << 30
+LLAMA_3_8B = {  # meta-llama/Llama-3.1-8B's config.json (the fields the estimate reads)
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B: 128 experts of 768 columns, 8 active
+    "model_type": "qwen3_moe",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert sum(fit.parameter_counts(LLAMA_3_8B)) / 1e9 == pytest.approx(8.03, abs=0.01)
+    assert sum(fit.parameter_counts(QWEN3_30B_A3B)) / 1e9 == pytest.approx(30.5, abs=0.1)
+
+
+def test_llama_8b_fits_an_h100_not_a_16_gib_gpu_and_the_message_has_the_numbers():
+    h100 = fit.estimate(LLAMA_3_8B, 80 * GIB, max_model_len=8192)
+    assert h100.weights_bytes == pytest.approx(16.06e9, rel=0.01)
+    assert h100.kv_bytes == 2 * 32 * 8 * 128 * 8192 * 2  # 1 GiB: K and V, 32 layers, 8 heads of 128, bf16
+    assert h100.fits
+    small = fit.estimate(LLAMA_3_8B, 16 * GIB, max_model_len=8192)
+    assert not small.fits
+    message = small.message()
+    for number in ("weights 14.96 GiB", "8192-token sequence 1.00 GiB", "14.40 GiB usable", "of 16.00 GiB"):
+        assert number in message
+    assert fit.estimate(LLAMA_3_8B, 16 * GIB, max_model_len=8192, tensor_parallel_size=2).fits  # half each
+    fp8 = fit.estimate({**LLAMA_3_8B, "quantization_config": {"quant_method": "fp8"}}, 16 * GIB, max_model_len=8192)
+    assert fp8.weights_bytes < 0.6 * small.weights_bytes and fp8.fits
+
+
+def test_the_full_context_counts_when_max_model_len_is_unset():
+    assert fit.estimate(LLAMA_3_8B, 80 * GIB).kv_bytes == 16 * GIB  # 131072 tokens × 128 KiB
+    assert not fit.estimate(LLAMA_3_8B, 24 * GIB).fits
+
+
+def test_termination_message_round_trips_within_kubernetes_limit():
+    text = fit.termination_message(fit.estimate(QWEN3_30B_A3B, 24 * GIB))
+    assert len(text.encode()) < 4096
+    parsed = fit.parse_termination_message(text)
+    assert parsed["reason"] == "InsufficientGPUMemory" and parsed["needed_bytes"] > parsed["usable_bytes"]
+    assert parsed["message"].startswith("the model does not fit")
+    assert fit.parse_termination_message("OOMKilled") is None
+    assert fit.parse_termination_message(json.dumps({"reason": "Other"})) is None
+
+
+def test_the_engine_refuses_to_start_with_a_budget_too_small(tiny_model):
+    needed = fit.estimate(fit.read_config(tiny_model), 1, fixed_overhead_bytes=0, max_model_len=2048).needed_bytes
+    with pytest.raises(fit.DoesNotFit, match="the model does not fit: weights"):
+        LLM(tiny_model, device="cpu", device_memory_bytes=needed // 2)
+    llm = LLM(tiny_model, device="cpu", device_memory_bytes=4 * needed)  # fits: starts and serves
+    assert llm.generate([[5, 6]])[0].outputs[0].token_ids
