@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_TARGETS = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
 
 def make_adapter(

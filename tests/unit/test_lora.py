@@ -8,7 +8,7 @@ import torch
 
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.model.lora import LoraError
-from tests.support.lora import make_adapter, peft_greedy
+from tests.support.lora import ATTENTION, make_adapter, peft_greedy
 from tests.support.tiny_models import ARCHITECTURES, random_prompts
 
 NEW = 16
@@ -20,19 +20,26 @@ DEVICES = [
 ]
 
 
+MOE = ("qwen3_moe", "mixtral")  # adapters on their attention only: LoRA on experts is not supported
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_models, tmp_path_factory) -> dict[str, dict[str, str]]:
-    """Per architecture two adapters: rank 8 on all seven projections; rank 4 (rsLoRA) on q/v/down only."""
+    """Per architecture two adapters: rank 8 on all seven projections; rank 4 (rsLoRA) on q/v/down only (on MoE
+    models: on q/k/v/o, and on q/v)."""
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for arch, model in tiny_models.items():
+        moe = arch in MOE
         out[arch] = {
-            "all8": make_adapter(model, str(root / arch / "all8"), rank=8, seed=1),
+            "all8": make_adapter(
+                model, str(root / arch / "all8"), rank=8, seed=1, **({"targets": ATTENTION} if moe else {})
+            ),
             "qvd4": make_adapter(
                 model,
                 str(root / arch / "qvd4"),
                 rank=4,
-                targets=("q_proj", "v_proj", "down_proj"),
+                targets=("q_proj", "v_proj") if moe else ("q_proj", "v_proj", "down_proj"),
                 use_rslora=True,
                 seed=2,
             ),

@@ -22,8 +22,8 @@ from kubellm.runtime.server.errors import ApiError
 from kubellm.runtime.server.metrics import ServerMetrics
 from kubellm.runtime.server.openai_chat import ChatCompletions
 from kubellm.runtime.server.openai_completions import Completions
-from kubellm.runtime.server.openai_render import Render
 from kubellm.runtime.server.openai_lora import LoraAdapters
+from kubellm.runtime.server.openai_render import Render
 from kubellm.runtime.server.openai_responses import Responses
 from kubellm.runtime.server.openai_utility import Utility
 from kubellm.runtime.server.serving import Serving
