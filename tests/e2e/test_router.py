@@ -132,6 +132,21 @@ def test_a_dead_pod_is_retried_elsewhere_before_the_first_byte(backends, router)
     assert retried and all(x["status"] == 200 for x in retried)
 
 
+def test_a_pod_silent_mid_stream_ends_the_stream_with_an_error_event(backends, router):
+    pods = backends(1)
+    httpx.post(pods.urls[0] + "/fake/load", json={"stall_after": 2})
+    r = router({"fake": pods.urls}, "--upstream-read-timeout-s", "2")
+    client = openai.OpenAI(base_url=r.url + "/v1", api_key="k", max_retries=0, timeout=60)
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
+        ):
+            got.append(chunk)
+    assert len(got) == 2 and "mid-stream" in str(e.value)
+    assert metric(r, "kubellm_router_attempts_total", model="fake", outcome="broken_stream") == 1
+
+
 def test_saturated_pods_get_429_with_retry_after(backends, router):
     pods = backends(2, token_rate=2)
     r = router({"fake": pods.urls}, "--max-in-flight-per-pod", "1")

@@ -22,6 +22,7 @@ class FakeBackend:
         self.slots = asyncio.Semaphore(slots)
         self.running = self.waiting = self.served = self.hits = self.finished = 0
         self.extra_waiting = 0  # set through POST /fake/load: a queue this router did not cause
+        self.stall_after: int | None = None  # POST /fake/load {"stall_after": n}: streams go silent after n chunks
         self.seen: set[str] = set()
 
     def app(self) -> web.Application:
@@ -37,7 +38,9 @@ class FakeBackend:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def set_load(self, request: web.Request) -> web.Response:
-        self.extra_waiting = int((await request.json())["waiting"])
+        body = await request.json()
+        self.extra_waiting = int(body.get("waiting", self.extra_waiting))
+        self.stall_after = body.get("stall_after", self.stall_after)
         return web.json_response({"ok": True})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -101,6 +104,8 @@ class FakeBackend:
         await response.prepare(request)
         chat = "messages" in body
         for i in range(tokens):
+            if self.stall_after is not None and i >= self.stall_after:
+                await asyncio.sleep(3600)  # a pod gone silent, its connection open (a vanished node)
             await asyncio.sleep(1 / self.token_rate)
             delta = {"delta": {"content": "tok "}} if chat else {"text": "tok "}
             chunk = {
