@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import time
 
 import httpx
@@ -219,6 +220,11 @@ def test_traffic_that_bypasses_the_router_keeps_a_model_up(backends, router):
 
 
 # ------------------------------------------------------------------- real kubellm serve pods
+def served_logs(server) -> list[dict]:
+    lines = [json.loads(x) for x in server.logs().splitlines() if x.startswith("{")]
+    return [x for x in lines if x.get("event") == "request_finished"]
+
+
 @pytest.fixture(scope="module")
 def two_models(tiny_model, tmp_path_factory):
     keys = tmp_path_factory.mktemp("router-keys") / "keys"
@@ -260,3 +266,6 @@ def test_two_real_models_behind_one_endpoint(two_models, router):
     logs = r.request_logs()
     assert {x["model"] for x in logs} >= {"tiny-a", "tiny-b", "tiny-c"}
     assert all(len(x["trace_id"]) == 32 for x in logs)
+    # the router's trace id reaches the pod (W3C traceparent): one id in both logs
+    routed = {x["trace_id"] for x in logs if x["model"] == "tiny-a"}
+    assert routed & {x.get("trace_id") for x in served_logs(a)}

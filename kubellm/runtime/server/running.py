@@ -120,6 +120,9 @@ class Runner:
 
     def _log(self, event: str, request: Request, engine_id: str, **fields) -> None:
         head = {"event": event, "request_id": request.state.request_id, "engine_id": engine_id}
+        trace = request.headers.get("traceparent", "").split("-")
+        if len(trace) == 4:  # W3C trace context (kubellm router sends one): the same trace id in both logs
+            head["trace_id"] = trace[1]
         log.info(json.dumps({**head, "model": self.config.model_name, **fields}))
 
     async def collect(self, requests: list[Submission], request: Request) -> list[RequestOutput]:
