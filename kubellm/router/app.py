@@ -132,6 +132,8 @@ class Router:
         self.scraper.watch({u for r in routes.values() for u in r.endpoints})
         for r in routes.values():
             self.metrics.endpoints.labels(r.model).set(len(r.endpoints))
+            if r.replicas is not None:
+                self.metrics.replicas.labels(r.model).set(r.replicas)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -144,6 +146,9 @@ class Router:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for route in list(self.routes.values()):
+                if route.model in self.asleep and route.endpoints and route.replicas:
+                    self.asleep.discard(route.model)  # scaled up by someone else: its idle window runs again
+                    self.last_request[route.model] = now
                 if not route.scales_to_zero or route.replicas == 0 or route.model in self.asleep:
                     continue
                 busy = self.held.get(route.model, 0) or self.model_in_flight.get(route.model, 0)
