@@ -162,6 +162,15 @@ def estimate(
     )
 
 
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # GPU feature discovery's node label: one GPU's memory in MiB
+
+
+def node_gpu_memory_bytes(labels: dict[str, str]) -> int | None:
+    """One GPU's memory on a node, from its GPU feature discovery label (None: unlabelled or unreadable)."""
+    value = (labels or {}).get(GPU_MEMORY_LABEL, "")
+    return int(value) << 20 if value.isdigit() and int(value) > 0 else None
+
+
 def termination_message(estimate: FitEstimate) -> str:
     """What `kubellm serve` writes to the termination-message file when it refuses (Kubernetes keeps 4 KiB)."""
     numbers = asdict(estimate) | {"needed_bytes": estimate.needed_bytes, "usable_bytes": estimate.usable_bytes}

@@ -118,7 +118,13 @@ def test_load_use_unload_and_the_limits(lora_server, tiny_model, adapters):
     prompt = random_prompts(seed=32, lengths=[19])[0]
     assert _complete(client, "late", prompt) == peft_greedy(tiny_model, adapters["qvd4"], [prompt], NEW)[0]
     chat = client.chat.completions.create(model="late", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert chat.choices[0].finish_reason in ("length", "stop")
+    assert chat.choices[0].finish_reason in ("length", "stop") and chat.model == "late"  # vLLM names the adapter
+    stream = client.chat.completions.create(
+        model="late", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    assert {chunk.model for chunk in stream} == {"late"}
+    base = client.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert base.model == "tiny"
     assert "late" in {m.id for m in client.models.list()}
     _admin(client, "/unload_lora_adapter", {"lora_name": "late"})
     assert "late" not in {m.id for m in client.models.list()}

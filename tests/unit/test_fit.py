@@ -66,6 +66,15 @@ def test_the_full_context_counts_when_max_model_len_is_unset():
     assert not fit.estimate(LLAMA_3_8B, 24 * GIB).fits
 
 
+def test_a_kwok_gpu_node_label_gives_the_memory_the_operator_checks_against():
+    node = {"nvidia.com/gpu.memory": "24576", "nvidia.com/gpu.product": "NVIDIA-L4"}  # MiB, as GFD writes it
+    memory = fit.node_gpu_memory_bytes(node)
+    assert memory == 24 * GIB
+    assert not fit.estimate(LLAMA_3_8B, memory, max_model_len=131072).fits  # 16 GiB of KV alone
+    assert fit.estimate(LLAMA_3_8B, memory, max_model_len=8192).fits
+    assert fit.node_gpu_memory_bytes({}) is None and fit.node_gpu_memory_bytes({"nvidia.com/gpu.memory": "n/a"}) is None
+
+
 def test_termination_message_round_trips_within_kubernetes_limit():
     text = fit.termination_message(fit.estimate(QWEN3_30B_A3B, 24 * GIB))
     assert len(text.encode()) < 4096

@@ -50,7 +50,7 @@ class ChatCompletions:
             return s.logprobs.prompt(out.prompt_logprobs, as_ids) if req.prompt_logprobs is not None else None
 
         if req.stream:
-            chunk = partial(p.ChatCompletionChunk, id=rid, created=created, model=s.model_name)
+            chunk = partial(p.ChatCompletionChunk, id=rid, created=created, model=s.answered_model(req.model))
             continuous = req.stream_options and req.stream_options.include_usage
             continuous = continuous and req.stream_options.continuous_usage_stats
             streams = output.streams()
@@ -101,7 +101,7 @@ class ChatCompletions:
         return p.ChatCompletionResponse(
             id=rid,
             created=created,
-            model=s.model_name,
+            model=s.answered_model(req.model),
             choices=choices,
             usage=usage([out]),
             prompt_logprobs=prompt_logprobs_of(out),

@@ -38,15 +38,19 @@ class Completions:
         )
         return requests, generated
 
+    def _response(self, request: Request, req: p.CompletionRequest):
+        """The response (or chunk) with one id and timestamp for all of it, as OpenAI's."""
+        model = self.s.answered_model(req.model)
+        return partial(
+            p.CompletionResponse, id=f"cmpl-{request.state.request_id}", created=int(time.time()), model=model
+        )
+
     async def create(self, request: Request):
         s = self.s
         req: p.CompletionRequest = await s.admission.admit(request, p.CompletionRequest)
         requests, generated = await self.submissions(req)
         echo_logprobs = req.echo and req.logprobs is not None
-        # one id and timestamp for every chunk of the response, as OpenAI's
-        response = partial(
-            p.CompletionResponse, id=f"cmpl-{request.state.request_id}", created=int(time.time()), model=s.model_name
-        )
+        response = self._response(request, req)
         echo = [
             (r.prompt if r.prompt is not None else s.tokenizer.decode(r.prompt_token_ids)) if req.echo else ""
             for r in requests

@@ -81,7 +81,7 @@ class Responses:
         params = await s.builder.sampling_params(chat, chat.max_tokens, None)
         requests = await s.builder.make_requests([ids], params, 0, chat.max_tokens, model=req.model)
         output = ChatOutput.for_request(chat, s.config)
-        shell = ResponseShell(req, s.model_name, _id("resp"))
+        shell = ResponseShell(req, s.answered_model(req.model), _id("resp"))
         if req.stream:
             events = EventStream(shell, output)
             return await s.stream(requests, request, StreamFormatter(1, False), events.on_delta, events.completed)

@@ -44,6 +44,10 @@ class Serving:
         self.runner = Runner(engine, config, state, metrics)
         self.logprobs = LogprobFormatter(engine.tokenizer)
 
+    def answered_model(self, requested: str | None) -> str:
+        """The `model` a response names: the LoRA adapter asked for, as vLLM's, else the served model."""
+        return requested if requested is not None and requested in self.engine.loras else self.model_name
+
     async def stream(
         self,
         requests: list[Submission],
