@@ -12,6 +12,15 @@
 #                                     # size) against that kind's floor, Qwen3-0.6B and Llama-3.2-1B shapes
 #   bash bench/gpu_suite.sh kernels   # Triton kernels: decode bandwidth / prefill TFLOP/s over launch configs,
 #                                     # fused elementwise kernels against torch (to pick defaults)
+# Issue 20 (each part ≤ 9 minutes; written on a CPU-only session, not yet run on a GPU):
+#   bash bench/gpu_suite.sh check20   # MoE (Qwen3-MoE, Mixtral) exact vs HF on CUDA, the fused MoE kernel vs
+#                                     # torch, n-gram speculation and FP8 checkpoints on CUDA
+#   bash bench/gpu_suite.sh moe       # Qwen3-30B-A3B shape (bf16, weights made on the device: 61 GB would not
+#                                     # fit the disk), kubellm offline on the nano-vllm workload + its floor
+#   bash bench/gpu_suite.sh moe-hf    # HF continuous batching on the same shape, 32 requests (HF's expert loop
+#                                     # is too slow for 256 in one part): the baseline of the table above
+#   SPEC_MODEL=dir bash bench/gpu_suite.sh spec  # n-gram speculation's ITL at concurrency 1 (code editing) on
+#                                     # real weights; SmolLM2 (260 MB) cannot be carried (64 MiB): needs a copy there
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
 # wheels, gitignored; bench/fetch_gpu_wheels.sh makes them) and they are installed under /tmp/pylib first.
 # Output goes to stdout and $OUT.
@@ -26,7 +35,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
-PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels}"
+PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels | check20 | moe | moe-hf | spec}"
 case "$PART" in
   check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton"
          # structured output on the CUDA path (grammar masks on device logits; llguidance carried in .wheels)
@@ -51,5 +60,10 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-tiny-wordlevel')
          run python bench/offline.py --shape llama-3.2-1b --step-times ;;
   kernels) run python bench/kernels.py
            run python bench/kernels.py --shape llama-3.2-1b --parts decode prefill ;;
+  check20) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda and (moe or mixtral) or triton_fused_moe or triton_moe or kernels_compile"
+           run python -m pytest -q -p no:cacheprovider tests/unit/test_speculative.py tests/unit/test_fp8.py ;;
+  moe) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy ;;
+  moe-hf) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy --num-requests 32 --baselines hf-cb ;;
+  spec) run python bench/speculative.py --model "${SPEC_MODEL:?SPEC_MODEL: a real model directory}" --dtype bfloat16 ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

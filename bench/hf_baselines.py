@@ -9,6 +9,7 @@ moved between 5.x releases, so options are passed only where this version has th
 from __future__ import annotations
 
 import inspect
+import os
 import time
 
 
@@ -18,6 +19,15 @@ def load_hf(model_dir: str, dtype: str, attn: str):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype), "attn_implementation": attn}
+    if not any(name.endswith(".safetensors") for name in os.listdir(model_dir)):  # a shape without weights
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        if dtype == "auto":
+            config_dtype = getattr(config, "dtype", None) or torch.bfloat16
+            kwargs["dtype"] = getattr(torch, config_dtype) if isinstance(config_dtype, str) else config_dtype
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, **kwargs).eval()
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
 
 

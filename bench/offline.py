@@ -42,6 +42,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights made on the device from config.json (with --shape: no weights written)",
+    )
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument(
         "--kernels",
@@ -81,7 +87,12 @@ def main() -> None:
     if args.shape:
         from bench.shapes import make_shaped_model
 
-        model = make_shaped_model(os.path.join(args.cache_dir, f"{args.shape}-wordlevel"), args.shape)
+        suffix = "-config-only" if args.load_format == "dummy" else ""
+        model = make_shaped_model(
+            os.path.join(args.cache_dir, f"{args.shape}-wordlevel{suffix}"),
+            args.shape,
+            weights=args.load_format != "dummy",
+        )
     if args.stand_in:
         with open(os.path.join(model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
@@ -105,6 +116,7 @@ def main() -> None:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         kernels=args.kernels,
+        load_format=args.load_format,
     )
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)

@@ -92,8 +92,10 @@ def word_level_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<t0>", eos_token="<t2>", pad_token="<t3>")
 
 
-def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
-    """Write a random model of the given shape, with a word-level tokenizer covering its whole vocabulary."""
+def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16", weights: bool = True) -> str:
+    """Write a random model of the given shape, with a word-level tokenizer covering its whole vocabulary.
+    weights False: config.json and the tokenizer only (the engine's load_format="dummy" makes the weights on
+    the device: Qwen3-30B-A3B's 61 GB would neither fit the GPU machine's disk nor be written in minutes)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
@@ -105,6 +107,11 @@ def make_shaped_model(out_dir: str, shape: str, dtype: str = "bfloat16") -> str:
     spec.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})
     cls = {"qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig, "llama": LlamaConfig}[arch]
     cfg = cls(**spec, eos_token_id=2, pad_token_id=3, bos_token_id=None)
+    if not weights:
+        cfg.dtype = dtype
+        cfg.save_pretrained(out_dir)
+        word_level_tokenizer(cfg.vocab_size).save_pretrained(out_dir)
+        return out_dir
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))

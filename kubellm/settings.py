@@ -8,12 +8,50 @@ torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field, fields
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
 KERNEL_CHOICES = ("auto", "torch", "triton")
+SPECULATIVE_METHODS = ("ngram",)
+QUANTIZATION_METHODS = ("fp8",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (runtime/engine/speculation.py), as vLLM's --speculative-config JSON."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # k: draft tokens per step at most
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+
+    @classmethod
+    def parse(cls, text: str | dict | None) -> SpeculativeConfig | None:
+        """vLLM's JSON object (its names; "model" absent or "[ngram]"); None: no speculation."""
+        if text is None or text == "":
+            return None
+        spec = json.loads(text) if isinstance(text, str) else dict(text)
+        if not isinstance(spec, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        if spec.pop("model", "[ngram]") not in ("[ngram]", None):
+            raise ValueError("speculative_config: only the ngram method (no draft model) is supported")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
+        config = cls(**spec)
+        if config.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {SPECULATIVE_METHODS}, got {config.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config.{name} must be a positive integer, got {value!r}")
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max")
+        return config
 
 
 def _flag(default, help: str, **bounds) -> object:
@@ -53,7 +91,18 @@ class EngineConfig:
     device_memory_bytes: int | None = _flag(
         None, "memory of one device for the start-up fit check (default: the GPU's; on the CPU: no check)", ge=1
     )
+    quantization: str | None = _flag(
+        None,
+        "fp8: round the weights of a bf16/fp32 checkpoint to FP8 at load (one scale per output channel); "
+        "FP8 checkpoints (compressed-tensors, HF fine-grained) are recognized without it",
+    )
+    speculative_config: str | None = _flag(
+        None,
+        'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 1} (prompt lookup, no draft model; greedy requests only)',
+    )
     served_model_name: str | None = None  # the server's --served-model-name
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks of large shapes)
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -72,6 +121,11 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
+        SpeculativeConfig.parse(self.speculative_config)
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         self._check_lora()
 
     def _check_lora(self) -> None:
@@ -99,6 +153,10 @@ class EngineConfig:
             out[name] = path
         return out
 
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
+
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> EngineConfig:
         """Build from keyword arguments, refusing unknown names (a typo must not be ignored)."""
@@ -124,7 +182,7 @@ def engine_flag(name: str) -> str:
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """The engine settings' flags of `kubellm serve` (unset: None, so lower layers keep their say)."""
     for f in FLAG_SETTINGS:
-        kind = type(f.default) if f.default is not None else int
+        kind = type(f.default) if f.default is not None else (str if f.type.startswith("str") else int)
         if kind is tuple:  # a list of values: --flag a b c
             parser.add_argument(engine_flag(f.name), nargs="+", metavar="VALUE", help=f.metadata["help"])
         elif kind is bool:

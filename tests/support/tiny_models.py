@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
@@ -13,3 +14,23 @@ NEW_TOKENS = 24
 def random_prompts(seed: int = 0, lengths=LENGTHS) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(4, 500) for _ in range(n)] for n in lengths]
+
+
+def looping_model(src: str, dst: str, attention_scale: float = 0.02) -> str:
+    """A copy of a tiny model whose attention output is scaled down: each next token then depends mostly on the
+    current one, so greedy output falls into cycles (what n-gram speculation finds) while the context still
+    moves some choices (a wrong KV entry still shows)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(attention_scale)
+    model.save_pretrained(dst)
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors") and name != "config.json":
+            shutil.copy(os.path.join(src, name), dst)
+    return dst

@@ -14,6 +14,7 @@ from kubellm.runtime.engine.lora import LoraManager
 from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
 from kubellm.runtime.engine.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.engine.speculation import SpecDecodeStats, can_speculate
 from kubellm.runtime.engine.wire import (
     EngineInfo,
     EngineRequest,
@@ -66,6 +67,7 @@ class CoreRequest:
 class EngineStats:
     prompt_tokens: int = 0  # computed prompt tokens (prefix-cache hits excluded)
     generation_tokens: int = 0
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 def model_limits(config: EngineConfig) -> tuple:
@@ -219,6 +221,7 @@ class EngineCore:
     def snapshot(self) -> EngineSnapshot:
         bm = self.block_manager
         arrivals = [s.arrival_time for s in self.scheduler.waiting if s.first_scheduled_time is None]
+        spec = self.stats.spec
         return EngineSnapshot(
             self.num_running,
             self.num_waiting,
@@ -230,6 +233,10 @@ class EngineCore:
             self.stats.generation_tokens,
             min(arrivals, default=None),
             *self._lora_usage(),
+            spec.num_drafts,
+            spec.num_draft_tokens,
+            spec.num_accepted_tokens,
+            list(spec.accepted_per_position),
         )
 
     def _lora_usage(self) -> tuple[list[str], list[str]]:
@@ -253,12 +260,14 @@ class EngineCore:
         if self.config.async_scheduling:
             self._ahead = self._launch_ahead(out, launched)
         sampled, tokens, logprobs = self.runner.collect(launched)
+        touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
+        if launched.accepted is not None:
+            self._take_drafts(out, launched.accepted, touched)
         if self._ahead is not None or any(s.is_finished for s in sampled):
             # a step launched ahead also ran rows whose sequence has ended since (its length, an abort, a
             # stop): their results are dropped
             live = [i for i, s in enumerate(sampled) if not s.is_finished]
             sampled, tokens, logprobs = ([x[i] for i in live] for x in (sampled, tokens, logprobs))
-        touched: dict[str, None] = dict.fromkeys(s.request_id for s in out.timed_out)
         self._account_computed(out)
         now = time.monotonic()
         for seq, token, lp in zip(sampled, tokens, logprobs):
@@ -291,6 +300,31 @@ class EngineCore:
         out = self.scheduler.schedule()
         return out, self.runner.launch(out)
 
+    def _take_drafts(self, out: SchedulerOutput, accepted: dict[int, list[int]], touched: dict[str, None]) -> None:
+        """Append each speculating sequence's accepted draft tokens (before its step's own token, which the
+        caller appends), stopping where one ends the sequence; a step computed the KV of the last token and
+        the accepted ones only, so that is what it counts."""
+        now = time.monotonic()
+        scheduled = []
+        for seq, n in out.scheduled:
+            draft = seq.draft_token_ids
+            if draft and seq.seq_id in accepted:
+                taken = accepted[seq.seq_id]
+                self.stats.spec.record(len(draft), len(taken))
+                n = 1 + len(taken)
+                for token in taken:
+                    if seq.is_finished:
+                        break
+                    seq.append_token(token)
+                    if seq.first_token_time is None:
+                        seq.first_token_time = now
+                    self.stats.generation_tokens += 1
+                    touched[seq.request_id] = None
+                    self._check_finished(seq, token)
+                seq.draft_token_ids = []
+            scheduled.append((seq, n))
+        out.scheduled = scheduled
+
     def _account_computed(self, out: SchedulerOutput) -> None:
         for seq, n in out.scheduled:
             if seq.is_finished:
@@ -317,6 +351,8 @@ class EngineCore:
             seqs[i].params.has_penalties or seqs[i].matcher is not None or seqs[i].restricted for i in keep
         ):
             return None  # they need the token being sampled (min_tokens counts it)
+        if sch.speculative is not None and any(can_speculate(seqs[i]) for i in keep):
+            return None  # its draft is looked up in the tokens being sampled
         in_flight = {id(seq): n for seq, n in out.scheduled}  # tokens the running step computes per sequence
         positions: list[int | None] = []
         for i in keep:

@@ -15,6 +15,7 @@ from kubellm import fit
 from kubellm.runtime.engine.sampler import PromptLogprobs, SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
+from kubellm.runtime.engine.speculation import accept
 from kubellm.runtime.engine.tp_workers import Workers
 from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.model import kernels, lora, parallel
@@ -48,12 +49,25 @@ class StepPlan:
 
 
 @dataclass
+class DraftCheck:
+    """The model's greedy tokens at the draft positions of a speculating step, on their way to the host: row
+    i of a sequence's draft_len rows is its choice after the last token and draft[:i]."""
+
+    seqs: list[Sequence]  # those with a draft, in row order
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
+@dataclass
 class LaunchedStep:
-    """A step queued on the device: one sampled token per sequence in `sampling`."""
+    """A step queued on the device: one sampled token per sequence in `sampling` (a speculating sequence's is
+    the token after its whole draft; `collect` settles what its draft yields)."""
 
     sampling: list[Sequence]
     sampled: SampledTokens | None
     prompt: PromptLogprobs | None = None  # prompt logprobs computed by this step, if any asked for them
+    drafts: DraftCheck | None = None
+    accepted: dict[int, list[int]] | None = None  # collect: seq_id → the draft tokens accepted
 
 
 class HostBlockTables:
@@ -166,7 +180,7 @@ class ModelRunner:
             port, check_workers = self.workers.port, self.workers.check
         parallel.init_group(tp_rank, tp, port, self.device, check_workers)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
-        self.model = load_model(config.model, info, self.device, max_model_len)
+        self.model = load_model(config.model, info, self.device, max_model_len, config.quantization, config.load_format)
         # the projections wrapped for LoRA adapters, whose weights the core's LoraManager (engine/lora.py) places
         self.lora = lora.LoraModel(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.sampler = Sampler(self.device, config.seed)
@@ -359,15 +373,19 @@ class ModelRunner:
         input_ids: list[int] = []
         starts, query_lens, context_lens, sample_rows = [], [], [], []
         prompt_rows: list[int] = []
+        draft_rows: list[int] = []
         spans: list[tuple[Sequence, int, int]] = []
         for seq, n in batch:
             start = seq.num_computed_tokens
             base = len(input_ids)
             input_ids.extend(seq.token_ids[start : start + n])
+            if seq.draft_token_ids:  # the last token, then the draft: every row's choice is checked
+                input_ids.extend(seq.draft_token_ids)
+                draft_rows.extend(range(base, len(input_ids) - 1))
             starts.append(start)
             query_lens.append(n)
             context_lens.append(start + n)
-            if start + n == len(seq):  # the prompt (or recompute) is complete: this step yields a token
+            if start + n == len(seq) + len(seq.draft_token_ids):  # complete: this step yields a token
                 sample_rows.append(len(input_ids) - 1)
             if seq.prompt_logprobs is not None:  # position q scores prompt token q + 1; each is scored once
                 first, last = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
@@ -389,7 +407,7 @@ class ModelRunner:
             tables,
             query_lens,
             sum(1 for q in query_lens if q == 1),
-            sample_rows + prompt_rows,
+            sample_rows + draft_rows + prompt_rows,
         )
         if self.lora is not None:
             plan.lora_rows = lora.runs_of([seq.lora_slot for seq, _ in batch], query_lens)
@@ -451,7 +469,7 @@ class ModelRunner:
             batch = sorted(out.scheduled, key=lambda item: item[1] != 1)
         else:
             batch = sorted(out.scheduled, key=lambda item: (item[1] != 1, item[0].lora_slot))
-        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq) + len(seq.draft_token_ids)]
         spans = None  # a decode step scores no prompt position
         if not batch:
             plan = StepPlan(0)
@@ -482,14 +500,48 @@ class ModelRunner:
             set_context(None)
 
     def _sample(self, hidden: torch.Tensor | None, sampling: list[Sequence], spans: list | None = None) -> LaunchedStep:
-        if spans:  # hidden: the sampled rows, then the prompt positions scored for prompt logprobs
+        drafting = [seq for seq in sampling if seq.draft_token_ids] if spans is not None else []
+        if spans or drafting:  # hidden: the sampled rows, the draft positions, the prompt positions scored
             logits = self.model.compute_logits(hidden)
             k = len(sampling)
-            prompt = self.sampler.prompt_logprobs(logits[k:], spans)
-            return LaunchedStep(sampling, self.sampler.sample(logits[:k], sampling) if sampling else None, prompt)
+            d = k + sum(len(seq.draft_token_ids) for seq in drafting)
+            prompt = self.sampler.prompt_logprobs(logits[d:], spans) if spans else None
+            sampled = self.sampler.sample(logits[:k], sampling) if sampling else None
+            return LaunchedStep(sampling, sampled, prompt, self._check_drafts(logits[k:d], drafting))
         if not sampling:
             return LaunchedStep([], None)
         return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling))
+
+    @staticmethod
+    def _check_drafts(logits: torch.Tensor, seqs: list[Sequence]) -> DraftCheck | None:
+        if not seqs:
+            return None
+        choice = logits.argmax(dim=-1)  # speculating sequences are greedy with nothing that changes logits
+        if not choice.is_cuda:
+            return DraftCheck(seqs, choice, None)
+        ready = torch.cuda.Event()
+        host = choice.to("cpu", non_blocking=True)
+        ready.record()
+        return DraftCheck(seqs, host, ready)
+
+    @staticmethod
+    def _settle_drafts(step: LaunchedStep, tokens: list[int]) -> None:
+        """Accept each draft up to the model's first disagreement; that sequence's token becomes the model's
+        choice there (its sampled token stands only when the whole draft is accepted)."""
+        check = step.drafts
+        if check.ready is not None:
+            check.ready.synchronize()
+        choices = check.host.tolist()
+        step.accepted = {}
+        row = {id(seq): i for i, seq in enumerate(step.sampling)}
+        offset = 0
+        for seq in check.seqs:
+            draft = seq.draft_token_ids
+            i = row[id(seq)]
+            out = accept(draft, choices[offset : offset + len(draft)] + [tokens[i]])
+            offset += len(draft)
+            step.accepted[seq.seq_id] = out[:-1]
+            tokens[i] = out[-1]
 
     @torch.inference_mode()
     def collect(self, step: LaunchedStep) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
@@ -500,4 +552,6 @@ class ModelRunner:
         if not step.sampling:
             return [], [], []
         tokens, logprobs = self.sampler.to_host(step.sampled, step.sampling)
+        if step.drafts is not None:
+            self._settle_drafts(step, tokens)
         return step.sampling, tokens, logprobs

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from kubellm.runtime.engine.block_manager import BlockManager
 from kubellm.runtime.engine.sequence import Sequence, SequenceStatus
+from kubellm.runtime.engine.speculation import can_speculate, propose_ngram
 from kubellm.settings import EngineConfig
 
 
@@ -32,6 +33,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []
         self.num_preemptions = 0
+        self.speculative = config.speculative
 
     def _key(self, seq: Sequence) -> tuple:
         if self.config.scheduling_policy == "priority":
@@ -50,6 +52,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ preemption
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        seq.draft_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         out.preempted.append(seq)
@@ -96,10 +99,16 @@ class Scheduler:
         self.running = []
         while queue:
             seq = queue.pop(0)
+            seq.draft_token_ids = []
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
             if num_new <= 0:  # out of budget this step; it keeps its blocks and runs next step
                 self.running.append(seq)
                 continue
+            if num_new == 1 and self.speculative is not None and can_speculate(seq):
+                draft = self._draft(seq, budget - 1)
+                if draft and bm.allocate(seq, 1 + len(draft)):  # never preempt another sequence for a draft
+                    seq.draft_token_ids = draft
+                    num_new += len(draft)
             while not bm.allocate(seq, num_new):
                 if queue:
                     victim = max(queue, key=self._key)
@@ -131,6 +140,13 @@ class Scheduler:
         if not self.swapped:
             budget = self._admit_waiting(out, budget, now)
         return out
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """The n-gram draft of a decoding sequence, cut so that accepting all of it (plus the token after)
+        stays within its max_tokens (itself within the model's length) and this step's token budget."""
+        spec = self.speculative
+        k = min(spec.num_speculative_tokens, seq.max_tokens - seq.num_output_tokens - 1, room)
+        return propose_ngram(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else []
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> int:
         bm = self.block_manager

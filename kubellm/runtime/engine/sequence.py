@@ -48,6 +48,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache at admission
         self.block_table: list[int] = []
+        self.draft_token_ids: list[int] = []  # speculated tokens this step verifies after the last token
         self.cpu_block_table: list[int] = []  # where its KV sits while swapped out
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks, in order
         self.num_published_blocks = 0  # leading blocks of block_table already offered to the prefix cache

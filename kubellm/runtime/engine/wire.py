@@ -98,6 +98,11 @@ class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
     oldest_waiting_arrival: float | None = None  # time.monotonic() of the longest-waiting unscheduled request
     running_loras: list[str] = []  # LoRA adapters of the running sequences (with --enable-lora)
     waiting_loras: list[str] = []  # and of the waiting ones
+    # speculative decoding (vLLM's spec_decode counters): drafts, their tokens, accepted tokens (per position)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
 
 
 class LoraReply(msgspec.Struct, array_like=True):

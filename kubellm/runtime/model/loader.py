@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from kubellm.runtime.model import fp8
 from kubellm.runtime.model.decoder import DecoderForCausalLM, ModelShape
 from kubellm.runtime.model.moe import EXPERT_WEIGHT
 from kubellm.runtime.model.sharded import load_shard
@@ -59,7 +61,17 @@ def _safetensors_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, f) for f in files]
 
 
-def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positions: int) -> DecoderForCausalLM:
+def load_model(
+    model_dir: str,
+    info: ModelInfo,
+    device: torch.device,
+    max_positions: int,
+    quantization: str | None = None,
+    load_format: str = "auto",
+) -> DecoderForCausalLM:
+    """quantization "fp8": round the linear weights of a bf16/fp32 checkpoint to FP8 (fp8.py); FP8 checkpoints
+    are recognized by their quantization_config whatever it says. load_format "dummy": no checkpoint, random
+    weights (seeded; norms 1) — for benchmarking shapes whose checkpoint would not fit the disk."""
     with torch.device("meta"):
         meta_model = DecoderForCausalLM(info.shape, info.hf_config, max_positions)
     model = meta_model.to_empty(device=device).to(info.dtype)
@@ -69,39 +81,78 @@ def load_model(model_dir: str, info: ModelInfo, device: torch.device, max_positi
     if info.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters(remove_duplicate=False))
+    if load_format == "dummy":
+        _random_weights(model)
+        return model.eval()
     loaded: set[str] = set()
-    for path in _safetensors_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if "rotary_emb" in name:
-                    continue
-                if name == "lm_head.weight" and info.shape.tie_word_embeddings:
-                    continue
-                weight = f.get_slice(name)  # read lazily: each tensor-parallel rank reads only its part
-                expert = EXPERT_WEIGHT.match(name)
-                if expert:  # one expert's projection, into the layer's stacked expert weights
-                    experts = f"{expert[1]}.mlp.experts"
-                    loaded.add(
-                        f"{experts}.{model.get_submodule(experts).load_expert(weight, int(expert[2]), expert[3])}"
-                    )
-                    continue
-                name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's router
-                module_name, _, leaf = name.rpartition(".")
-                parent, _, proj = module_name.rpartition(".")
-                if proj in DecoderForCausalLM.packed_modules:
-                    packed, shard = DecoderForCausalLM.packed_modules[proj]
-                    target_name = f"{parent}.{packed}.{leaf}"
-                    module = model.get_submodule(f"{parent}.{packed}")
-                    load_shard(module.shard(params[target_name].data, shard), weight, 0)
-                    loaded.add(f"{target_name}#{shard}")
-                    continue
-                if name not in params:
-                    raise ValueError(f"unexpected weight {name!r} in {path}")
-                # with tensor parallelism, a sharded module takes this rank's slice (its tp_dim)
-                load_shard(params[name].data, weight, getattr(model.get_submodule(module_name), "tp_dim", None))
-                loaded.add(name)
+    checkpoint_fp8 = fp8.Fp8Checkpoint.from_hf(info.hf_config)
+    with contextlib.ExitStack() as stack:
+        files = {
+            path: stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+            for path in _safetensors_files(model_dir)
+        }
+        where = {name: f for f in files.values() for name in f.keys()}
+        for name, f in where.items():
+            if "rotary_emb" in name or name.endswith(fp8.SCALE_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and info.shape.tie_word_embeddings:
+                continue
+            weight = f.get_slice(name)  # read lazily: each tensor-parallel rank reads only its part
+            if weight.get_dtype() == "F8_E4M3":
+                weight = _dequantized(name, f, where, checkpoint_fp8, info.dtype)
+            _load_tensor(model, params, loaded, name, weight)
+    if quantization == "fp8" and checkpoint_fp8 is None:
+        with torch.no_grad():
+            for name, param in params.items():
+                if name.endswith(fp8.QUANTIZED_LEAVES):
+                    param.data.copy_(fp8.round_to_fp8(param.data))
     _check_complete(model, loaded, info.shape)
     return model.eval()
+
+
+@torch.no_grad()
+def _random_weights(model: DecoderForCausalLM) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def _dequantized(name: str, f, where: dict, scheme: fp8.Fp8Checkpoint | None, dtype: torch.dtype) -> fp8.DenseSlice:
+    if scheme is None:
+        raise ValueError(f"{name} is FP8 but config.json has no quantization_config")
+    base = name.removesuffix(".weight")
+    scale_name = f"{base}.weight_scale_inv" if scheme.method == "fp8" else f"{base}.weight_scale"
+    if scale_name not in where:
+        raise ValueError(f"FP8 weight {name} has no {scale_name} in the checkpoint")
+    scale = where[scale_name].get_tensor(scale_name)
+    return fp8.DenseSlice(fp8.dequantize(f.get_tensor(name), scale, scheme.block).to(dtype))
+
+
+def _load_tensor(model: DecoderForCausalLM, params: dict, loaded: set[str], name: str, weight) -> None:
+    """One checkpoint tensor (a safetensors slice, or a DenseSlice) into its parameter (or packed shard)."""
+    expert = EXPERT_WEIGHT.match(name)
+    if expert:  # one expert's projection, into the layer's stacked expert weights
+        experts = f"{expert[1]}.mlp.experts"
+        loaded.add(f"{experts}.{model.get_submodule(experts).load_expert(weight, int(expert[2]), expert[3])}")
+        return
+    name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's router
+    module_name, _, leaf = name.rpartition(".")
+    parent, _, proj = module_name.rpartition(".")
+    if proj in DecoderForCausalLM.packed_modules:
+        packed, shard = DecoderForCausalLM.packed_modules[proj]
+        target_name = f"{parent}.{packed}.{leaf}"
+        module = model.get_submodule(f"{parent}.{packed}")
+        load_shard(module.shard(params[target_name].data, shard), weight, 0)
+        loaded.add(f"{target_name}#{shard}")
+        return
+    if name not in params:
+        raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+    # with tensor parallelism, a sharded module takes this rank's slice (its tp_dim)
+    load_shard(params[name].data, weight, getattr(model.get_submodule(module_name), "tp_dim", None))
+    loaded.add(name)
 
 
 def _check_complete(model: DecoderForCausalLM, loaded: set[str], shape: ModelShape) -> None:

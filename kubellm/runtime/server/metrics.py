@@ -85,6 +85,7 @@ class EngineCollector:
             config.add_metric(list(self.labels.values()), geometry)
             yield config
         yield from self._lora_info(e)
+        yield from self._spec_decode(e)
 
     def _lora_info(self, e):
         """vLLM's vllm:lora_requests_info (with --enable-lora): labels say which adapters run and wait, the
@@ -99,6 +100,26 @@ class EngineCollector:
         )
         info.add_metric([str(config.max_loras), ",".join(e.running_loras), ",".join(e.waiting_loras)], time.time())
         yield info
+
+    def _spec_decode(self, e):
+        """vLLM's speculative-decoding counters (zero without --speculative-config); accepted tokens per step
+        = 1 + accepted / drafts."""
+        for prefix in ("kubellm_", "vllm:"):
+            yield self._counter(f"{prefix}spec_decode_num_drafts", "Drafts proposed.", e.spec_num_drafts)
+            yield self._counter(
+                f"{prefix}spec_decode_num_draft_tokens", "Draft tokens proposed.", e.spec_num_draft_tokens
+            )
+            yield self._counter(
+                f"{prefix}spec_decode_num_accepted_tokens", "Draft tokens accepted.", e.spec_num_accepted_tokens
+            )
+            c = CounterMetricFamily(
+                f"{prefix}spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in the draft.",
+                labels=[*self.labels, "position"],
+            )
+            for position, count in enumerate(e.spec_accepted_per_position):
+                c.add_metric([*self.labels.values(), str(position)], count)
+            yield c
 
 
 class Twin:
