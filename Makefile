@@ -21,8 +21,9 @@ setup: .venv/.installed
 k8s-bins:
 	@start=$$SECONDS; bash tests/support/build-k8s-bins.sh >/dev/null; echo "[make] k8s-bins: $$((SECONDS - start))s"
 
-test: setup lint k8s-bins
-	@start=$$SECONDS; $(PY) -m pytest -ra --durations=15 -m "not node"; echo "[make] pytest: $$((SECONDS - start))s"
+# Every tier: unit, cluster (KWOK nodes), e2e and node (real pods: needs root, see node-setup).
+test: setup lint k8s-bins node-setup
+	@start=$$SECONDS; $(PY) -m pytest -ra --durations=25; echo "[make] pytest: $$((SECONDS - start))s"
 
 test-unit: setup
 	$(PY) -m pytest -ra -m "not cluster and not node"
@@ -36,7 +37,7 @@ node-setup: setup k8s-bins
 	@start=$$SECONDS; bash tests/support/node-setup.sh >/dev/null; echo "[make] node-setup: $$((SECONDS - start))s"
 
 test-node: node-setup
-	$(PY) -m pytest -ra -m node --durations=15
+	@start=$$SECONDS; $(PY) -m pytest -ra -m node --durations=15; echo "[make] pytest node: $$((SECONDS - start))s"
 
 # The demo (root; changes the host, `make demo-clean` undoes it): a local cluster with a real node, the operator
 # installed with Helm, an InferenceService serving SmolLM2-135M-Instruct, a chat through its Service.

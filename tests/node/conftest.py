@@ -94,3 +94,20 @@ def namespace(kubectl, models_pv, node):
 
 
 os.environ.setdefault("NO_PROXY", "10.96.0.0/16,10.244.0.0/16")
+
+
+# The tier's step times ("[real-node] ..." from the fixture, "[node] ..." from the tests) are printed while pytest
+# captures output; gather them from every phase's report and print them at the end, where .ci/run collects them.
+_STEP_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    for text in (report.capstdout, report.capstderr):
+        _STEP_LINES.extend(line for line in text.splitlines() if line.startswith(("[real-node]", "[node]")))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _STEP_LINES:
+        terminalreporter.section("node tier steps")
+        for line in dict.fromkeys(_STEP_LINES):  # a fixture's output repeats in later reports of its test
+            terminalreporter.write_line(line)

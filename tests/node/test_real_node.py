@@ -21,11 +21,13 @@ test_operator_pod_ready_through_its_probes (crash loop: no writable /tmp under r
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import threading
 import time
 
 import pytest
+import yaml
 
 from tests.support.node_k8s import (
     P,
@@ -42,6 +44,7 @@ from tests.support.node_k8s import (
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -126,6 +129,30 @@ def test_kubectl_scale_to_two_pods_both_serve(tiny, kubectl):
         assert oai.completions.create(model=model, prompt="hi", max_tokens=4).choices[0].text is not None
     kubectl("scale", "kisvc", "tiny", "-n", ns, "--replicas=1")
     wait_until(lambda: len(pods(kubectl, ns, "tiny")) == 1, timeout=120, interval=2, what="back to 1 pod")
+
+
+def test_kubectl_install_of_the_metrics_api_serves_a_pods_queue_depth(tiny, kubectl, node):
+    """The kubectl path of the chart's metricsApi: manifests/metrics-api.yaml and its Deployment patch (the only
+    change: the operator image's local name) -> the APIService Available, answering with the real pod's value."""
+    ns = tiny
+    kubectl("apply", "-f", str(ROOT / "manifests/metrics-api.yaml"))
+    patch = yaml.safe_load((ROOT / "manifests/metrics-api-patch.yaml").read_text())
+    patch["spec"]["template"]["spec"]["initContainers"][0]["image"] = node.images["OPERATOR_IMAGE"]
+    kubectl("patch", "deployment", "kubellm-operator", "-n", "kubellm-system", "-p", json.dumps(patch))
+    kubectl("rollout", "status", "deployment/kubellm-operator", "-n", "kubellm-system", "--timeout=180s", timeout=200)
+
+    def available():
+        svc = get(kubectl, "apiservice", "v1beta2.custom.metrics.k8s.io")
+        return any(c["type"] == "Available" and c["status"] == "True" for c in svc["status"].get("conditions", []))
+
+    wait_until(available, timeout=120, interval=2, what="custom.metrics.k8s.io Available (kubectl install)")
+    path = (
+        f"/apis/custom.metrics.k8s.io/v1beta2/namespaces/{ns}/pods/*/kubellm_num_requests_waiting"
+        "?labelSelector=kubellm.io%2Finferenceservice%3Dtiny"
+    )
+    items = json.loads(kubectl("get", "--raw", path).stdout)["items"]
+    want = [p["metadata"]["name"] for p in ready_pods(kubectl, ns, "tiny")]
+    assert [i["describedObject"]["name"] for i in items] == want and items[0]["value"] == "0m", items
 
 
 def test_spec_change_rolls_while_a_stream_completes(tiny, kubectl):
