@@ -232,6 +232,31 @@ def test_responses_function_call_round_trip(client):
     assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
 
 
+def check_event_order(events, final) -> None:
+    """Every output item streams as added → its deltas → its .done events → output_item.done, one item after
+    another (output_index 0, 1, …), and its deltas add up to the final item."""
+    open_index, pieces, closed = None, {}, []
+    for e in events:
+        if e.type == "response.output_item.added":
+            assert open_index is None and e.output_index == len(closed)
+            open_index, pieces[e.output_index] = e.output_index, ""
+        elif e.type.endswith(".delta"):
+            assert e.output_index == open_index
+            pieces[open_index] += e.delta
+        elif e.type == "response.output_item.done":
+            assert e.output_index == open_index
+            closed.append(e.item)
+            open_index = None
+        elif e.type.endswith(".done") or e.type.endswith("part.added"):
+            assert e.output_index == open_index, e.type
+    assert open_index is None and len(closed) == len(final.output)
+    for i, item in enumerate(final.output):
+        if item.type == "function_call":
+            assert pieces[i] == item.arguments
+        elif item.type == "message":
+            assert pieces[i] == "".join(c.text for c in item.content)
+
+
 @pytest.mark.parametrize("tool_choice", ["required", None])
 def test_responses_stream_events(client, tool_choice):
     kw = dict(model="smol", input="What is the weather in Paris, in celsius?", temperature=0, max_output_tokens=30)
@@ -249,6 +274,29 @@ def test_responses_stream_events(client, tool_choice):
     assert delta in types
     assert summary(final.output) == summary(whole.output)  # streamed == non-streamed
     assert final.status == whole.status
+    check_event_order(events, final)
+
+
+def test_responses_stream_function_tool_round_trip(client):
+    """The whole round trip streamed: a forced function call, then its output → a streamed message."""
+    kw = dict(model="smol", tools=[RESPONSE_TOOL], temperature=0, max_output_tokens=40)
+    ask = "What is the weather in Paris, in celsius?"
+    with client.responses.stream(input=ask, tool_choice="required", **kw) as stream:
+        first_events, first = list(stream), stream.get_final_response()
+    check_event_order(first_events, first)
+    (call,) = first.output
+    args = validate(call.arguments, WEATHER)
+    items = [
+        {"role": "user", "content": ask},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": json.dumps({**args, "temperature": 21})},
+    ]
+    with client.responses.stream(input=items, **kw) as stream:
+        events, final = list(stream), stream.get_final_response()
+    check_event_order(events, final)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output[-1].type == "message" and final.output_text
+    assert "response.output_text.delta" in [e.type for e in events]
 
 
 def test_responses_text_format_json_schema(client):

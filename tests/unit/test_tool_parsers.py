@@ -164,11 +164,13 @@ def test_reasoning_parsers():
     assert (message.reasoning_content, message.content) == ("still thinking when it stopped", "")
 
 
-def test_llama3_json():
+def test_llama3_json(qwen3):
+    """Llama 3's JSON calls (no template with tools is available offline: the text is written here), split at
+    every character and at a real BPE tokenizer's token boundaries."""
     text = (
         '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "parameters": {}}'
     )
-    message, finish = check_all_splits(ChatOutput(Llama3JsonParser()), text)
+    message, finish = check_all_splits(ChatOutput(Llama3JsonParser()), text, token_pieces(qwen3, text))
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
         ("get_weather", '{"city": "Paris"}'),
         ("get_time", "{}"),
@@ -178,27 +180,29 @@ def test_llama3_json():
     assert message.content == "Paris is sunny {today}." and message.tool_calls is None
 
 
-def test_mistral():
+def test_mistral(qwen3):
+    """Mistral's [TOOL_CALLS] list (written here, as for Llama 3), split at every character and token."""
     for text in (
         '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
         '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
     ):
-        message, finish = check_all_splits(ChatOutput(MistralParser()), text)
+        message, finish = check_all_splits(ChatOutput(MistralParser()), text, token_pieces(qwen3, text))
         assert [c.function.name for c in message.tool_calls] == ["get_weather", "get_time"], text
         assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
     message, _ = check_all_splits(ChatOutput(MistralParser()), "[1] is a citation, not a call.")
     assert message.tool_calls is None and message.content == "[1] is a citation, not a call."
 
 
-def test_forced_formats():
+def test_forced_formats(qwen3):
     text = '[{"name":"get_weather","parameters":{"city":"Paris"}},{"name":"get_time","parameters":{"tz":"UTC"}}]'
-    message, finish = check_all_splits(ChatOutput(RequiredParser()), text)
+    message, finish = check_all_splits(ChatOutput(RequiredParser()), text, token_pieces(qwen3, text))
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
         ("get_weather", '{"city":"Paris"}'),
         ("get_time", '{"tz":"UTC"}'),
     ]
     assert finish == "tool_calls"
-    message, finish = check_all_splits(ChatOutput(NamedParser("get_weather")), '{"city":"Paris"}')
+    named = '{"city":"Paris"}'
+    message, finish = check_all_splits(ChatOutput(NamedParser("get_weather")), named, token_pieces(qwen3, named))
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
         ("get_weather", '{"city":"Paris"}')
     ]
