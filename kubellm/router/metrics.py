@@ -35,6 +35,12 @@ class RouterMetrics:
         )
         self.in_flight = Gauge("kubellm_router_in_flight_requests", "Requests open at a pod.", ["model"], registry=r)
         self.endpoints = Gauge("kubellm_router_endpoints", "Ready pods per model.", ["model"], registry=r)
+        self.replicas = Gauge(
+            "kubellm_router_desired_replicas",
+            "Replicas the model's Deployment asks for (from its InferenceService's status; 0: scaled to zero).",
+            ["model"],
+            registry=r,
+        )
         self.scaled = Counter(
             "kubellm_router_scale_events",
             "Scale asks: to 1 (from zero) or to 0 (idle).",
