@@ -75,6 +75,32 @@ def test_mixed_adapter_batch_matches_peft(tiny_models, adapters, arch, device):
     got = [o.outputs[0].token_ids for o in outs]
     for i, (g, e) in enumerate(zip(got, expected)):
         assert g == e, f"prompt {i} ({names[i] or 'base'}) diverged from HF + PEFT"
+    assert llm.engine.num_steps_ahead > 0  # decode steps launched ahead (async scheduling) ran adapters too
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_adapters_survive_preemption(tiny_models, adapters, mode):
+    """48 blocks of 16 tokens for a batch that needs far more: sequences of every adapter are preempted and
+    come back (recomputed, or swapped in) under their own adapter."""
+    model = tiny_models["llama"]
+    prompts = random_prompts(seed=6, lengths=[150, 200, 120, 180, 90, 160])
+    names = [None, "all8", "qvd4"] * 2
+    paths = {None: None, **adapters["llama"]}
+    expected = [peft_greedy(model, paths[n], [p], NEW)[0] for n, p in zip(names, prompts)]
+    llm = LLM(
+        model,
+        enable_lora=True,
+        max_loras=2,
+        lora_modules=[f"{n}={p}" for n, p in adapters["llama"].items()],
+        max_num_batched_tokens=64,
+        block_size=16,
+        num_gpu_blocks=48,
+        preemption_mode=mode,
+        num_cpu_blocks=256,
+    )
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), lora=names)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def test_prefix_cache_keeps_adapters_apart(tiny_models, adapters):
