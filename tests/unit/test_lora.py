@@ -3,6 +3,8 @@ the base model and two adapters, on every architecture; the limits; the prefix c
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -150,3 +152,23 @@ def test_adapter_of_another_model_is_refused(tiny_models, adapters):
     llm = LLM(tiny_models["qwen3"], enable_lora=True, max_lora_rank=8)  # head_dim differs from llama's
     with pytest.raises(LoraError, match="do not fit"):
         llm.engine.load_lora("wrong", adapters["llama"]["all8"])
+
+
+def test_adapters_with_ngram_speculation(tiny_models, adapters):
+    """Drafts verified under each sequence's adapter: the output is still HF + PEFT's."""
+    model = tiny_models["llama"]
+    rng = random.Random(7)
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] * 3 for n in (4, 9, 12, 6, 8, 10)]
+    names = [None, "all8", "qvd4"] * 2
+    paths = {None: None, **adapters["llama"]}
+    expected = [peft_greedy(model, paths[n], [p], NEW)[0] for n, p in zip(names, prompts)]
+    llm = LLM(
+        model,
+        enable_lora=True,
+        max_loras=2,
+        lora_modules=[f"{n}={p}" for n, p in adapters["llama"].items()],
+        speculative_config='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}',
+    )
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), lora=names)
+    assert llm.engine.core.stats.spec.num_drafts > 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
