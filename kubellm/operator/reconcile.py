@@ -133,6 +133,10 @@ class Reconciler:
                 now = self.read(kind, meta["name"], meta["namespace"])
                 if now is not None and not owned_by(now, isvc):
                     raise conflict([(kind, meta)]) from None
+                if live is None and now is not None and e.status == 409:
+                    # created for this same InferenceService since we looked (another replica's handler that had
+                    # not yet paused, a retried handler): ours, so apply over it
+                    return self._server_side_apply({**manifest, "metadata": {**meta, "uid": now["metadata"]["uid"]}})
             raise
 
     def _create(self, manifest: dict) -> dict:
