@@ -96,6 +96,7 @@ def test_render_generates_nothing(server):
         ("/v1/completions/render", {"prompt": ""}, 400, None, "prompt must not be empty"),
         ("/v1/completions/render", {"prompt": [999_999]}, 400, "prompt", "token ids must be in"),
         ("/v1/completions/render", {"prompt": "hi", "guided_regex": "("}, 400, "guided_regex", ""),
+        ("/v1/completions/render", {"prompt": ["hi"] * 257}, 400, "prompt", "at most 256 prompts"),
     ],
 )
 def test_render_refuses_what_the_call_would_refuse(server, path, body, status, param, contains):

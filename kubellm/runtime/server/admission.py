@@ -68,8 +68,9 @@ class Admission:
         self._check_available()
         self._check_rate(presented or (request.client.host if request.client else "anonymous"))
         req = self._validate(await self._read_json(request), model_cls)
+        sequences = self._sequences(req)  # (the prompt limit holds for the render endpoints too)
         if shed_load:
-            self._check_load(self._sequences(req))
+            self._check_load(sequences)
         return req
 
     def _sequences(self, req) -> int:
