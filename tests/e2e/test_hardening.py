@@ -74,7 +74,7 @@ def test_a_request_failing_inside_a_step_fails_alone(tiny_model):
 
     def innocent():
         body = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=600)  # a slow, shared machine: generous
         result["status"], result["body"] = r.status_code, r.json()
 
     t = threading.Thread(target=innocent)
@@ -85,14 +85,14 @@ def test_a_request_failing_inside_a_step_fails_alone(tiny_model):
         assert r.status_code == 500, r.text
         err = r.json()["error"]
         assert err["type"] == "server_error" and "InjectedFault" in err["message"], err
-        t.join(120)
+        t.join(600)
         assert result["status"] == 200, result
         assert result["body"]["usage"]["completion_tokens"] == 1500
         assert httpx.get(s.url + "/health").status_code == 200
         again = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
         assert again.status_code == 200, again.text
         assert "engine step failed" in s.logs()
-        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=10, what="running back to 0")
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=60, what="running back to 0")
     finally:
         t.join(60)
         s.stop()
