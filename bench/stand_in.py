@@ -58,6 +58,7 @@ class DeviceModel:
 class _Launched:
     sampling: list[Sequence]
     done_at: float
+    accepted: dict[int, list[int]] | None = None  # no speculative decoding on the emulated device
 
 
 class StandInRunner:
