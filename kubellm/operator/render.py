@@ -5,6 +5,7 @@ Pure (no I/O): every spec → manifest rule is a unit test. Children carry owner
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -150,6 +151,10 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
         args += ["--enable-auto-tool-choice", "--tool-call-parser", r.tool_call_parser]
     if r.reasoning_parser:
         args += ["--reasoning-parser", r.reasoning_parser]
+    if r.quantization:
+        args += [f("quantization"), r.quantization]
+    if r.speculative.enabled:
+        args += [f("speculative_config"), json.dumps(r.speculative.model_dump(exclude={"enabled"}))]
     return args + list(r.extra_args)
 
 

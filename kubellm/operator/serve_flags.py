@@ -39,6 +39,8 @@ OWNED_SETTINGS = frozenset(
         "enable_auto_tool_choice",  # runtime.toolCallParser
         "tool_call_parser",
         "reasoning_parser",  # runtime.reasoningParser
+        "quantization",  # runtime.quantization
+        "speculative_config",  # runtime.speculative
     }
 )
 # Every KUBELLM_* variable is a `kubellm serve` setting (matched case-insensitively by pydantic-settings):

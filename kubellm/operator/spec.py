@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubellm.operator.serve_flags import OWNED_ENV, allowed_extra_flags, env_rule, extra_args_rule
-from kubellm.settings import REASONING_PARSERS, TOOL_CALL_PARSERS
+from kubellm.settings import QUANTIZATION_METHODS, REASONING_PARSERS, SPECULATIVE_METHODS, TOOL_CALL_PARSERS
 
 GROUP, VERSION, KIND, PLURAL = "kubellm.io", "v1alpha1", "InferenceService", "inferenceservices"
 SHORT_NAMES = ["kisvc", "kllm"]  # KServe owns isvc and llmisvc
@@ -61,6 +61,24 @@ class EnvVar(Spec):
     value: str = Field("", max_length=32768)
 
 
+class SpeculativeSpec(Spec):
+    """vLLM's --speculative-config, typed: drafts looked up in the sequence itself (no draft model)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "self.promptLookupMin <= self.promptLookupMax",
+                "runtime.speculative.promptLookupMin must not exceed promptLookupMax",
+            )
+        )
+    )
+    enabled: bool = False
+    method: Literal[SPECULATIVE_METHODS] = "ngram"  # type: ignore[valid-type]
+    num_speculative_tokens: int = Field(4, ge=1, le=64, description="Draft tokens verified per step at most")
+    prompt_lookup_max: int = Field(4, ge=1, le=64, description="Longest n-gram looked up")
+    prompt_lookup_min: int = Field(1, ge=1, le=64, description="Shortest n-gram looked up")
+
+
 class RuntimeSpec(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
@@ -86,6 +104,15 @@ class RuntimeSpec(Spec):
     )
     reasoning_parser: Literal[REASONING_PARSERS] | None = Field(  # type: ignore[valid-type]
         None, description="Split the model's thinking block into reasoning_content (--reasoning-parser)"
+    )
+    quantization: Literal[QUANTIZATION_METHODS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="Quantize the weights at load (--quantization); FP8 checkpoints are recognised from their config",
+    )
+    speculative: SpeculativeSpec = Field(
+        default_factory=SpeculativeSpec,
+        description="Speculative decoding by n-gram lookup (--speculative-config) when enabled; greedy output is "
+        "unchanged",
     )
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list,

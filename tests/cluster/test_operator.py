@@ -141,6 +141,14 @@ def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
             "runtime.env must not set KUBELLM_*",
         ),
         ({"runtime": {}}, "spec.model: Required value"),
+        (
+            {"model": {"uri": "hf://a/b"}, "runtime": {"speculative": {"enabled": True, "promptLookupMin": 5}}},
+            "promptLookupMin must not exceed promptLookupMax",
+        ),
+        (
+            {"model": {"uri": "hf://a/b"}, "runtime": {"extraArgs": ["--quantization", "fp8"]}},
+            "any other setting the operator owns",
+        ),
     ],
 )
 def test_invalid_objects_are_rejected_with_clear_messages(crd_installed, namespace, spec, message):

@@ -1,5 +1,6 @@
-"""runtime.toolCallParser and runtime.reasoningParser: typed CRD fields rendered into `kubellm serve` flags the
-serve parser accepts, owned by the operator (not settable again through extraArgs)."""
+"""runtime.toolCallParser, runtime.reasoningParser, runtime.quantization and runtime.speculative: typed CRD
+fields rendered into `kubellm serve` flags the serve parser accepts, owned by the operator (not settable again
+through extraArgs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 from kubellm.operator.render import render
 from kubellm.operator.serve_flags import allowed_extra_flags, parse_serve_args
 from kubellm.operator.spec import InferenceServiceSpec
+from kubellm.settings import SpeculativeConfig
 
 
 def isvc(runtime: dict) -> dict:
@@ -40,3 +42,34 @@ def test_unknown_parser_is_refused_and_extra_args_cannot_set_them():
         InferenceServiceSpec.model_validate({"model": {"uri": "hf://a/b"}, "runtime": {"toolCallParser": "nope"}})
     flags = allowed_extra_flags()
     assert not {"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"} & set(flags)
+
+
+def test_quantization_and_speculation_are_rendered_as_serve_flags():
+    speculative = {"enabled": True, "numSpeculativeTokens": 3, "promptLookupMax": 5}
+    args = serve_args({"quantization": "fp8", "speculative": speculative})
+    parsed = parse_serve_args(args[2:])
+    assert parsed["quantization"] == "fp8"
+    config = SpeculativeConfig.parse(parsed["speculative_config"])  # what the server will parse
+    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (
+        "ngram",
+        3,
+        5,
+        1,
+    )
+    for runtime in ({}, {"speculative": {"numSpeculativeTokens": 3}}):  # off unless enabled
+        plain = parse_serve_args(serve_args(runtime)[2:])
+        assert (plain["quantization"], plain["speculative_config"]) == (None, None)
+    assert not {"--quantization", "--speculative-config"} & set(allowed_extra_flags())
+
+
+@pytest.mark.parametrize(
+    "runtime, field",
+    [
+        ({"quantization": "int3"}, "quantization"),
+        ({"speculative": {"method": "eagle"}}, "method"),
+        ({"speculative": {"numSpeculativeTokens": 0}}, "numSpeculativeTokens|num_speculative_tokens"),
+    ],
+)
+def test_bad_quantization_or_speculation_is_refused(runtime, field):
+    with pytest.raises(ValidationError, match=field):
+        InferenceServiceSpec.model_validate({"model": {"uri": "hf://a/b"}, "runtime": runtime})
