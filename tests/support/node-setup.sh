@@ -98,6 +98,19 @@ pause_image() {
 }
 timed pause-image pause_image
 
+# ------------------------------------------------------------- disk for images
+# containerd keeps an image version's unpacked layers after its tag is dropped (~6 GB per runtime version), so a
+# machine that runs this tier after every change fills its disk (a runtime build failed at 20 GB free); a new
+# runtime image needs ~6 GB in podman, then ~12 GB in containerd. Below that room, and with no node running, the
+# node's image store starts afresh: the images are built and imported again.
+MIN_FREE_GB=${KUBELLM_NODE_MIN_FREE_GB:-24}
+free_gb=$(df -BG --output=avail "$(dirname "$STATE")" | tail -1 | tr -dc 0-9)
+if [[ -d $STATE/containerd ]] && (( free_gb < MIN_FREE_GB )) && ! pgrep -f "containerd --config /run/kubellm-node/" >/dev/null; then
+  echo "[node-setup] ${free_gb} GB free (< ${MIN_FREE_GB} GB): emptying the node's image store $STATE/containerd" >&2
+  bash "$HERE/node-cleanup.sh" >/dev/null 2>&1 || true   # unmounts what a crashed run left under the state dir
+  rm -rf "$STATE/containerd" "$STATE/imported"
+fi
+
 # -------------------------------------------------------------- project images
 # Tagged by a hash of everything the Dockerfile reads, so an image already imported into the node's containerd
 # (a marker in $STATE/imported) is neither rebuilt nor re-imported; the podman copy is removed after import.
