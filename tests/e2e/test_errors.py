@@ -143,6 +143,13 @@ def test_malformed_json_is_400(server):
     assert_error(post(server, "/v1/completions", content=b"\xff\xfe"), 400, contains="JSON")
 
 
+def test_fields_of_other_endpoints_are_ignored_even_null(server):
+    """n belongs to the generating endpoints; sent to /tokenize (as the fuzzer did, null) it is an ignored extra."""
+    r = post(server, "/tokenize", {"prompt": "hi", "n": None, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] >= 1
+
+
 def test_unknown_model_is_404(server):
     assert_error(post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404, "model", "gpt-9")
 

@@ -79,7 +79,9 @@ class Admission:
         limit = self.config.max_prompts_per_request
         if prompts > limit:
             raise ApiError(400, f"at most {limit} prompts in one request, got {prompts}", param="prompt")
-        return prompts * getattr(req, "n", 1)
+        # n: a field of the generating requests; on others (/tokenize) an unknown extra, maybe null
+        n = getattr(req, "n", None)
+        return prompts * (n if isinstance(n, int) else 1)
 
     def _check_available(self) -> None:
         state = self.state
