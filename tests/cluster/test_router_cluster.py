@@ -177,7 +177,7 @@ def test_the_router_keeps_pods_deletion_cost_under_its_rbac(namespace, cluster, 
         pods = core.list_namespaced_pod(namespace, label_selector="kubellm.io/inferenceservice=costly").items
         return next((p for p in pods if p.status.pod_ip and p.metadata.deletion_timestamp is None), None)
 
-    pod = wait_for("a Ready pod", ready_pod)
+    wait_for("a Ready pod", ready_pod)
     port = free_port()
     log_path = f"/tmp/kubellm-router-cluster-{port}.log"
     env = {**os.environ, "KUBECONFIG": str(router_kubeconfig(cluster, namespace, tmp_path / "router.kubeconfig"))}
@@ -186,13 +186,12 @@ def test_the_router_keeps_pods_deletion_cost_under_its_rbac(namespace, cluster, 
         proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_http_ok("kubellm router", f"http://127.0.0.1:{port}/ready", proc, log_path, 60)
-        annotated = wait_for(
-            "the pod's deletion cost",
-            lambda: (core.read_namespaced_pod(pod.metadata.name, namespace).metadata.annotations or {}).get(
-                "controller.kubernetes.io/pod-deletion-cost"
-            ),
-            timeout=60,
-        )
+
+        def cost_of_a_ready_pod():  # read again each time: the session's operator may have replaced the pod
+            now = ready_pod()
+            return now and (now.metadata.annotations or {}).get("controller.kubernetes.io/pod-deletion-cost")
+
+        annotated = wait_for("a Ready pod's deletion cost", cost_of_a_ready_pod, timeout=60)
         # its load (0 here: nothing sent; the kwok pod's address does not answer a scrape, or on a host that also
         # runs the node tier may reach one of its pods, hence no exact value)
         assert int(annotated) >= 0
