@@ -38,7 +38,11 @@ def custom_metrics(cluster):
     try:
         yield fake
     finally:
-        fcm.unregister()
+        try:
+            fcm.unregister()
+        except Exception as e:  # noqa: BLE001 — at session end the client's default configuration may point at the
+            # node tier's cluster, already stopped (connection refused); this tier's cluster goes away with its fixture
+            print(f"custom metrics APIService left registered: {e!r}")
         fake.stop()
 
 
