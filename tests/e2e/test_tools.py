@@ -10,6 +10,7 @@ import json
 import openai
 import pytest
 
+from tests.support.api import WEATHER
 from tests.support.server import ServerProcess
 
 pytestmark = [
@@ -19,22 +20,6 @@ pytestmark = [
     ),
 ]
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {

@@ -18,28 +18,12 @@ import json
 import openai
 import pytest
 
-from tests.support.api import AUTH
+from tests.support.api import AUTH, WEATHER
 from tests.support.qwen3 import make_tiny_qwen3
 from tests.support.server import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {

@@ -22,3 +22,22 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, conta
     assert contains.lower() in err["message"].lower()
     if param is not None:
         assert err["param"] == param
+
+
+# a function tool the tool-calling tests share (bounded enums: a random-weight model still produces valid calls)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
