@@ -21,9 +21,10 @@ setup: .venv/.installed
 k8s-bins:
 	@start=$$SECONDS; bash tests/support/build-k8s-bins.sh >/dev/null; echo "[make] k8s-bins: $$((SECONDS - start))s"
 
-# Every tier: unit, cluster (KWOK nodes), e2e and node (real pods: needs root, see node-setup).
-test: setup lint k8s-bins node-setup
-	@start=$$SECONDS; $(PY) -m pytest -ra --durations=25; echo "[make] pytest: $$((SECONDS - start))s"
+# Every tier: unit, e2e, cluster (KWOK nodes) and node (real pods: needs root, see node-setup); k8s-bins and
+# node-setup build in the background while the unit and e2e tiers run (tests/support/run_suite.sh).
+test: setup lint
+	@bash tests/support/run_suite.sh
 
 test-unit: setup
 	$(PY) -m pytest -ra -m "not cluster and not node"

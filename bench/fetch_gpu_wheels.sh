@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 get() { python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
           --implementation cp --no-deps -d "$@"; }
-get .wheels pytest pluggy iniconfig packaging pygments llguidance
+get .wheels pytest pluggy iniconfig packaging pygments llguidance gguf  # gguf: SmolLM2's file (carry_smollm2.sh)
 get .wheels-server fastapi starlette uvicorn click h11 anyio idna pydantic pydantic-core pydantic-settings \
     python-dotenv typing-extensions typing-inspection annotated-types annotated-doc \
     aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl

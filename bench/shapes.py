@@ -41,6 +41,28 @@ SHAPES = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    # meta-llama/Llama-3.1-8B config.json (16 GB in bf16: made on the device, --load-format dummy)
+    "llama-3.1-8b": dict(
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
     # Qwen/Qwen3-30B-A3B config.json: 48 layers, each a mixture of 128 experts (top 8, renormalized), ~30.5B
     # parameters (61 GB in bf16), ~3.3B of them active per token. At a decode batch of 256 every expert is
     # chosen by some row (256 × 8 picks of 128), so a step reads all weights: the floor counts them all.

@@ -3,7 +3,12 @@ file and asks for it back with one change, so most of the answer is already in t
 exploits). Runs every request alone, without and then with --speculative-config, checks the outputs are the
 same, and prints the inter-token latency, output tok/s and accepted tokens per step.
 
-    python bench/speculative.py                       # SmolLM2-135M-Instruct (the demo model), fp32
+At --temperature > 0 every request carries a seed (--seed, one per request): a seeded request draws the same
+tokens with and without speculation (engine/speculation.py), so both runs decode the same text and the
+outputs are still checked equal.
+
+    python bench/speculative.py                       # SmolLM2-135M-Instruct (the demo model), fp32, greedy
+    python bench/speculative.py --temperature 0.7     # sampled (rejection sampling)
     python bench/speculative.py --model DIR --dtype bfloat16 --num-speculative-tokens 5
 """
 
@@ -82,13 +87,13 @@ def chat_prompts(tokenizer) -> list[list[int]]:
     return prompts
 
 
-def run(llm, prompts, max_tokens: int) -> tuple[list[list[int]], list[float]]:
+def run(llm, prompts, max_tokens: int, temperature: float, seed: int) -> tuple[list[list[int]], list[float]]:
     """Each prompt alone; (outputs, inter-token latency per request in seconds)."""
     from kubellm.runtime import SamplingParams
 
     outputs, itls = [], []
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i if temperature else None)
         out = llm.generate([prompt], params)[0]
         end = time.monotonic()
         tokens = out.outputs[0].token_ids
@@ -102,6 +107,8 @@ def main() -> None:
     ap.add_argument("--model", help="model directory (default: the SmolLM2 demo model)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: seeded sampling")
+    ap.add_argument("--seed", type=int, default=0, help="request i's seed at temperature > 0: seed + i")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
@@ -128,17 +135,18 @@ def main() -> None:
     outputs = {}
     for name, config in (("plain", None), ("ngram", spec)):
         llm = LLM(model, dtype=args.dtype, speculative_config=config)
-        run(llm, prompts[:1], 8)  # warm-up
+        run(llm, prompts[:1], 8, args.temperature, args.seed)  # warm-up
         before = llm.engine.core.stats.spec.num_accepted_tokens, llm.engine.core.stats.spec.num_drafts
-        outputs[name], itls = run(llm, prompts, args.max_tokens)
+        outputs[name], itls = run(llm, prompts, args.max_tokens, args.temperature, args.seed)
         s = llm.engine.core.stats.spec
         accepted, drafts = s.num_accepted_tokens - before[0], s.num_drafts - before[1]
         tokens = sum(len(o) for o in outputs[name])
         steps = tokens - accepted  # every step yields one token beyond the accepted draft tokens
         rows.append((name, tokens, statistics.mean(itls) * 1e3, tokens / steps, drafts, accepted))
         llm.engine.shutdown()
-    assert outputs["plain"] == outputs["ngram"], "speculation changed the greedy output"
-    print(f"model {model} ({args.dtype}), {len(prompts)} code-editing requests one at a time, greedy, {spec}")
+    assert outputs["plain"] == outputs["ngram"], "speculation changed the output"
+    decoding = f"temperature {args.temperature}, seeds {args.seed}…" if args.temperature else "greedy"
+    print(f"model {model} ({args.dtype}), {len(prompts)} code-editing requests one at a time, {decoding}, {spec}")
     print("| decoding | output tokens | mean ITL (ms) | tokens per step | drafts | accepted draft tokens |")
     print("|---|---|---|---|---|---|")
     for name, tokens, itl, per_step, drafts, accepted in rows:

@@ -80,8 +80,14 @@ def _crd(args: argparse.Namespace) -> int:
 def _fetch_model(args: argparse.Namespace) -> int:
     from kubellm.weights.fetch import fetch_model
 
-    print(fetch_model(args.uri, args.dest))
+    fetch_model(args.uri, args.dest, interval=args.progress_interval, termination_message=args.termination_message)
     return 0
+
+
+def _wait_for_model(args: argparse.Namespace) -> int:
+    from kubellm.weights.fetch import wait_for_model
+
+    return wait_for_model(args.dest, args.uri, timeout_s=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-model", help="download hf://org/name[@rev] or s3://bucket/prefix into DEST")
     fetch.add_argument("uri")
     fetch.add_argument("dest")
+    fetch.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress lines")
+    fetch.add_argument(
+        "--termination-message",
+        metavar="FILE",
+        help="once complete, write the model's config (the keys the fit check reads) to FILE: the cache Job's "
+        "/dev/termination-log, where the operator reads it",
+    )
     fetch.set_defaults(func=_fetch_model)
+
+    wait = sub.add_parser("wait-for-model", help="wait until the model cache holds a complete copy of URI in DEST")
+    wait.add_argument("uri")
+    wait.add_argument("dest")
+    wait.add_argument("--timeout", type=float, default=None, help="give up (exit 1) after this many seconds")
+    wait.set_defaults(func=_wait_for_model)
     return parser
 
 

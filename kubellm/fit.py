@@ -22,7 +22,10 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # Kubernetes' default termina
 GIB = 1 << 30
 DEFAULT_OVERHEAD_BYTES = 512 << 20  # CUDA context, allocator slack, kernels' workspaces (measured: ~0.4–0.6 GiB)
 
-_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "float8_e4m3fn": 1}
+_DTYPE_BYTES = {
+    **{"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "fp8": 1, "float8_e4m3fn": 1},
+    **{"fp8_e4m3": 1, "fp8_e5m2": 1},  # the other --kv-cache-dtype values
+}
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,22 @@ class FitEstimate:
         return self.needed_bytes <= self.usable_bytes
 
     def message(self) -> str:
-        g = GIB
+        b = human_bytes
         return (
-            f"the model does not fit: weights {self.weights_bytes / g:.2f} GiB + KV cache of one "
-            f"{self.max_model_len}-token sequence {self.kv_bytes / g:.2f} GiB + overhead {self.overhead_bytes / g:.2f} "
-            f"GiB = {self.needed_bytes / g:.2f} GiB per device (tensor_parallel_size {self.tensor_parallel_size}), "
-            f"more than the {self.usable_bytes / g:.2f} GiB usable ({self.gpu_memory_utilization:g} of "
-            f"{self.device_memory_bytes / g:.2f} GiB); raise tensor_parallel_size, lower max_model_len, or use "
-            f"devices with more memory"
+            f"the model does not fit: weights {b(self.weights_bytes)} + KV cache of one {self.max_model_len}-token "
+            f"sequence {b(self.kv_bytes)} + overhead {b(self.overhead_bytes)} = {b(self.needed_bytes)} per device "
+            f"(tensor_parallel_size {self.tensor_parallel_size}), more than the {b(self.usable_bytes)} usable "
+            f"({self.gpu_memory_utilization:g} of {b(self.device_memory_bytes)}); raise tensor_parallel_size, lower "
+            f"max_model_len, or use devices with more memory"
         )
+
+
+def human_bytes(n: int) -> str:
+    """GiB with two decimals, or MiB / KiB below a GiB / MiB: a small budget must not read as 0.00 GiB."""
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
 
 
 class DoesNotFit(RuntimeError):
@@ -71,10 +81,45 @@ class DoesNotFit(RuntimeError):
         self.estimate = estimate
 
 
+def text_config(cfg: dict) -> dict:
+    """The language model's part of a config.json (a multimodal model nests it under text_config)."""
+    return cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+
+
+# every config.json key the estimate reads (the cache Job reports these; the termination message holds 4 KiB)
+FIT_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "num_experts",
+    "num_local_experts",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "torch_dtype",
+    "dtype",
+)
+_QUANT_KEYS = ("quant_method", "bits")
+
+
+def fit_config(config: dict) -> dict:
+    """The part of a config.json the estimate reads (the same estimate from it as from the whole file)."""
+    cfg = text_config(config)
+    out = {k: cfg[k] for k in FIT_KEYS if cfg.get(k) is not None}
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict):
+        out["quantization_config"] = {k: quant[k] for k in _QUANT_KEYS if k in quant}
+    return out
+
+
 def read_config(model_dir: str) -> dict:
     with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    return cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
+        return text_config(json.load(f))
 
 
 def dtype_bytes(config: dict, dtype: str = "auto") -> int:
@@ -87,11 +132,12 @@ def dtype_bytes(config: dict, dtype: str = "auto") -> int:
     return _DTYPE_BYTES[name]
 
 
-def _linear_weight_bytes(config: dict, default: int) -> float:
-    """Bytes per weight of the linear layers: quantized checkpoints store less than their dtype."""
+def _linear_weight_bytes(config: dict, default: int, quantization: str | None) -> float:
+    """Bytes per weight of the linear layers: quantized checkpoints store less than their dtype, and FP8 weights
+    stay FP8 on the GPUs with FP8 matmuls (kubellm/runtime/model/fp8.py; older GPUs hold them dequantized)."""
     quant = config.get("quantization_config") or {}
     method = str(quant.get("quant_method", "")).lower()
-    if method == "fp8":
+    if method in ("fp8", "compressed-tensors") or quantization == "fp8":
         return 1
     if method in ("awq", "gptq") and quant.get("bits"):
         return quant["bits"] / 8
@@ -131,6 +177,7 @@ def estimate(
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 256,
     kv_cache_dtype: str | None = None,
+    quantization: str | None = None,
     fixed_overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
 ) -> FitEstimate:
     """The per-device estimate for a model's config.json (a dict) and the serving settings (`kubellm serve`'s
@@ -138,7 +185,7 @@ def estimate(
     tp = tensor_parallel_size
     elem = dtype_bytes(config, dtype)
     embed, linear, norms = parameter_counts(config)
-    weights = (embed * elem + linear * _linear_weight_bytes(config, elem)) / tp + norms * elem
+    weights = (embed * elem + linear * _linear_weight_bytes(config, elem, quantization)) / tp + norms * elem
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads

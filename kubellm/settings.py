@@ -17,6 +17,8 @@ PREEMPTION_MODES = ("recompute", "swap")
 KERNEL_CHOICES = ("auto", "torch", "triton")
 SPECULATIVE_METHODS = ("ngram",)
 QUANTIZATION_METHODS = ("fp8",)
+# vLLM's --kv-cache-dtype values: auto = the model's dtype; fp8 = fp8_e4m3 (float8_e4m3fn)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ class SpeculativeConfig:
         return config
 
 
-def _flag(default, help: str, **bounds) -> object:
-    """A setting `kubellm serve` takes as --its-name; bounds (ge, gt, le) are the server's pydantic checks."""
-    return field(default=default, metadata={"serve": True, "help": help, **bounds})
+def _flag(default, help: str, **checks) -> object:
+    """A setting `kubellm serve` takes as --its-name; checks (ge, gt, le; choices) are the server's pydantic
+    checks, choices also the flag's."""
+    return field(default=default, metadata={"serve": True, "help": help, **checks})
 
 
 @dataclass(slots=True)
@@ -96,10 +99,18 @@ class EngineConfig:
         "fp8: round the weights of a bf16/fp32 checkpoint to FP8 at load (one scale per output channel); "
         "FP8 checkpoints (compressed-tensors, HF fine-grained) are recognized without it",
     )
+    kv_cache_dtype: str = _flag(
+        "auto",
+        "the paged KV cache's element type: auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2: one byte per "
+        "value, about twice the blocks in the same memory. K and V are stored divided by per-layer scales, "
+        "the checkpoint's k_scale/v_scale when it has them, else 1.0 (values kept as they are, rounded to FP8)",
+        choices=KV_CACHE_DTYPES,
+    )
     speculative_config: str | None = _flag(
         None,
         'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
-        '"prompt_lookup_min": 1} (prompt lookup, no draft model; greedy requests only)',
+        '"prompt_lookup_min": 1} (prompt lookup, no draft model; greedy and sampled requests: the output\'s '
+        "distribution is unchanged)",
     )
     served_model_name: str | None = None  # the server's --served-model-name
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks of large shapes)
@@ -123,6 +134,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         SpeculativeConfig.parse(self.speculative_config)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
@@ -190,7 +203,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                 engine_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
             )
         else:
-            parser.add_argument(engine_flag(f.name), type=kind, help=f.metadata["help"])
+            parser.add_argument(
+                engine_flag(f.name), type=kind, choices=f.metadata.get("choices"), help=f.metadata["help"]
+            )
 
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")  # runtime/server/tool_calls.py
@@ -272,6 +287,11 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora; off by default)",
+    )
+    s.add_argument(
+        "--otlp-traces-endpoint",
+        help="OTLP/HTTP URL for a span per request (e.g. http://collector:4318); default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else none (tracing off)",
     )
     s.add_argument(
         "--chat-template",

@@ -20,6 +20,8 @@ _COPY = (
     "maxItems",
     "x-kubernetes-validations",
     "format",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 )
 
 
@@ -88,6 +90,45 @@ STATUS_SCHEMA = {
         "url": {"type": "string"},
         "selector": {"type": "string"},
         "modelName": {"type": "string"},
+        "replicaAdapters": {
+            "type": "array",
+            "description": "Each Ready replica and the LoRA adapters it holds",
+            "items": {
+                "type": "object",
+                "properties": {"pod": {"type": "string"}, "adapters": {"type": "array", "items": {"type": "string"}}},
+            },
+        },
+        "progress": {"type": "string", "description": "Start-up in one line: the model cache, replicas by phase"},
+        "replicaStatuses": {
+            "type": "array",
+            "description": "Each replica's phase: WaitingForCache, Downloading, LoadingWeights, "
+            "WarmingUp (Loading until the runtime says which), Ready, or what is wrong",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "pod": {"type": "string"},
+                    "phase": {"type": "string"},
+                    "progress": {"type": "string"},
+                    "message": {"type": "string"},
+                },
+            },
+        },
+        "cache": {
+            "type": "object",
+            "description": "The model cache (model.cache): Pending, Downloading, Ready or Failed",
+            "properties": {
+                "phase": {"type": "string"},
+                "message": {"type": "string"},
+                "progress": {"type": "string"},
+                "percent": {"type": "number"},
+            },
+        },
+        "modelConfig": {
+            "type": "object",
+            "description": "Where the fit check's model config comes from: spec.model.config, or modelCache (the "
+            "cache Job's pod reported the model's config.json when it completed)",
+            "properties": {"source": {"type": "string"}, "pod": {"type": "string"}, "message": {"type": "string"}},
+        },
         "conditions": {
             "type": "array",
             "items": {
@@ -155,6 +196,7 @@ def build_crd() -> dict:
                         {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
                         {"name": "ScaledToZero", "type": "boolean", "jsonPath": ".status.scaledToZero"},
                         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 0},
+                        {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
                         {"name": "URL", "type": "string", "jsonPath": ".status.url"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

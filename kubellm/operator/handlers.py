@@ -12,10 +12,21 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
+from kubellm.downloads import DownloadProgress
+from kubellm.operator import fit_plan
+from kubellm.operator.adapters import SYNC_INTERVAL_S, PodAdapters, is_ready, sync_pods
 from kubellm.operator.policy import Refused
 from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, OPTIONAL_KINDS, Reconciler
-from kubellm.operator.render import ISVC_LABEL, MANAGED_BY
-from kubellm.operator.spec import GROUP, PLURAL, VERSION
+from kubellm.operator.render import (
+    CACHE_LABELS,
+    FETCH_CONTAINER,
+    ISVC_LABEL,
+    MANAGED_BY,
+    RUNTIME_CONTAINER,
+    adapter_paths,
+    lora_slots,
+)
+from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 from kubellm.operator.status import compute_status, merge_conditions
 
 log = logging.getLogger("kubellm.operator")
@@ -32,6 +43,17 @@ _reconciler: Reconciler | None = None
 # cleared by every reconcile (a restart re-reconciles on resume), read by the status timer
 _refusals: dict[tuple[str, str], Refused] = {}
 REFUSED_RETRY_S = 30  # a policy edit or a conflicting object's removal is picked up this soon
+# each InferenceService's Ready pods and the LoRA adapters they hold, as the adapter sync last left them (read by
+# the status timer); absent for a service without LoRA
+_adapters: dict[tuple[str, str], dict[str, PodAdapters]] = {}
+# the downloaders' last progress lines, read from their logs by a timer: (namespace, name) → {pod name (the cache
+# Job's: the Job's name) → DownloadProgress}; read by the status timer
+_downloads: dict[tuple[str, str], dict[str, DownloadProgress]] = {}
+# each starting runtime pod's phase (LoadingWeights, WarmingUp), read from its log by the same timer: (namespace,
+# name) → {pod name → phase}; read by the status timer
+_phases: dict[tuple[str, str], dict[str, str]] = {}
+PROGRESS_INTERVAL_S = 5.0
+FIT_RECHECK_S = 60  # a model held at 0 by the pre-start fit check: a node with a bigger GPU is noticed this soon
 
 
 def reconciler() -> Reconciler:
@@ -85,8 +107,24 @@ def hpa_index(namespace, labels, body, **_):
     return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
 
 
-@kopf.index("", "v1", "pods", labels=OURS)
+@kopf.index("", "v1", "pods", labels={**OURS, "app.kubernetes.io/name": "kubellm-runtime"})
 def pod_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+# the model cache: its claim, its Job and the Job's pod (whose log has the download's progress)
+@kopf.index("", "v1", "persistentvolumeclaims", labels=OURS)
+def claim_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+def job_index(namespace, labels, body, **_):
+    return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
+
+
+@kopf.index("", "v1", "pods", labels={**OURS, "app.kubernetes.io/name": CACHE_LABELS["app.kubernetes.io/name"]})
+def cache_pod_index(namespace, labels, body, **_):
     return {(namespace, labels.get(ISVC_LABEL)): _snapshot(body)}
 
 
@@ -104,7 +142,7 @@ def _api_message(e: ApiException) -> str:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 def reconcile(body, namespace, name, **_):
     try:
-        changed = reconciler().reconcile(_snapshot(body))
+        changed, hold = reconciler().reconcile(_snapshot(body))
     except Refused as e:
         RECONCILES.labels("refused").inc()
         before = _refusals.get((namespace, name))
@@ -129,19 +167,82 @@ def reconcile(body, namespace, name, **_):
             raise kopf.TemporaryError(f"apply rejected: {e.reason}", delay=30) from None
         raise kopf.TemporaryError(f"apply failed: {e.reason}", delay=5) from None
     _refusals.pop((namespace, name), None)
-    RECONCILES.labels("ok").inc()
+    RECONCILES.labels("ok" if hold is None else "held").inc()
     log.info("applied %s", ", ".join(changed), extra={"isvc": f"{namespace}/{name}"})
+    if hold is not None:  # the status timer's Ready=False InsufficientGPUMemory event carries the numbers
+        log.warning("replicas held at 0: %s", hold.message, extra={"isvc": f"{namespace}/{name}"})
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 def delete_children(body, namespace, name, **_):
     # kopf already holds a finalizer for the status timer; use it to remove the children at once
     _refusals.pop((namespace, name), None)
+    _adapters.pop((namespace, name), None)
+    _downloads.pop((namespace, name), None)
+    _phases.pop((namespace, name), None)
     try:
         deleted = reconciler().delete_children(_snapshot(body))
     except ApiException as e:
         raise kopf.TemporaryError(f"deleting children failed: {e.reason}", delay=5) from None
     log.info("deleted %s", ", ".join(deleted) or "nothing (already gone)", extra={"isvc": f"{namespace}/{name}"})
+
+
+# ------------------------------------------------------------------ the fit check's holds
+def _hold(deployment: dict | None) -> fit_plan.Hold | None:
+    return fit_plan.hold_from_annotations(((deployment or {}).get("metadata") or {}).get("annotations"))
+
+
+def stop_restart_loop(body: dict, deployment: dict | None, pods: list[dict]) -> None:
+    """A runtime pod refused to start (the model does not fit): hold the replicas at 0 for this generation of
+    the spec instead of letting the kubelet restart it (fit_plan.hold_for), once."""
+    refusal = fit_plan.runtime_refusal(pods)
+    if refusal is None or ((deployment or {}).get("status") or {}).get("readyReplicas", 0) > 0:
+        return  # nothing refused, or some replicas serve (the refusing pod's node is smaller: its status says so)
+    held = _hold(deployment)
+    if held is not None and held.source == fit_plan.RUNTIME and held.generation == body["metadata"].get("generation"):
+        return
+    where = {"isvc": f"{body['metadata']['namespace']}/{body['metadata']['name']}"}
+    try:
+        _, hold = reconciler().reconcile(_snapshot(body), refusal=refusal)
+    except (Refused, ApiException) as e:  # the reconcile handler reports it; the next status tick retries this
+        log.warning("could not hold the replicas of a model that does not fit: %s", e, extra=where)
+        return
+    if hold is not None:
+        log.warning("replicas held at 0: %s", hold.message, extra=where)
+
+
+def release_after_cache(body: dict, deployment: dict | None, job: dict | None, cache_pods: list[dict]) -> None:
+    """Replicas waiting at 0 for the cache Job's report: once the Job has completed, run the fit check now (it
+    holds them with the numbers, or releases them) rather than at the next re-check."""
+    held = _hold(deployment)
+    if held is None or held.reason != fit_plan.WAITING_REASON:
+        return
+    try:
+        uri = parse_spec(body.get("spec") or {}).model.uri
+    except ValidationError:
+        return
+    if not fit_plan.cache_report(job, cache_pods, uri).complete:
+        return
+    where = {"isvc": f"{body['metadata']['namespace']}/{body['metadata']['name']}"}
+    try:
+        _, hold = reconciler().reconcile(body)
+    except (Refused, ApiException) as e:  # the reconcile handler reports it; the next status tick retries this
+        log.warning("could not run the fit check after the model cache completed: %s", e, extra=where)
+        return
+    log.info("model cache complete: %s", hold.message if hold else "the model fits; replicas released", extra=where)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=FIT_RECHECK_S, initial_delay=FIT_RECHECK_S, sharp=False)
+def recheck_fit(body, namespace, name, deployment_index: kopf.Index, **_):
+    """A pre-start hold (or a wait for the cache Job's report) depends on the nodes (their GPU memory labels):
+    look again now and then."""
+    held = _hold(_first(deployment_index, (namespace, name)))
+    if held is None or held.source != fit_plan.OPERATOR:
+        return
+    try:
+        reconciler().reconcile(_snapshot(body))
+    except (Refused, ApiException) as e:
+        log.info("fit re-check deferred: %s", e, extra={"isvc": f"{namespace}/{name}"})
 
 
 # ------------------------------------------------------------------ observed state
@@ -156,17 +257,29 @@ def refresh_status(
     hpa_index: kopf.Index,
     pod_index: kopf.Index,
     isvc_index: kopf.Index,
+    job_index: kopf.Index,
+    claim_index: kopf.Index,
+    cache_pod_index: kopf.Index,
     **_,
 ):
     MANAGED.set(len(isvc_index))
     key = (namespace, name)
     refused = _refusals.get(key)
+    deployment, pods = _first(deployment_index, key), list(pod_index.get(key, []))
+    job, cache_pods = _first(job_index, key), list(cache_pod_index.get(key, []))
+    stop_restart_loop(_snapshot(body), deployment, pods)
+    release_after_cache(_snapshot(body), deployment, job, cache_pods)
     new = compute_status(
         _snapshot(body),
-        _first(deployment_index, key),
+        deployment,
         _first(hpa_index, key),
-        list(pod_index.get(key, [])),
+        pods,
         refusal=(refused.reason, refused.message) if refused else None,
+        adapters=_adapters.get(key),
+        cache=(job, _first(claim_index, key)),
+        downloads=_downloads.get(key),
+        cache_pods=cache_pods,
+        phases=_phases.get(key),
     )
     old_conditions = status.get("conditions") or []
     new["conditions"] = merge_conditions(old_conditions, new["conditions"])
@@ -184,6 +297,78 @@ def refresh_status(
             reason=ready["reason"],
             message=ready["message"][:1000],
         )
+
+
+# ------------------------------------------------------------------ LoRA adapters onto Ready pods
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SYNC_INTERVAL_S, sharp=False)
+async def sync_adapters(body, namespace, name, pod_index: kopf.Index, **_):
+    """Load spec.adapters onto every Ready pod and unload the others (kubellm/operator/adapters.py); idempotent:
+    a pod that holds what it should gets one GET /v1/models per round."""
+    key = (namespace, name)
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except ValidationError:
+        return
+    if not lora_slots(spec):
+        _adapters.pop(key, None)
+        return
+    before = _adapters.get(key, {})
+    now = await sync_pods(list(pod_index.get(key, [])), adapter_paths(spec), before)
+    for pod, state in now.items():
+        for adapter, failure in state.failures.items():
+            if before.get(pod) is None or adapter not in before[pod].failures:  # say it once
+                message = f"adapter {adapter} not loaded on pod {pod}: {failure.message}"
+                kopf.event(body, type="Warning", reason="AdapterLoadFailed", message=message[:1000])
+                log.warning("%s", message, extra={"isvc": f"{namespace}/{name}"})
+    _adapters[key] = now
+
+
+def _running(pod: dict, container: str, init: bool) -> bool:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return any(
+        cs.get("name") == container and "running" in (cs.get("state") or {})
+        for cs in (pod.get("status") or {}).get(key) or []
+    )
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL_S, sharp=False)
+def read_download_progress(
+    namespace, name, pod_index: kopf.Index, cache_pod_index: kopf.Index, job_index: kopf.Index, **_
+):
+    """The progress of every download under way for this InferenceService: the cache Job's pod (and its last
+    line once, after it finished) and the replicas' own fetch-model init containers; and the start-up phase of
+    each runtime container that runs but is not Ready yet (loading the weights or warming up)."""
+    key = (namespace, name)
+    before = _downloads.get(key, {})
+    now: dict[str, DownloadProgress] = {}
+    job = _first(job_index, key)
+    if job is not None:
+        job_name = job["metadata"]["name"]
+        kept = before.get(job_name)
+        for pod in cache_pod_index.get(key, []):
+            if (pod.get("metadata") or {}).get("labels", {}).get("job-name") != job_name:
+                continue  # a replaced Job's pod, on its way out
+            if _running(pod, FETCH_CONTAINER, init=False) or (
+                (pod.get("status") or {}).get("phase") == "Succeeded" and not (kept and kept.done)
+            ):
+                kept = reconciler().download_progress(namespace, pod["metadata"]["name"], FETCH_CONTAINER) or kept
+        if kept is not None:
+            now[job_name] = kept
+    phases: dict[str, str] = {}
+    for pod in pod_index.get(key, []):
+        pod_name = pod["metadata"]["name"]
+        if _running(pod, FETCH_CONTAINER, init=True):
+            progress = reconciler().download_progress(namespace, pod_name, FETCH_CONTAINER)
+            if progress is not None:
+                now[pod_name] = progress
+        elif _running(pod, RUNTIME_CONTAINER, init=False) and not is_ready(pod):
+            if phase := reconciler().startup_phase(namespace, pod_name):
+                phases[pod_name] = phase
+    for store, found in ((_downloads, now), (_phases, phases)):
+        if found:
+            store[key] = found
+        else:
+            store.pop(key, None)
 
 
 # ------------------------------------------------------------------ drift repair

@@ -11,14 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from kubellm.downloads import DownloadProgress, last_progress, last_startup_phase
+from kubellm.operator import fit_plan
 from kubellm.operator.policy import Policy, Refused, admit, policy_from_configmap
-from kubellm.operator.render import OPERATOR_NAMESPACE, render
+from kubellm.operator.render import (
+    CACHE_LABELS,
+    ISVC_LABEL,
+    MANAGED_BY,
+    OPERATOR_NAMESPACE,
+    RUNTIME_CONTAINER,
+    render,
+)
 from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 
 log = logging.getLogger("kubellm.operator")
@@ -33,11 +43,15 @@ CHILD_KINDS = {  # kind → apiVersion
     "PodDisruptionBudget": "policy/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
     "InferencePool": "inference.networking.k8s.io/v1",
+    "PersistentVolumeClaim": "v1",  # model.cache: the claim and the Job that fills it
+    "Job": "batch/v1",
 }
 # kinds whose CRD a cluster may lack (the Gateway API Inference Extension): absent, there is nothing of ours to
 # read or delete, and asking for one is a refusal that says what to install; no drift watch (kopf would need them)
 OPTIONAL_KINDS = {"InferencePool"}
 MISSING_KIND_RECHECK_SECONDS = 60
+LOG_TAIL_LINES = 5  # a downloader's warning may follow its last progress line
+STARTUP_LOG_LINES = 40  # a starting runtime's own log lines (the KV cache's size, warnings) follow its phase line
 CHILD_PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
@@ -45,6 +59,8 @@ CHILD_PLURALS = {
     "PodDisruptionBudget": "poddisruptionbudgets",
     "NetworkPolicy": "networkpolicies",
     "InferencePool": "inferencepools",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Job": "jobs",
 }
 
 
@@ -64,9 +80,30 @@ def is_subset(desired, live) -> bool:
     return desired == live or str(desired) == str(live)
 
 
+class Reconciled(NamedTuple):
+    changed: list[str]  # the kinds applied, "-Kind" for those deleted
+    hold: fit_plan.Hold | None  # replicas held at 0: the model does not fit
+
+
 def owned_by(live: dict | None, isvc: dict) -> bool:
     owners = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
     return any(o.get("uid") == isvc["metadata"]["uid"] for o in owners)
+
+
+def ours(live: dict | None, isvc: dict) -> bool:
+    """Owned by this InferenceService, or a model cache claim kept (reclaim Retain, no owner reference) for an
+    InferenceService of this name: that one takes it up again."""
+    if owned_by(live, isvc):
+        return True
+    meta = (live or {}).get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return (
+        (live or {}).get("kind") == "PersistentVolumeClaim"
+        and not meta.get("ownerReferences")
+        and labels.get(ISVC_LABEL) == isvc["metadata"]["name"]
+        and all(labels.get(k) == v for k, v in CACHE_LABELS.items())
+        and labels.get("app.kubernetes.io/managed-by") == MANAGED_BY
+    )
 
 
 class Reconciler:
@@ -94,10 +131,48 @@ class Reconciler:
             ) from None
         return policy_from_configmap(cm.data, f"ConfigMap {self.policy_configmap}")
 
+    def nodes(self) -> list[dict] | None:
+        """Every node's name, labels and allocatable resources (the fit check's candidates); None where the
+        operator may not read nodes (namespaced RBAC without the node reader)."""
+        try:
+            items = self.core.list_node().items
+        except ApiException as e:
+            if e.status == 403:
+                return None
+            raise
+        return [self.core.api_client.sanitize_for_serialization(n) for n in items]
+
+    def plan(self, isvc: dict, refusal: dict | None = None) -> tuple[list[dict], fit_plan.Hold | None]:
+        """The children to apply and whether the replicas are held at 0 (fit_plan.hold_for: `refusal` is a
+        runtime pod's, just seen), once the spec passes the operator's checks (raises Refused otherwise)."""
+        spec = parse_spec(isvc.get("spec") or {})
+        admit(spec, self.policy())
+        meta = isvc["metadata"]
+        live = self.read("Deployment", meta["name"], meta["namespace"])
+        nodes = self.nodes() if fit_plan.needs_nodes(spec) else None
+        cache = self.cache_report(isvc, spec.model.uri) if fit_plan.needs_cache_report(spec) else None
+        try:
+            hold = fit_plan.hold_for(
+                spec, meta.get("generation", 0), live if owned_by(live, isvc) else None, nodes, refusal, cache
+            )
+        except fit_plan.InvalidModelConfig as e:
+            raise Refused("InvalidModelConfig", str(e)) from None
+        return render(isvc, hold.annotation() if hold else None), hold
+
+    def cache_report(self, isvc: dict, uri: str) -> fit_plan.CacheReport:
+        """What this InferenceService's model cache Job reported (fit_plan.cache_report), read afresh: the Job
+        and its pods (their termination messages)."""
+        meta = isvc["metadata"]
+        job = self.read("Job", meta["name"], meta["namespace"])
+        if not owned_by(job, isvc):
+            return fit_plan.CacheReport(False)
+        selector = f"batch.kubernetes.io/controller-uid={job['metadata']['uid']}"
+        items = self.core.list_namespaced_pod(meta["namespace"], label_selector=selector).items
+        pods = [self.core.api_client.sanitize_for_serialization(p) for p in items]
+        return fit_plan.cache_report(job, pods, uri)
+
     def desired(self, isvc: dict) -> list[dict]:
-        """The children to apply, once the spec passes the operator's checks (raises Refused otherwise)."""
-        admit(parse_spec(isvc.get("spec") or {}), self.policy())
-        return render(isvc)
+        return self.plan(isvc)[0]
 
     def _resource(self, kind: str):
         if kind not in self._resources:
@@ -121,8 +196,11 @@ class Reconciler:
     def apply(self, manifest: dict, live: dict | None, isvc: dict) -> dict:
         """Write one child that is ours (`live`) or absent (None); never anyone else's."""
         kind, meta = manifest["kind"], manifest["metadata"]
-        if live is not None and not owned_by(live, isvc):
+        if live is not None and not ours(live, isvc):
             raise conflict([(kind, meta)])
+        if kind == "Job" and live is not None and not is_subset(manifest["spec"], live.get("spec")):
+            self._replace_job(live)  # a Job's pod template is immutable: a new URI, image or secret is a new Job
+            live = None
         try:
             if live is None:
                 return self._create(manifest)
@@ -131,13 +209,26 @@ class Reconciler:
         except ApiException as e:
             if e.status in (409, 422):
                 now = self.read(kind, meta["name"], meta["namespace"])
-                if now is not None and not owned_by(now, isvc):
+                if now is not None and not ours(now, isvc):
                     raise conflict([(kind, meta)]) from None
                 if live is None and now is not None and e.status == 409:
                     # created for this same InferenceService since we looked (another replica's handler that had
                     # not yet paused, a retried handler): ours, so apply over it
                     return self._server_side_apply({**manifest, "metadata": {**meta, "uid": now["metadata"]["uid"]}})
             raise
+
+    def _replace_job(self, live: dict) -> None:
+        """Delete an outdated Job of ours now (its pods follow in the background), so that a new one is created."""
+        meta = live["metadata"]
+        try:
+            self._resource("Job").delete(
+                name=meta["name"],
+                namespace=meta["namespace"],
+                body={"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def _create(self, manifest: dict) -> dict:
         """Create, which fails (409) if the name was taken since we looked: never an apply that would merge into
@@ -193,19 +284,21 @@ class Reconciler:
         live = self.read(kind, meta["name"], meta["namespace"])
         if not owned_by(live, isvc):
             return False
-        try:  # the uid precondition: never an object that replaced ours since we read it
-            self._resource(kind).delete(
-                name=meta["name"], namespace=meta["namespace"], body={"preconditions": {"uid": live["metadata"]["uid"]}}
-            )
+        # the uid precondition: never an object that replaced ours since we read it; Background, since a Job's
+        # default is to orphan its pods (which would hold the cache claim forever)
+        body = {"preconditions": {"uid": live["metadata"]["uid"]}, "propagationPolicy": "Background"}
+        try:
+            self._resource(kind).delete(name=meta["name"], namespace=meta["namespace"], body=body)
         except ApiException as e:
             if e.status not in (404, 409):
                 raise
         return True
 
-    def reconcile(self, isvc: dict) -> list[str]:
-        """Apply every rendered child and delete the kinds no longer rendered; returns what changed. Raises
-        Refused, touching nothing, when the spec fails a check or a child's name is taken by a stranger."""
-        children = self.desired(isvc)
+    def reconcile(self, isvc: dict, refusal: dict | None = None) -> Reconciled:
+        """Apply every rendered child and delete the kinds no longer rendered; returns what changed and the
+        hold, if any. Raises Refused, touching nothing, when the spec fails a check or a child's name is taken by
+        a stranger. `refusal`: a runtime pod's fit refusal (fit_plan.runtime_refusal), which holds the replicas."""
+        children, hold = self.plan(isvc, refusal)
         missing = [c["kind"] for c in children if not self.available(c["kind"])]
         if missing:
             raise Refused(
@@ -214,7 +307,7 @@ class Reconciler:
                 "Inference Extension CRDs, or turn inferencePool.enabled off",
             )
         live = {c["kind"]: self.read(c["kind"], c["metadata"]["name"], c["metadata"]["namespace"]) for c in children}
-        taken = [c for c in children if live[c["kind"]] is not None and not owned_by(live[c["kind"]], isvc)]
+        taken = [c for c in children if live[c["kind"]] is not None and not ours(live[c["kind"]], isvc)]
         if taken:
             raise conflict([(c["kind"], c["metadata"]) for c in taken])
         changed = []
@@ -224,7 +317,29 @@ class Reconciler:
         for kind in set(CHILD_KINDS) - {c["kind"] for c in children}:
             if self._delete_if_ours(kind, isvc):
                 changed.append(f"-{kind}")
-        return changed
+        return Reconciled(changed, hold)
+
+    def download_progress(self, namespace: str, pod: str, container: str) -> DownloadProgress | None:
+        """The last progress line a downloader printed (pods cannot write to the API: the operator reads their
+        log); None when it printed none yet or the log is gone."""
+        try:
+            text = self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=LOG_TAIL_LINES)
+        except ApiException as e:  # not started yet, removed meanwhile, a node that serves no logs: no news
+            log.debug("no log from %s/%s: %s", namespace, pod, e.reason)
+            return None
+        return last_progress(text or "")
+
+    def startup_phase(self, namespace: str, pod: str) -> str | None:
+        """The start-up phase a runtime pod's log last named (kubellm.downloads:last_startup_phase); None when
+        it named none yet or the log cannot be read."""
+        try:
+            text = self.core.read_namespaced_pod_log(
+                pod, namespace, container=RUNTIME_CONTAINER, tail_lines=STARTUP_LOG_LINES
+            )
+        except ApiException as e:
+            log.debug("no log from %s/%s: %s", namespace, pod, e.reason)
+            return None
+        return last_startup_phase(text or "")
 
     def owner_exists(self, isvc: dict) -> bool:
         """Is this very InferenceService (same uid) still there? Our cache of it may lag its deletion."""

@@ -40,7 +40,13 @@ OWNED_SETTINGS = frozenset(
         "tool_call_parser",
         "reasoning_parser",  # runtime.reasoningParser
         "quantization",  # runtime.quantization
+        "kv_cache_dtype",  # runtime.kvCacheDtype
         "speculative_config",  # runtime.speculative
+        "enable_lora",  # spec.adapters, runtime.maxLoras, runtime.maxLoraRank: the operator loads and unloads
+        "max_loras",
+        "max_lora_rank",
+        "lora_modules",
+        "allow_runtime_lora_updating",
     }
 )
 # Every KUBELLM_* variable is a `kubellm serve` setting (matched case-insensitively by pydantic-settings):

@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from kubellm.operator.serve_flags import OWNED_ENV, allowed_extra_flags, env_rule, extra_args_rule
-from kubellm.settings import QUANTIZATION_METHODS, REASONING_PARSERS, SPECULATIVE_METHODS, TOOL_CALL_PARSERS
+from kubellm.settings import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    REASONING_PARSERS,
+    SPECULATIVE_METHODS,
+    TOOL_CALL_PARSERS,
+)
 
 GROUP, VERSION, KIND, PLURAL = "kubellm.io", "v1alpha1", "InferenceService", "inferenceservices"
 SHORT_NAMES = ["kisvc", "kllm"]  # KServe owns isvc and llmisvc
@@ -27,12 +33,44 @@ class Spec(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+class ModelCache(Spec):
+    """A PersistentVolumeClaim the model is downloaded into once, by a Job, and that every replica mounts read-only
+    (KubeAI's cacheProfiles shape: one shared volume per model; KServe's LocalModelCache copies per node)."""
+
+    enabled: bool = Field(
+        False,
+        description="Download the model once into a PersistentVolumeClaim (named after this InferenceService) "
+        "with a Job; replicas wait for it and start without downloading",
+    )
+    size: str = Field("100Gi", pattern=QUANTITY, description="The claim's storage request")
+    storage_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="The claim's StorageClass; unset: the cluster's default; \"\": none (a PersistentVolume made "
+        "beforehand for this claim)",
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany",
+        description="ReadWriteMany lets replicas on every node share the copy; ReadWriteOnce keeps the Job and the "
+        "replicas on the node that mounts it",
+    )
+    reclaim: Literal["Delete", "Retain"] = Field(
+        "Delete",
+        description="Delete: the claim goes with the InferenceService (owner reference); Retain: it stays, and an "
+        "InferenceService of the same name takes it up again without downloading",
+    )
+
+
 class ModelSource(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
             (
                 "self.uri.matches('^(hf://[^/@]+/[^/@]+(@.+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$')",
                 "model.uri must be hf://org/name[@revision], pvc://claim[/path] or s3://bucket[/prefix]",
+            ),
+            (
+                "!has(self.cache) || !self.cache.enabled || !self.uri.startsWith('pvc://')",
+                "model.cache is for hf:// and s3:// models: a pvc:// model is already on a volume",
             ),
         )
     )
@@ -53,6 +91,45 @@ class ModelSource(Spec):
         pattern=QUANTITY,
         description="sizeLimit of the emptyDir the weights are downloaded into (hf://, s3://): the kubelet evicts "
         "a pod that writes more",
+    )
+    cache: ModelCache = Field(default_factory=ModelCache)
+    config: dict[str, Any] | None = Field(
+        None,
+        description="The model's config.json (as an object; at least hidden_size, num_hidden_layers, "
+        "num_attention_heads, vocab_size, intermediate_size): with it the operator checks before any pod starts "
+        "that the model fits one GPU's memory (resources.gpuMemory or the nodes' nvidia.com/gpu.memory label) and "
+        "holds the replicas at 0 with reason InsufficientGPUMemory otherwise. Without it, a model.cache Job reports "
+        "the config when it completes (the replicas wait at 0 for it; this field, when given, wins); else the "
+        "runtime checks at start",
+    )
+
+
+ADAPTER_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,126}[A-Za-z0-9])?$"
+
+
+class AdapterSource(Spec):
+    """A LoRA adapter (PEFT format: adapter_config.json + safetensors) served beside the model under its own name."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "self.uri.matches('^(hf://[^/@]+/[^/@]+(@.+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|s3://[^/]+(/.*)?)$')",
+                "adapters[].uri must be pvc://claim/path, hf://org/name[@revision] or s3://bucket[/prefix]",
+            ),
+        )
+    )
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=ADAPTER_NAME,
+        description="The `model` a request sends to use this adapter (listed by /v1/models with the model as parent)",
+    )
+    uri: str = Field(
+        max_length=2048,
+        description="pvc://claim/path: the adapter's directory, its claim mounted read-only (the model's own claim "
+        "is mounted once for both); hf://org/name[@revision] or s3://bucket/prefix: downloaded at pod start by an "
+        "init container with model.credentialsSecret. A new claim or a downloaded adapter changes the pod template, "
+        "so the pods roll; pvc:// adapters come and go without a restart",
     )
 
 
@@ -109,10 +186,24 @@ class RuntimeSpec(Spec):
         None,
         description="Quantize the weights at load (--quantization); FP8 checkpoints are recognised from their config",
     )
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="The KV cache's element type (--kv-cache-dtype): auto (the model's dtype) or FP8 (fp8 = "
+        "fp8_e4m3, fp8_e5m2): one byte a value, twice the cached tokens in the same memory; scales from the "
+        "checkpoint, else 1.0",
+    )
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="LoRA slots per replica (--max-loras); default: spec.adapters' count rounded up to a multiple "
+        "of 4. Set, it keeps LoRA on while spec.adapters is empty (adding the first adapter then needs no restart)",
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="The largest adapter rank (--max-lora-rank)")
     speculative: SpeculativeSpec = Field(
         default_factory=SpeculativeSpec,
         description="Speculative decoding by n-gram lookup (--speculative-config) when enabled; greedy output is "
-        "unchanged",
+        "unchanged, sampled output keeps its distribution (rejection sampling)",
     )
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list,
@@ -158,6 +249,12 @@ class Resources(Spec):
         "across them (tensor parallelism: they must divide its attention heads)",
     )
     gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_memory: str | None = Field(
+        None,
+        pattern=QUANTITY,
+        description="Memory of one GPU (e.g. 80Gi) for the operator's fit check; default: the nvidia.com/gpu.memory "
+        "label (GPU feature discovery, MiB) of the nodes a replica may run on",
+    )
     requests: ComputeResources = Field(default_factory=ComputeResources)
     limits: ComputeResources = Field(default_factory=ComputeResources)
 
@@ -270,6 +367,19 @@ class InferenceServiceSpec(Spec):
     model_config = ConfigDict(
         json_schema_extra=rules(
             ("self.replicas >= 0", "replicas must not be negative"),
+            (
+                "!has(self.model.name) || self.adapters.all(a, a.name != self.model.name)",
+                "adapters[].name must differ from model.name",
+            ),
+            (
+                "size(self.adapters) == 0 || !has(self.server.apiKeySecret)",
+                "adapters cannot be combined with server.apiKeySecret yet: the operator loads adapters through the "
+                "pods' API, without a key",
+            ),
+            (
+                "!has(self.runtime.maxLoras) || size(self.adapters) <= self.runtime.maxLoras",
+                "adapters must not outnumber runtime.maxLoras",
+            ),
         )
     )
     model: ModelSource
@@ -283,6 +393,13 @@ class InferenceServiceSpec(Spec):
     rollout: Rollout = Field(default_factory=Rollout)
     network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     inference_pool: InferencePoolSpec = Field(default_factory=InferencePoolSpec)
+    adapters: list[AdapterSource] = Field(
+        default_factory=list,
+        max_length=64,
+        description="LoRA adapters the operator loads onto every Ready replica (and unloads when removed) through "
+        "the runtime's /v1/load_lora_adapter; no restart for a change, except a new claim or more slots",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},  # unique names
+    )
 
 
 def parse_spec(spec: dict) -> InferenceServiceSpec:

@@ -20,10 +20,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kubellm.router.discovery import Route
+from kubellm.router.discovery import Route, adapter_routes
 from kubellm.router.metrics import RouterMetrics
 from kubellm.router.policy import Limits, PodLoad, Policy, deletion_cost, make_policy, prompt_prefix
 from kubellm.router.scrape import Scraper
+from kubellm.tracing import Tracing
 
 log = logging.getLogger("kubellm.router")
 
@@ -57,6 +58,7 @@ class RouterConfig:
     down_seconds: float = 5.0  # a pod that refused a connection is skipped this long
     max_held_requests: int = 64  # per model with no Ready pod
     hold_seconds: float = 300.0
+    adapter_wait_seconds: float = 30.0  # a declared adapter's wait for a Ready pod to hold it, once the model is up
     retry_after_seconds: float = 1.0
     cost_seconds: float = 5.0  # how often pods' deletion costs are brought up to date
     limits: Limits = Limits()
@@ -77,8 +79,15 @@ class ApiError(Exception):
 
 
 class Router:
-    def __init__(self, discovery, config: RouterConfig = RouterConfig(), policy: Policy | None = None):
+    def __init__(
+        self,
+        discovery,
+        config: RouterConfig = RouterConfig(),
+        policy: Policy | None = None,
+        tracing: Tracing | None = None,
+    ):
         self.discovery, self.config = discovery, config
+        self.tracing = tracing  # None: no spans, the client's traceparent (or a new one) passed on as it is
         self.policy = policy or make_policy(config.policy, config.limits)
         self.routes: dict[str, Route] = {}
         self.discovered = False
@@ -119,6 +128,8 @@ class Router:
         await self.scraper.stop()
         if self.session:
             await self.session.close()
+        if self.tracing:
+            await asyncio.to_thread(self.tracing.shutdown)  # the last batch of spans goes out
 
     async def refresh(self) -> None:
         try:
@@ -230,6 +241,45 @@ class Router:
             self.held[model] -= 1
             self.metrics.held.labels(model).dec()
 
+    async def route_for(self, model: str) -> Route:
+        """A model's route (held while it has no Ready pod), or a LoRA adapter's: the pods that hold it."""
+        if model not in self.routes:
+            adapter = adapter_routes(self.routes, self.scraper.adapters).get(model)
+            if adapter is not None:
+                self.last_request[adapter.parent] = time.monotonic()  # adapter traffic keeps its model up
+                return adapter
+            parent = next((r for r in self.routes.values() if model in r.adapters), None)
+            if parent is None:
+                raise ApiError(404, f"The model `{model}` does not exist.", "model")
+            return await self._loaded_adapter(model, parent.model)
+        self.last_request[model] = time.monotonic()
+        self.asleep.discard(model)
+        return await self.ready_route(model)
+
+    async def _loaded_adapter(self, adapter: str, parent: str) -> Route:
+        """An adapter its InferenceService declares but no Ready pod holds yet (the model at zero, its pods
+        starting, the operator still loading it): held while the model wakes, then up to adapter_wait_seconds for
+        a pod to hold it; 503 + Retry-After beyond (an adapter that fails to load says why in its service's
+        AdaptersReady condition)."""
+        self.last_request[parent] = time.monotonic()
+        self.asleep.discard(parent)
+        await self.ready_route(parent)
+        c = self.config
+        if self.held.get(adapter, 0) >= c.max_held_requests:
+            raise ApiError(429, f"too many requests waiting for adapter {adapter!r}", None, c.retry_after_seconds)
+        self.held[adapter] = self.held.get(adapter, 0) + 1
+        try:
+            deadline = time.monotonic() + c.adapter_wait_seconds
+            while time.monotonic() < deadline:
+                found = adapter_routes(self.routes, self.scraper.adapters).get(adapter)
+                if found is not None:
+                    return found
+                await asyncio.sleep(0.25)
+        finally:
+            self.held[adapter] -= 1
+        message = f"adapter {adapter!r} of model {parent!r} is not loaded on a Ready pod yet"
+        raise ApiError(503, message, None, c.retry_after_seconds)
+
     def _has_endpoints(self, model: str) -> bool:
         route = self.routes.get(model)
         return route is None or bool(route.endpoints)
@@ -249,10 +299,19 @@ class Router:
 
     # ------------------------------------------------------------------ HTTP
     async def models(self, request: web.Request) -> web.Response:
+        created = int(self.started_wall)
         data = [
-            {"id": r.model, "object": "model", "created": int(self.started_wall), "owned_by": "kubellm"}
+            {"id": r.model, "object": "model", "created": created, "owned_by": "kubellm"}
             for r in sorted(self.routes.values(), key=lambda r: r.model)
             if r.endpoints or r.scales_to_zero
+        ]
+        parents = {name: a.parent for name, a in adapter_routes(self.routes, self.scraper.adapters).items()}
+        for r in self.routes.values():  # a model at zero: its declared adapters, as the model itself is listed
+            if r.scales_to_zero and not r.endpoints:
+                parents |= {a: r.model for a in r.adapters if a not in self.routes and a not in parents}
+        data += [  # vLLM's shape: an adapter is a model whose parent is the one it adapts
+            {"id": name, "object": "model", "created": created, "owned_by": "kubellm", "parent": parent}
+            for name, parent in sorted(parents.items())
         ]
         return web.json_response({"object": "list", "data": data})
 
@@ -269,15 +328,14 @@ class Router:
         started = time.monotonic()
         body = await request.read()
         headers = _forward_headers(request)
+        span = self.tracing.start_server_span(f"POST {request.path}", request.headers) if self.tracing else None
+        if span is not None:
+            self.tracing.inject(span, headers)  # the pod's span is this one's child
         model, status, pod, attempts, affinity = "", 0, None, 0, None
         try:
             doc = _json_object(body)
             model = _model_of(doc)
-            if model not in self.routes:
-                raise ApiError(404, f"The model `{model}` does not exist.", "model")
-            self.last_request[model] = time.monotonic()
-            self.asleep.discard(model)
-            route = await self.ready_route(model)
+            route = await self.route_for(model)
             choice = self.policy.choose(prompt_prefix(doc, self.config.prefix_chars), self.pod_loads(route))
             if not choice.order:
                 self.metrics.rejected.labels(model, "saturated").inc()
@@ -294,6 +352,8 @@ class Router:
         finally:
             if model in self.routes:  # (names from clients: only known ones, or the dict grows without bound)
                 self.last_request[model] = time.monotonic()
+            if span is not None:
+                self._end_span(span, request, model, pod, status, attempts, affinity)
             log.info(
                 json.dumps(
                     {
@@ -309,6 +369,20 @@ class Router:
                     }
                 )
             )
+
+    def _end_span(self, span, request: web.Request, model: str, pod, status: int, attempts: int, affinity) -> None:
+        attributes = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "http.response.status_code": status,
+            "gen_ai.request.model": model or None,
+            "kubellm.router.pod": pod,
+            "kubellm.router.attempts": attempts,
+            "kubellm.router.retries": max(0, attempts - 1),
+            "kubellm.router.affinity": affinity,
+        }
+        error = None if 0 < status < 500 else f"HTTP {status}" if status else "no response"
+        self.tracing.end(span, attributes, error=error)
 
     async def _send(self, request: web.Request, headers: dict, body: bytes, model: str, order: list[str]):
         """Try pods in order until one answers (headers received), then stream its answer through."""
@@ -402,8 +476,9 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     if "traceparent" in request.headers:  # W3C trace context: one trace id from the client, or from here, down
         headers["traceparent"] = request.headers["traceparent"]
-    else:
-        headers["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    else:  # flagged sampled: a pod that traces while this router does not still records its span in this trace
+        # (OpenTelemetry's default parent-based sampler drops the children of an unsampled parent)
+        headers["traceparent"] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
     return headers
 
 

@@ -5,8 +5,8 @@ Two sources, one shape (`Route` per served model name):
   addresses on the API port), and scale through each Deployment's `scale` subresource (RBAC: list
   inferenceservices and endpointslices; get/patch deployments/scale — charts/kubellm/templates/router.yaml);
 - `StaticDiscovery`: a JSON or YAML file (`models: {name: {endpoints: [url, ...], idleSeconds: s, pods: {url:
-  name}}}`), re-read when it changes: for tests, benchmarks and running the router outside a cluster. Its scaling
-  and deletion costs are only recorded.
+  name}, adapters: [name, ...]}}`), re-read when it changes: for tests, benchmarks and running the router outside
+  a cluster. Its scaling and deletion costs are only recorded.
 
 Both also keep each pod's `controller.kubernetes.io/pod-deletion-cost` at its load (RBAC: patch pods), so that a
 scale-down removes idle pods rather than busy ones.
@@ -18,10 +18,11 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import yaml
 
+from kubellm import fit
 from kubellm.operator.render import HTTP_PORT
 from kubellm.operator.spec import GROUP, PLURAL, VERSION
 
@@ -39,6 +40,8 @@ class Route:
     idle_seconds: float | None = None  # back to 0 replicas after this long without a request (None: never)
     replicas: int | None = None  # the Deployment's desired replicas, when known (0: scaled to zero)
     pods: tuple[tuple[str, str, str], ...] = ()  # (endpoint URL, namespace, pod name) where the API says
+    parent: str | None = None  # a LoRA adapter's route: the model it adapts (its endpoints: the pods holding it)
+    adapters: tuple[str, ...] = ()  # the LoRA adapters its InferenceService declares (spec.adapters)
 
     @property
     def scales_to_zero(self) -> bool:
@@ -62,12 +65,7 @@ class StaticDiscovery:
                 doc = yaml.safe_load(f) or {}
             self._routes = {name: _static_route(name, entry) for name, entry in (doc.get("models") or {}).items()}
             self._mtime = mtime
-        return {
-            name: Route(
-                r.model, r.endpoints, r.scale_target, r.idle_seconds, self._replicas.get(name, r.replicas), r.pods
-            )
-            for name, r in self._routes.items()
-        }
+        return {name: replace(r, replicas=self._replicas.get(name, r.replicas)) for name, r in self._routes.items()}
 
     async def wake(self, route: Route) -> bool:
         if self._replicas.get(route.model, route.replicas):
@@ -90,7 +88,8 @@ def _static_route(name: str, entry) -> Route:
     target = ("static", name) if idle is not None else None
     endpoints = tuple(u.rstrip("/") for u in entry.get("endpoints") or ())
     pods = tuple((u.rstrip("/"), "static", p) for u, p in (entry.get("pods") or {}).items())
-    return Route(name, endpoints, target, idle, entry.get("replicas", len(endpoints)), pods)
+    adapters = tuple(entry.get("adapters") or ())
+    return Route(name, endpoints, target, idle, entry.get("replicas", len(endpoints)), pods, adapters=adapters)
 
 
 class KubernetesDiscovery:
@@ -162,6 +161,33 @@ class KubernetesDiscovery:
         await asyncio.to_thread(self.apps.patch_namespaced_deployment_scale, name, ns, {"spec": {"replicas": replicas}})
 
 
+def adapter_routes(routes: dict[str, Route], held: dict[str, dict[str, str]]) -> dict[str, Route]:
+    """Each LoRA adapter's route (pure): its parent's route narrowed to the Ready pods that hold it, by what each
+    pod URL says it holds (adapter → parent). A name that is also a model's stays the model's."""
+    holders: dict[str, tuple[Route, list[str]]] = {}
+    for route in routes.values():
+        for url in route.endpoints:
+            for adapter, parent in held.get(url, {}).items():
+                if parent != route.model or adapter in routes:
+                    continue
+                owner, urls = holders.setdefault(adapter, (route, []))
+                if owner is route:  # two models' pods with a same-named adapter: the first model keeps the name
+                    urls.append(url)
+    return {
+        adapter: replace(
+            route,
+            model=adapter,
+            endpoints=tuple(urls),
+            pods=tuple(p for p in route.pods if p[0] in urls),
+            parent=route.model,
+            scale_target=None,
+            idle_seconds=None,
+            adapters=(),
+        )
+        for adapter, (route, urls) in holders.items()
+    }
+
+
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
@@ -171,7 +197,12 @@ def isvc_route(isvc: dict, endpoints: list[str], pods: tuple = ()) -> Route:
     meta, spec, status = isvc["metadata"], isvc.get("spec") or {}, isvc.get("status") or {}
     model = (spec.get("model") or {}).get("name") or meta["name"]
     autoscaling = spec.get("autoscaling") or {}
-    zero = autoscaling.get("enabled", True) and autoscaling.get("minReplicas", 1) == 0
+    # a model held at 0 because it does not fit its GPUs (the operator's fit check) is not woken by a request
+    held = any(
+        c.get("type") == "WorkloadReady" and c.get("reason") == fit.REASON for c in status.get("conditions") or []
+    )
+    zero = autoscaling.get("enabled", True) and autoscaling.get("minReplicas", 1) == 0 and not held
     idle = float(autoscaling.get("idleSeconds", 300)) if zero else None
     target = (meta["namespace"], meta["name"]) if zero else None
-    return Route(model, tuple(endpoints), target, idle, status.get("replicas"), pods)
+    adapters = tuple(a["name"] for a in spec.get("adapters") or () if isinstance(a, dict) and a.get("name"))
+    return Route(model, tuple(endpoints), target, idle, status.get("replicas"), pods, adapters=adapters)

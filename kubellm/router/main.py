@@ -7,6 +7,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import sys
 
 from kubellm.router.policy import POLICIES, Limits
 
@@ -48,12 +49,23 @@ def add_router_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-held-requests", type=int, default=64, help="per model with no Ready pod; beyond: 429")
     p.add_argument("--hold-timeout-s", type=float, default=300, help="how long a held request waits; then 503")
+    p.add_argument(
+        "--adapter-wait-s",
+        type=float,
+        default=30,
+        help="how long a request for a declared LoRA adapter waits for a Ready pod to hold it; then 503",
+    )
     p.add_argument("--max-attempts", type=int, default=3, help="pods tried per request before the first byte")
     p.add_argument(
         "--upstream-read-timeout-s", type=float, default=600, help="silence from a pod that ends a request (s)"
     )
     p.add_argument("--refresh-s", type=float, default=1.0, help="discovery period")
     p.add_argument("--scrape-s", type=float, default=0.5, help="pod /metrics period")
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        help="OTLP/HTTP URL for a span per request (e.g. http://collector:4318); default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else none (tracing off)",
+    )
 
 
 def config_from(args: argparse.Namespace):
@@ -68,6 +80,7 @@ def config_from(args: argparse.Namespace):
         read_timeout=args.upstream_read_timeout_s,
         max_held_requests=args.max_held_requests,
         hold_seconds=args.hold_timeout_s,
+        adapter_wait_seconds=args.adapter_wait_s,
         limits=Limits(max_waiting=args.max_waiting_per_pod, max_in_flight=args.max_in_flight_per_pod),
     )
 
@@ -96,6 +109,13 @@ def run_router(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    router = Router(discovery_from(args), config_from(args))
+    from kubellm.tracing import TracingConfigError, make_tracing
+
+    try:
+        tracing = make_tracing(args.otlp_traces_endpoint, "kubellm-router")
+    except TracingConfigError as e:
+        print(f"kubellm router: {e}", file=sys.stderr)
+        return 2
+    router = Router(discovery_from(args), config_from(args), tracing=tracing)
     web.run_app(create_app(router), host=args.host, port=args.port, access_log=None, print=None)
     return 0

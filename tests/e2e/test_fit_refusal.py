@@ -4,6 +4,7 @@ reason with its numbers in the termination-message file Kubernetes reads and in 
 from __future__ import annotations
 
 from kubellm import fit
+from kubellm.downloads import last_startup_phase
 from tests.support.server import ServerProcess
 
 
@@ -21,3 +22,4 @@ def test_serve_exits_with_the_fit_code_and_a_termination_message(tiny_model, tmp
     assert refusal["device_memory_bytes"] == 100000 and refusal["needed_bytes"] > refusal["usable_bytes"]
     assert "the model does not fit: weights" in refusal["message"]
     assert '"event": "start_refused"' in s.logs()
+    assert last_startup_phase(s.logs()) is None  # refused before any weight was read

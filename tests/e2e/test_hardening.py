@@ -80,19 +80,19 @@ def test_a_request_failing_inside_a_step_fails_alone(tiny_model):
     t = threading.Thread(target=innocent)
     try:
         t.start()
-        wait_until(lambda: s.metric("kubellm_num_requests_running") == 1, timeout=30, what="a running request")
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": FAULT_MARKER, "max_tokens": 4}, timeout=60)
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 1, timeout=300, what="a running request")
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": FAULT_MARKER, "max_tokens": 4}, timeout=300)
         assert r.status_code == 500, r.text
         err = r.json()["error"]
         assert err["type"] == "server_error" and "InjectedFault" in err["message"], err
         t.join(600)
         assert result["status"] == 200, result
         assert result["body"]["usage"]["completion_tokens"] == 1500
-        assert httpx.get(s.url + "/health").status_code == 200
-        again = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200
+        again = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=300)
         assert again.status_code == 200, again.text
         assert "engine step failed" in s.logs()
-        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=60, what="running back to 0")
+        wait_until(lambda: s.metric("kubellm_num_requests_running") == 0, timeout=300, what="running back to 0")
     finally:
         t.join(60)
         s.stop()
@@ -102,11 +102,11 @@ def test_a_request_failing_inside_a_step_fails_alone(tiny_model):
 def test_load_shedding_counts_sequences_and_prompts_are_bounded(tiny_model):
     s = ServerProcess(tiny_model, "--max-waiting-requests", "4", "--max-prompts-per-request", "3000").wait_ready()
     try:
-        r = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 2000, "max_tokens": 1, "n": 2}, timeout=60)
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 2000, "max_tokens": 1, "n": 2}, timeout=300)
         assert_error(r, 429, contains="waiting")
         assert int(r.headers["retry-after"]) >= 1
         assert s.metric("kubellm_num_requests_waiting") == 0  # nothing of it was queued
-        small = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 3, "max_tokens": 1, "n": 2}, timeout=60)
+        small = httpx.post(s.url + "/v1/completions", json={"prompt": [[1]] * 3, "max_tokens": 1, "n": 2}, timeout=300)
         assert small.status_code == 200, small.text
         assert len(small.json()["choices"]) == 6
     finally:

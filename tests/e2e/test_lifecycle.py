@@ -220,7 +220,7 @@ def test_a_tensor_parallel_server_answers_like_hf_and_sigterm_stops_every_rank(t
 
     from tests.support.hf_reference import hf_greedy
 
-    s = ServerProcess(tiny_model, "--tensor-parallel-size", "2", "--served-model-name", "tiny").wait_ready(180)
+    s = ServerProcess(tiny_model, "--tensor-parallel-size", "2", "--served-model-name", "tiny").wait_ready()
     try:
         procs = descendants(s.proc.pid)  # also multiprocessing's resource tracker
         assert len([p for p in procs if b"spawn_main" in cmdline(p)]) == 2, procs  # the engine process and rank 1

@@ -22,7 +22,7 @@ def open_server(tiny_model):
     """A server without API keys (lm-eval's local models send none)."""
     s = ServerProcess(tiny_model, "--max-model-len", "256", "--served-model-name", "tiny")
     try:
-        yield s.wait_ready(timeout=400)
+        yield s.wait_ready()
     finally:
         s.stop()
 

@@ -4,6 +4,9 @@ autoscaler, vLLM production-stack's router and AIBrix read from a vLLM pod, read
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -69,6 +72,7 @@ def test_the_pod_exports_every_name_and_label_the_picker_and_autoscalers_read(se
     (info,) = got["vllm:cache_config_info"]
     assert info.value == 1 and info.labels["model_name"] == "tiny"
     assert int(info.labels["block_size"]) == 16 and int(info.labels["num_gpu_blocks"]) > 0
+    assert info.labels["cache_dtype"] == "auto"  # --kv-cache-dtype
 
 
 def test_our_own_names_stay_beside_the_vllm_ones(server):
@@ -80,3 +84,24 @@ def test_our_own_names_stay_beside_the_vllm_ones(server):
         "kubellm_request_success_total",
     ):
         assert name in got, name
+
+
+def test_memory_gauges_say_what_the_kv_cache_holds_and_the_gpu_only_on_a_gpu(server, tiny_model):
+    got = samples(server)
+    (kv,) = got["kubellm_kv_cache_reserved_bytes"]
+    (geometry,) = got["vllm:cache_config_info"]
+    assert kv.labels["model_name"] == "tiny" and kv.labels["device"]
+    # the KV tensor from the model's own shape: K and V per layer, block_size tokens per block, one spare block
+    # (the padded rows' scratch), at the checkpoint's dtype (the tiny model's: float32)
+    config = json.loads(pathlib.Path(tiny_model, "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    elem = {"float32": 4, "float16": 2, "bfloat16": 2}[config.get("dtype") or config["torch_dtype"]]
+    block_bytes = 2 * config["num_hidden_layers"] * 16 * config.get("num_key_value_heads", heads) * head_dim * elem
+    assert kv.value == (int(geometry.labels["num_gpu_blocks"]) + 1) * block_bytes
+    if kv.labels["device"] == "cpu":  # no device memory of its own: absent, not a made-up 0
+        assert "kubellm_gpu_memory_used_bytes" not in got and "kubellm_gpu_memory_total_bytes" not in got
+    else:
+        (used,), (total,) = got["kubellm_gpu_memory_used_bytes"], got["kubellm_gpu_memory_total_bytes"]
+        assert used.labels == total.labels == kv.labels
+        assert kv.value <= used.value <= total.value

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from kubellm.downloads import LOADING_WEIGHTS, WARMING_UP, last_startup_phase
 from kubellm.runtime import LLM, SamplingParams
 from tests.support.server import KEY
 
@@ -190,6 +191,15 @@ def test_request_id_is_echoed(server):
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     assert r.json()["id"] == "cmpl-abc-123"
     assert '"request_id": "abc-123"' in server.logs()
+
+
+def test_the_log_names_the_startup_phases_in_order_before_ready(server):
+    """What the operator reads from a starting pod's log (it cannot ask: nothing listens before ready)."""
+    lines = server.logs().splitlines()
+    phases = [(i, p) for i, line in enumerate(lines) if (p := last_startup_phase(line))]
+    ready = next(i for i, line in enumerate(lines) if '"event": "ready"' in line)
+    assert [p for _, p in phases] == [LOADING_WEIGHTS, WARMING_UP]
+    assert phases[0][0] < phases[1][0] < ready
 
 
 def test_echo_prepends_the_prompt(client):

@@ -52,7 +52,7 @@ def smol_server():
         "qwen3",
     )
     try:
-        yield s.wait_ready(timeout=300)
+        yield s.wait_ready()
     finally:
         s.stop()
 

@@ -76,7 +76,7 @@ def qwen3_server(qwen3_dir):
         "qwen3",
     )
     try:
-        yield s.wait_ready(timeout=300)
+        yield s.wait_ready()
     finally:
         s.stop()
 

@@ -111,3 +111,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("node tier steps")
         for line in dict.fromkeys(_STEP_LINES):  # a fixture's output repeats in later reports of its test
             terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(items):
+    """The Helm install (test_operator_helm.py) runs first in this tier: the tests after it share the session's
+    kubectl-installed operator (operator_installed), whose cluster-wide objects Helm would refuse to take over."""
+    helm = [i for i in items if i.path.name == "test_operator_helm.py"]
+    if helm:
+        first = next(n for n, i in enumerate(items) if i.path.parent == helm[0].path.parent)
+        rest = [i for i in items if i.path.name != "test_operator_helm.py"]
+        items[:] = rest[:first] + helm + rest[first:]

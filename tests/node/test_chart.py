@@ -97,3 +97,19 @@ def test_the_router_option_deploys_kubellm_router_with_only_what_it_calls(helm):
         [helm, "lint", "--strict", str(CHART), "--set", "router.enabled=true"], capture_output=True, text=True
     )
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_tracing_option_reaches_the_router_and_the_operator(helm):
+    """tracing.otlpTracesEndpoint: the router's flag, and the operator's setting (which puts the standard
+    OpenTelemetry variables into every runtime pod: tests/unit/test_operator_render.py); nothing when empty."""
+
+    def containers(*values):
+        objs = {d["metadata"]["name"]: d for d in template(helm, "--set", ",".join(["router.enabled=true", *values]))}
+        return [objs[n]["spec"]["template"]["spec"]["containers"][0] for n in ("kubellm-router", "kubellm-operator")]
+
+    router, operator = containers()
+    assert not [a for a in router["args"] if "otlp" in a] and not [e for e in operator["env"] if "OTLP" in e["name"]]
+    router, operator = containers("tracing.otlpTracesEndpoint=http://otel-collector.monitoring:4318")
+    assert "--otlp-traces-endpoint=http://otel-collector.monitoring:4318" in router["args"]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert env["KUBELLM_OTLP_TRACES_ENDPOINT"] == "http://otel-collector.monitoring:4318"

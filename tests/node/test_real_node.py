@@ -58,6 +58,8 @@ def test_operator_image_is_small_and_runs_without_the_engine(node):
         "python",
         "-c",
         "import importlib.util as u, os, kubellm.operator.main, kubellm.operator.handlers; "
+        # the router's tracing: the OpenTelemetry SDK and its OTLP/HTTP exporter are in the image (the otel extra)
+        "import kubellm.tracing as t; t.Tracing('http://127.0.0.1:9/v1/traces', 'x').provider.shutdown(); "
         "print(os.getuid(), [m for m in ('torch', 'transformers', 'triton') if u.find_spec(m)])",
     )
     assert out.split() == ["1000", "[]"], out
@@ -65,7 +67,11 @@ def test_operator_image_is_small_and_runs_without_the_engine(node):
 
 def test_runtime_image_runs_non_root_with_the_engine(node):
     out = node.run_in_image(
-        node.images["RUNTIME_IMAGE"], "python", "-c", "import os, torch, kubellm.runtime.server.app; print(os.getuid())"
+        node.images["RUNTIME_IMAGE"],
+        "python",
+        "-c",
+        "import os, torch, kubellm.runtime.server.app, kubellm.tracing as t; "
+        "t.Tracing('http://127.0.0.1:9/v1/traces', 'x').provider.shutdown(); print(os.getuid())",  # can trace
     )
     assert out.strip() == "1000", out
 

@@ -4,6 +4,7 @@ error is OpenAI-shaped with the right status (and param, and words)."""
 from __future__ import annotations
 
 import httpx
+import openai
 
 from tests.support.server import KEY
 
@@ -41,3 +42,15 @@ WEATHER = {
         },
     },
 }
+
+
+def greedy_token_ids(client: openai.OpenAI, model: str) -> list[int]:
+    """The token ids of a short greedy completion (outputs compared across adapters, pods and routes)."""
+    r = client.completions.create(
+        model=model,
+        prompt="the quick brown fox",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    return r.choices[0].model_extra["token_ids"]

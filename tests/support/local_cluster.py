@@ -305,8 +305,16 @@ class LocalCluster:
         self.procs.clear()
 
     # ------------------------------------------------------------- nodes ---
-    def create_gpu_node(self, name: str, gpus: int = 8, product: str = "NVIDIA-H100-80GB-HBM3", timeout: float = 60):
-        """A KWOK node with nvidia.com/gpu capacity; returns once it is Ready and schedulable."""
+    def create_gpu_node(
+        self,
+        name: str,
+        gpus: int = 8,
+        product: str = "NVIDIA-H100-80GB-HBM3",
+        timeout: float = 60,
+        labels: dict[str, str] | None = None,
+    ):
+        """A KWOK node with nvidia.com/gpu capacity (and more `labels`, e.g. nvidia.com/gpu.memory); returns once
+        it is Ready and schedulable."""
         from kubernetes import client
 
         res = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
@@ -326,6 +334,7 @@ class LocalCluster:
                         "nvidia.com/gpu.present": "true",
                         "nvidia.com/gpu.product": product,
                         "nvidia.com/gpu.count": str(gpus),
+                        **(labels or {}),
                     },
                 },
                 "status": {"capacity": res, "allocatable": res},

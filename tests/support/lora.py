@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from tests.support.hf_reference import generate_greedy
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_TARGETS = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
 
@@ -46,17 +48,4 @@ def peft_greedy(model_dir: str, adapter_dir: str | None, prompts: list[list[int]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    outs = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=3,
-            )
-            outs.append(gen[0, len(p) :].tolist())
-    return outs
+    return generate_greedy(model, prompts, max_new_tokens)

@@ -10,6 +10,10 @@ import sys
 from kubellm.runtime.process import free_port
 from tests.support.server import read_log, wait_http_ok
 
+# The runtime image the test operator renders (its KUBELLM_RUNTIME_IMAGE); the cluster tier's in-process
+# reconciles render it too (tests/cluster/conftest.py), or the two would roll each other's Deployments.
+RUNTIME_IMAGE = "example.invalid/kubellm:test"
+
 
 class OperatorProcess:
     def __init__(self, kubeconfig, *extra_args: str):
@@ -22,7 +26,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         port = free_port()
         self.health = f"http://127.0.0.1:{port}/healthz"
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBELLM_RUNTIME_IMAGE": "example.invalid/kubellm:test"}
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "KUBELLM_RUNTIME_IMAGE": RUNTIME_IMAGE}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [

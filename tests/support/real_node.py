@@ -245,12 +245,21 @@ state = "{RUN / "containerd-state"}"
         return times
 
     def _drop_older(self, tag: str) -> None:
-        """Other tags of the same image (an earlier code version): shared layers stay, the rest is collected."""
+        """Other tags of the same image (an earlier code version) and every record naming their content: the
+        import's `import-<date>@sha256:…` and the CRI's `sha256:<image id>` point at the same manifest, and
+        while one of them is left containerd keeps all its layers (the store grew by the runtime image's
+        ~6 GB with every code version). Records left by stores before this (content no tag names) go too.
+        Shared layers stay; the rest is collected."""
         repo = tag.rpartition(":")[0]
-        for other in self.ctr("images", "ls", "-q", capture_output=True, text=True).stdout.split():
-            if other.rpartition(":")[0] == repo and other != tag:
-                self.ctr("images", "rm", "--sync", other, capture_output=True)  # --sync: after containerd's GC
-                (self.state / "imported" / other.replace("/", "_").replace(":", "_")).unlink(missing_ok=True)
+        listing = self.ctr("images", "ls", capture_output=True, text=True).stdout.splitlines()[1:]
+        records = [(cols[0], cols[2]) for cols in map(str.split, listing) if len(cols) > 2]  # (name, manifest)
+        older = {digest for name, digest in records if name.rpartition(":")[0] == repo and name != tag}
+        older |= {d for _, d in records} - {d for n, d in records if not n.startswith(("import-", "sha256:"))}
+        older -= {digest for name, digest in records if name == tag}
+        for name, digest in records:
+            if digest in older:
+                self.ctr("images", "rm", "--sync", name, capture_output=True)  # --sync: after containerd's GC
+                (self.state / "imported" / name.replace("/", "_").replace(":", "_")).unlink(missing_ok=True)
 
     # ------------------------------------------------------- kubelet, proxy
     def _kubelet_config(self) -> pathlib.Path:

@@ -4,6 +4,8 @@ check what the Reconciler does and which RBAC verbs that needs."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -24,6 +26,10 @@ class RecordingApi:
         self.reject_next_apply = False
         self.isvc: dict = {}
         self.policy_data: dict | None = None  # the policy ConfigMap's data; None: no ConfigMap
+        self.pod_logs: dict[tuple[str, str, str], str] = {}  # (namespace, pod, container) -> log text
+        self.nodes: list[client.V1Node] = []
+        self.pods: list[dict] = []  # plain pod dicts, listed by namespace and an "a=b,c=d" label selector
+        self.api_client = client.ApiClient()  # CoreV1Api's: turns the nodes into plain dicts
 
     def resource(self, kind):
         api = self
@@ -83,12 +89,31 @@ class RecordingApi:
         self.calls.add(("InferenceService", "get"))
         return self.isvc
 
+    def read_namespaced_pod_log(self, name, namespace, container, tail_lines):
+        self.calls.add(("PodLog", "get"))
+        return self.pod_logs.get((namespace, name, container), "")
+
     def read_namespaced_config_map(self, name, namespace):
         self.calls.add(("ConfigMap", "get"))
         assert f"{namespace}/{name}" == POLICY_CONFIGMAP
         if self.policy_data is None:
             raise ApiException(status=404)
         return client.V1ConfigMap(data=self.policy_data)
+
+    def list_namespaced_pod(self, namespace, label_selector=""):
+        self.calls.add(("Pod", "list"))
+        wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        items = [
+            p
+            for p in self.pods
+            if p["metadata"].get("namespace") == namespace
+            and all(p["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
+        ]
+        return SimpleNamespace(items=items)  # what the Reconciler reads of a V1PodList
+
+    def list_node(self):
+        self.calls.add(("Node", "list"))
+        return client.V1NodeList(items=self.nodes)
 
 
 def recording_reconciler() -> tuple[Reconciler, RecordingApi]:

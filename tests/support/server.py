@@ -54,8 +54,14 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout: float = 120) -> ServerProcess:
-        wait_http_ok("kubellm serve", self.url + "/ready", self.proc, self.log_path, timeout)
+    def wait_ready(self, timeout: float = 600) -> ServerProcess:
+        """Wait for /ready; on failure stop the process (the caller's try/finally has not begun yet). The timeout
+        only bounds a hung start: a process that exits fails at once, and a loaded 2-core machine starts slowly."""
+        try:
+            wait_http_ok("kubellm serve", self.url + "/ready", self.proc, self.log_path, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def logs(self) -> str:
@@ -63,7 +69,7 @@ class ServerProcess:
 
     def metric(self, name: str) -> float:
         """The value of one unlabelled-or-single-series metric from /metrics."""
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        for line in httpx.get(self.url + "/metrics", timeout=60).text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)

@@ -10,20 +10,9 @@ import pytest
 
 from kubellm import fit
 from kubellm.runtime import LLM
+from tests.support.model_configs import LLAMA_3_1_8B as LLAMA_3_8B
 
 GIB = 1 << 30
-LLAMA_3_8B = {  # meta-llama/Llama-3.1-8B's config.json (the fields the estimate reads)
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B: 128 experts of 768 columns, 8 active
     "model_type": "qwen3_moe",
     "vocab_size": 151936,
@@ -59,6 +48,9 @@ def test_llama_8b_fits_an_h100_not_a_16_gib_gpu_and_the_message_has_the_numbers(
     assert fit.estimate(LLAMA_3_8B, 16 * GIB, max_model_len=8192, tensor_parallel_size=2).fits  # half each
     fp8 = fit.estimate({**LLAMA_3_8B, "quantization_config": {"quant_method": "fp8"}}, 16 * GIB, max_model_len=8192)
     assert fp8.weights_bytes < 0.6 * small.weights_bytes and fp8.fits
+    # quantized at load (--quantization fp8): the same bytes as the FP8 checkpoint
+    dynamic = fit.estimate(LLAMA_3_8B, 16 * GIB, max_model_len=8192, quantization="fp8")
+    assert dynamic.weights_bytes == fp8.weights_bytes and dynamic.fits
 
 
 def test_the_full_context_counts_when_max_model_len_is_unset():

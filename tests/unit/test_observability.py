@@ -29,10 +29,13 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 def exported() -> set[str]:
     """Every series name the runtime's /metrics and the router's /metrics can carry."""
     engine = SimpleNamespace(
-        snapshot=EngineSnapshot(),
+        # a GPU's snapshot: the GPU memory gauges exist only there
+        snapshot=EngineSnapshot(
+            kv_cache_bytes=1 << 20, device_memory_used_bytes=3 << 30, device_memory_total_bytes=8 << 30
+        ),
         num_waiting=0,
-        info=EngineInfo(max_model_len=16, vocab_size=8, num_gpu_blocks=4, device="cpu"),
-        config=SimpleNamespace(block_size=16, enable_lora=False),
+        info=EngineInfo(max_model_len=16, vocab_size=8, num_gpu_blocks=4, device="cuda:0"),
+        config=SimpleNamespace(block_size=16, enable_lora=False, kv_cache_dtype="auto"),
     )
     names = set()
     for registry in (ServerMetrics(engine, "m").registry, RouterMetrics().registry):

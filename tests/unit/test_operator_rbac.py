@@ -16,15 +16,29 @@ from kubellm.operator.reconcile import CHILD_KINDS, CHILD_PLURALS, POLICY_CONFIG
 from tests.support.recording_api import recording_reconciler
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESOURCE = {**CHILD_PLURALS, "InferenceService": "inferenceservices", "ConfigMap": "configmaps"}
-GROUP = {**{k: v.rpartition("/")[0] for k, v in CHILD_KINDS.items()}, "InferenceService": "kubellm.io", "ConfigMap": ""}
+RESOURCE = {
+    **CHILD_PLURALS,
+    "InferenceService": "inferenceservices",
+    "ConfigMap": "configmaps",
+    "PodLog": "pods/log",
+    "Pod": "pods",
+    "Node": "nodes",
+}
+GROUP = {
+    **{k: v.rpartition("/")[0] for k, v in CHILD_KINDS.items()},
+    "InferenceService": "kubellm.io",
+    "ConfigMap": "",
+    "PodLog": "",
+    "Pod": "",
+    "Node": "",
+}
 
 
 def reconciler_verbs() -> set[tuple[str, str, str]]:
     """Drive the Reconciler through everything it does and record what it asked of the API."""
     r, api = recording_reconciler()
     spec = {
-        "model": {"uri": "hf://a/b"},
+        "model": {"uri": "hf://a/b", "cache": {"enabled": True}},
         "networkPolicy": {"enabled": True},
         "autoscaling": {"minReplicas": 2},
         "inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}},
@@ -36,12 +50,27 @@ def reconciler_verbs() -> set[tuple[str, str, str]]:
     for kind in CHILD_KINDS:  # a hand edit repaired; one that apply cannot merge replaced
         api.store[(kind, "ns", "m")]["spec"] = {"edited": True}
         r.repair(isvc, kind)
+        if kind == "Job":  # an edited Job is deleted and created again (its pod template is immutable)
+            continue
         api.store[(kind, "ns", "m")]["spec"] = {"edited": True}
         api.reject_next_apply = True
         r.repair(isvc, kind)
+    r.download_progress("ns", "m-abcde", "fetch-model")  # the status reads downloaders' progress from their logs
     r.reconcile({**isvc, "spec": {"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}}})  # fewer kinds
+    r.plan({**isvc, "spec": {"model": {"uri": "hf://a/b", "config": FIT_CONFIG}}})  # the fit check reads nodes
     r.delete_children(isvc)
     return {(GROUP[kind], RESOURCE[kind], verb) for kind, verb in api.calls}
+
+
+FIT_CONFIG = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 128,
+    "intermediate_size": 128,
+}
+# cluster-scoped reads of the Reconciler: in namespaced mode a ClusterRole beside kopf's grants them (read only)
+CLUSTER_SCOPED = {("", "nodes", "list")}
 
 
 def kopf_verbs() -> set[tuple[str, str, str]]:
@@ -63,13 +92,14 @@ def kopf_verbs() -> set[tuple[str, str, str]]:
 # kopf's own, not visible in our code: CRD discovery (cluster-scoped), peering (one of the two per mode), and
 # in namespaced mode the namespaces it follows (it lists them at the cluster scope: seen as 403s otherwise)
 KOPF_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
-KOPF_NAMESPACED_CLUSTER = KOPF_CLUSTER | {("", "namespaces", v) for v in ("list", "watch")}
+KOPF_NAMESPACED_CLUSTER = KOPF_CLUSTER | {("", "namespaces", v) for v in ("list", "watch")} | CLUSTER_SCOPED
 PEERING = {"cluster": "clusterkopfpeerings", "namespaced": "kopfpeerings"}
 
 
 def needed(mode: str) -> set[tuple[str, str, str]]:
     peering = {("kopf.dev", PEERING[mode], v) for v in ("list", "watch", "patch")}
-    return (reconciler_verbs() | kopf_verbs() | peering) - {("", "configmaps", "get")}
+    scoped = CLUSTER_SCOPED if mode == "namespaced" else set()
+    return (reconciler_verbs() | kopf_verbs() | peering) - {("", "configmaps", "get")} - scoped
 
 
 def triples(rules: list[dict]) -> set[tuple[str, str, str]]:
@@ -84,8 +114,12 @@ def test_recorded_verbs_cover_every_child_kind():
     verbs = reconciler_verbs()
     for kind in CHILD_KINDS:
         for verb in ("get", "create", "patch", "update", "delete"):
+            if (kind, verb) == ("Job", "update"):
+                continue  # never updated: replaced
             assert (GROUP[kind], RESOURCE[kind], verb) in verbs, (kind, verb)
+    assert ("", "pods/log", "get") in verbs
     assert ("", "configmaps", "get") in verbs and ("kubellm.io", "inferenceservices", "get") in verbs
+    assert ("", "nodes", "list") in verbs
 
 
 def test_cluster_wide_rbac_is_what_the_code_uses():

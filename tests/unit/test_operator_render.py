@@ -168,23 +168,23 @@ def pod(ready=False, scheduled=None, waiting=None, terminated=None, age_s=10):
 
 
 @pytest.mark.parametrize(
-    "p,reason",
+    "shape,reason",  # the pod is made when the test runs: its age must not grow with the suite's run time
     [
-        (pod(scheduled="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."), "InsufficientGPU"),
-        (pod(scheduled="0/4 nodes are available: 4 node(s) didn't match Pod's node affinity."), "Unschedulable"),
-        (pod(waiting="ImagePullBackOff"), "ImagePullBackOff"),
-        (pod(waiting="CrashLoopBackOff"), "CrashLoopBackOff"),
-        (pod(waiting="CrashLoopBackOff", terminated="OOMKilled"), "OOMKilled"),
-        (pod(age_s=4000), "StartupTimeout"),
-        (pod(age_s=10), "Starting"),
+        ({"scheduled": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}, "InsufficientGPU"),
+        ({"scheduled": "0/4 nodes are available: 4 node(s) didn't match Pod's node affinity."}, "Unschedulable"),
+        ({"waiting": "ImagePullBackOff"}, "ImagePullBackOff"),
+        ({"waiting": "CrashLoopBackOff"}, "CrashLoopBackOff"),
+        ({"waiting": "CrashLoopBackOff", "terminated": "OOMKilled"}, "OOMKilled"),
+        ({"age_s": 4000}, "StartupTimeout"),
+        ({"age_s": 10}, "Starting"),
     ],
 )
-def test_not_ready_reasons_come_from_the_pods(p, reason):
+def test_not_ready_reasons_come_from_the_pods(shape, reason):
     s = compute_status(
         isvc({"model": {"uri": "hf://a/b"}, "autoscaling": {"enabled": False}}),
         {"status": {"replicas": 1, "readyReplicas": 0}},
         None,
-        [p],
+        [pod(**shape)],
     )
     ready = s["conditions"][0]
     assert ready["type"] == "Ready" and ready["status"] == "False" and ready["reason"] == reason
@@ -340,3 +340,23 @@ def test_an_inference_pool_for_a_gateway_endpoint_picker_is_an_option():
         "targetPorts": [{"number": 8000}],
         "endpointPickerRef": {"name": "epp", "kind": "Service", "port": {"number": 9002}, "failureMode": "FailClose"},
     }
+
+
+def test_the_operators_otlp_endpoint_reaches_every_runtime_pod(monkeypatch):
+    from kubellm.operator import render as r
+
+    spec = {"model": {"uri": "hf://a/b"}, "networkPolicy": {"enabled": True}}
+    off = by_kind(render(isvc(spec)))
+    (container,) = off["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert not [e for e in container["env"] if e["name"].startswith("OTEL_")]  # off by default: nothing exported
+    monkeypatch.setattr(r, "OTLP_TRACES_ENDPOINT", "http://collector.monitoring:4318/v1/traces")
+    on = by_kind(render(isvc(spec)))
+    (container,) = on["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://collector.monitoring:4318/v1/traces"
+    assert env["OTEL_SERVICE_NAME"] == "chat"
+    assert [p["port"] for rule in on["NetworkPolicy"]["spec"]["egress"] for p in rule["ports"]] == [53, 53, 443, 4318]
+    # a service's own value wins, once
+    own = {**spec, "runtime": {"env": [{"name": "OTEL_SERVICE_NAME", "value": "chat-canary"}]}}
+    (container,) = by_kind(render(isvc(own)))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert [e["value"] for e in container["env"] if e["name"] == "OTEL_SERVICE_NAME"] == ["chat-canary"]

@@ -1,6 +1,6 @@
-"""runtime.toolCallParser, runtime.reasoningParser, runtime.quantization and runtime.speculative: typed CRD
-fields rendered into `kubellm serve` flags the serve parser accepts, owned by the operator (not settable again
-through extraArgs)."""
+"""runtime.toolCallParser, runtime.reasoningParser, runtime.quantization, runtime.kvCacheDtype and
+runtime.speculative: typed CRD fields rendered into `kubellm serve` flags the serve parser accepts, owned by the
+operator (not settable again through extraArgs)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,12 @@ def test_quantization_and_speculation_are_rendered_as_serve_flags():
 def test_bad_quantization_or_speculation_is_refused(runtime, field):
     with pytest.raises(ValidationError, match=field):
         InferenceServiceSpec.model_validate({"model": {"uri": "hf://a/b"}, "runtime": runtime})
+
+
+def test_kv_cache_dtype_is_rendered_as_a_serve_flag_and_refused_when_unknown():
+    parsed = parse_serve_args(serve_args({"kvCacheDtype": "fp8"})[2:])
+    assert parsed["kv_cache_dtype"] == "fp8"
+    assert parse_serve_args(serve_args({})[2:])["kv_cache_dtype"] is None  # auto: the engine's default, no flag
+    assert "--kv-cache-dtype" not in allowed_extra_flags()
+    with pytest.raises(ValidationError, match="kvCacheDtype|kv_cache_dtype"):
+        InferenceServiceSpec.model_validate({"model": {"uri": "hf://a/b"}, "runtime": {"kvCacheDtype": "int8"}})

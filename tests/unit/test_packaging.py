@@ -48,23 +48,31 @@ def requirements(extras: str) -> list[str]:
 
 def test_operator_extra_installs_no_engine_dependencies():
     """6.3 GB operator image: `.[operator]` installed torch, the CUDA wheels and transformers (base deps)."""
-    names = [name_of(r) for r in resolved("operator")]
+    names = [name_of(r) for r in resolved(image_extras("Dockerfile.operator"))]
     assert "kopf" in names and "kubernetes" in names
     assert not [n for n in names if n.startswith(HEAVY)], names
 
 
 def test_install_script_lists_what_pip_resolves():
-    for extras in ("operator", "server", "test"):
+    for extras in ("operator", "server", "test", "operator,otel", "server,otel"):
         requirements(extras)
+
+
+def image_extras(dockerfile: str) -> str:
+    """The extras an image's dependency layer installs (its `install.sh PYTHON EXTRAS deps FILE` line)."""
+    (extras,) = re.findall(r"install\.sh \S+ (\S+) deps requirements\.txt", (ROOT / dockerfile).read_text())
+    return extras
 
 
 def test_image_requirement_files_are_in_sync():
     """The images install their dependency layer from these files (so that only a dependency change rebuilds it)."""
-    for extra in ("operator", "server"):
+    for extra, dockerfile in (("operator", "Dockerfile.operator"), ("server", "Dockerfile.runtime")):
+        extras = image_extras(dockerfile)
+        assert extras.split(",")[0] == extra and "otel" in extras.split(","), extras  # both images can trace
         path = ROOT / "requirements" / f"{extra}.txt"
         name = path.relative_to(ROOT)
-        assert path.read_text().split() == resolved(extra), (
-            f"{name} is out of date: scripts/install.sh --requirements {extra} > {name}"
+        assert path.read_text().split() == resolved(extras), (
+            f"{name} is out of date: scripts/install.sh --requirements {extras} > {name}"
         )
 
 

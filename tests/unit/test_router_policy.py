@@ -111,6 +111,9 @@ def test_an_inference_service_s_route():
     assert zero.scales_to_zero and zero.scale_target == ("ml", "llama") and zero.idle_seconds == 60
     off = isvc_route(isvc({"model": {"uri": "x"}, "autoscaling": {"enabled": False, "minReplicas": 0}}), [])
     assert not off.scales_to_zero
+    held = {"conditions": [{"type": "WorkloadReady", "status": "False", "reason": "InsufficientGPUMemory"}]}
+    too_big = isvc_route(isvc({"model": {"uri": "x"}, "autoscaling": {"minReplicas": 0}}, held), [])
+    assert not too_big.scales_to_zero  # held at 0 by the fit check: a request must not wake it into a refusal
 
 
 RUNTIME_METRICS = """# HELP vllm:num_requests_running Requests in the running batch.

@@ -1,7 +1,8 @@
 """N-gram speculative decoding (--speculative-config, method ngram): greedy output is exactly HF's and exactly
 what plain decoding gives — drafts mostly rejected (random tiny models) or mostly accepted (a model whose output
-cycles), through chunked prefill and both preemption modes; stops inside an accepted draft; sampled requests are
-not speculated and draw what they would without it; the settings are vLLM's JSON, checked."""
+cycles), through chunked prefill and both preemption modes; stops inside an accepted draft; sampled requests
+speculate and a seeded one draws exactly what it draws without speculation (the distribution of unseeded ones:
+test_speculative_sampling.py); the settings are vLLM's JSON, checked."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.engine.speculation import accept, propose_ngram
 from kubellm.settings import SpeculativeConfig
 from tests.support.hf_reference import hf_greedy
-from tests.support.tiny_models import looping_model, random_prompts
+from tests.support.tiny_models import bigram_model, looping_model, random_prompts
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 NEW_TOKENS = 48
@@ -22,6 +23,13 @@ NEW_TOKENS = 48
 @pytest.fixture(scope="module")
 def looping(tiny_models, tmp_path_factory) -> str:
     return looping_model(tiny_models["llama"], str(tmp_path_factory.mktemp("looping")))
+
+
+@pytest.fixture(scope="module")
+def bigram(tiny_models, tmp_path_factory) -> str:
+    """Sampled output over four tokens: n-gram drafts on nearly every step, right about half the time."""
+    logits = [[0.0, 1.5, -0.5, 0.8], [1.0, 0.0, 1.2, -1.0], [-0.5, 0.5, 0.0, 1.5], [1.2, -0.3, 0.4, 0.0], [0, 0, 0, 0]]
+    return bigram_model(tiny_models["llama"], str(tmp_path_factory.mktemp("bigram")), [40, 41, 42, 43], logits)
 
 
 def prompts_with_repeats() -> list[list[int]]:
@@ -66,19 +74,40 @@ def test_stop_token_inside_an_accepted_draft(looping):
     assert llm.engine.core.stats.spec.num_accepted_tokens > 0
 
 
-def test_sampled_requests_are_not_speculated(looping):
-    """temperature > 0: no draft (no rejection sampling against a lookup); a seeded request draws the same
-    tokens with speculation on as off, batched with greedy ones that do speculate."""
-    prompts = prompts_with_repeats()[:4]
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_seeded_sampled_requests_draw_what_plain_decoding_draws(bigram, mode):
+    """temperature > 0 speculates (rejection sampling, engine/speculation.py); a seeded request's noise is keyed
+    by token position, so it draws exactly the tokens it draws without speculation — with filters, logit bias
+    and n > 1, batched with a greedy request, through chunked prefill and preemption."""
+    prompts = prompts_with_repeats()
     params = [
         SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
-    ] * 2
-    got, llm = run(looping, prompts, params, speculative_config=NGRAM)
-    plain, _ = run(looping, prompts, params)
-    assert got == plain
+        SamplingParams(temperature=0.7, top_k=3, top_p=0.9, min_p=0.05, seed=8, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=-9, logit_bias={41: 1.5}, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0.9, seed=10, n=2, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0, logit_bias={42: 3.0}, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0.6, seed=11, stop_token_ids=[43], max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=1.2, seed=12, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=13, top_p=0.8, max_tokens=NEW_TOKENS, ignore_eos=True),
+    ]
+    llm = LLM(
+        bigram,
+        max_num_batched_tokens=64,
+        block_size=16,
+        num_gpu_blocks=40,
+        num_cpu_blocks=256,
+        preemption_mode=mode,
+        speculative_config=NGRAM,
+    )
+    got = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+    plain = LLM(
+        bigram, max_num_batched_tokens=64, block_size=16, num_gpu_blocks=40, num_cpu_blocks=256, preemption_mode=mode
+    )
+    assert got == [[c.token_ids for c in o.outputs] for o in plain.generate(prompts, params)]
     stats = llm.engine.core.stats.spec
-    assert 0 < stats.num_drafts <= 2 * NEW_TOKENS  # the two greedy sequences' steps at most
+    # the greedy request accepts at most NEW_TOKENS draft tokens: the sampled ones speculated too
+    assert llm.engine.scheduler.num_preemptions > 0 and stats.num_accepted_tokens > NEW_TOKENS
+    assert stats.num_accepted_tokens < stats.num_draft_tokens  # and drafts were rejected
 
 
 def test_ngram_lookup_and_acceptance():

@@ -174,6 +174,75 @@ def test_triton_fused_ops_match_torch_layers():
     run_script(OPS)
 
 
+FP8_KV = textwrap.dedent("""
+    import torch
+    from kubellm.runtime.model import attention as A, triton_ops
+    from kubellm.runtime.model.triton_attention import (paged_decode_attention, paged_prefill_attention,
+                                                        prefill_block_q, prefill_tiles)
+    from tests.support.paged import shuffled_block_tables
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = lambda t: t.to(device)
+    for fp8, dtype in [(torch.float8_e4m3fn, torch.float32), (torch.float8_e5m2, torch.float32),
+                       (torch.float8_e4m3fn, torch.float16)]:
+        heads, kv_heads, head_dim, bs, blocks = 8, 2, 32, 16, 60
+        kv_scales = (0.25, 3.0)  # not powers of two: the rounding of x × (1 / scale) must match too
+        # the fused write: K and V bytes equal write_kv's, values from subnormal to past the format's largest
+        tokens = 40
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+        qkv *= torch.logspace(-4, 3, qkv.shape[1]).to(dtype)[torch.randperm(qkv.shape[1])]
+        positions, slots = torch.arange(tokens), torch.randperm(blocks * bs)[:tokens]
+        cos = sin = torch.ones(tokens, head_dim)  # a rotation that keeps x1·cos - x2·sin: the scale sweep survives
+        ref_k, ref_v = torch.zeros(blocks, bs, kv_heads, head_dim, dtype=fp8), torch.zeros(blocks, bs, kv_heads,
+                                                                                          head_dim, dtype=fp8)
+        got_k, got_v = dev(torch.zeros_like(ref_k)), dev(torch.zeros_like(ref_v))
+        triton_ops.qkv_rope_write(dev(qkv), dev(positions), dev(cos), dev(sin), None, None, 0.0, got_k, got_v,
+                                  dev(slots), heads, kv_heads, head_dim, kv_scales)
+        k = torch.empty(tokens, kv_heads, head_dim, dtype=dtype)
+        _, kk, vv = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        kk, vv = kk.reshape(tokens, kv_heads, head_dim), vv.reshape(tokens, kv_heads, head_dim)
+        half = head_dim // 2
+        k = torch.cat([(kk[..., :half] - kk[..., half:]).to(dtype), (kk[..., half:] + kk[..., :half]).to(dtype)], -1)
+        A.write_kv(k, vv, ref_k, ref_v, slots, *kv_scales)
+        assert torch.equal(got_k.cpu().view(torch.uint8), ref_k.view(torch.uint8)), (fp8, dtype, "k bytes")
+        assert torch.equal(got_v.cpu().view(torch.uint8), ref_v.view(torch.uint8)), (fp8, dtype, "v bytes")
+
+        # the readers: FP8 caches (subnormals included), dequantized on read as the torch path does
+        kc, vc = (torch.randn(blocks, bs, kv_heads, head_dim) * 4).to(fp8), (torch.randn(blocks, bs, kv_heads,
+                                                                                         head_dim) * 4).to(fp8)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        lens = [1, 5, 16, 17, 70, 130]
+        bt = shuffled_block_tables(lens, bs, blocks)
+        q = torch.randn(len(lens), heads, head_dim, dtype=dtype) * 0.1
+        A.set_context(A.AttentionMetadata(None, bt, torch.tensor(lens), [1] * len(lens), lens, len(lens)))
+        ref = A.paged_attention(q, kc, vc, 0.3, *kv_scales).float()
+        for part_tokens in (512, 32):
+            got = paged_decode_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(torch.tensor(lens)), 0.3, max(lens),
+                                         part_tokens, kv_scales=kv_scales).float().cpu()
+            assert (got - ref).abs().max().item() < tol * ref.abs().max().item(), (fp8, dtype, "decode")
+        query_lens, context_lens = [2, 40, 70, 5, 1], [2, 40, 150, 37, 9]
+        bt = shuffled_block_tables(context_lens, bs, blocks)
+        q = torch.randn(sum(query_lens), heads, head_dim, dtype=dtype) * 0.1
+        A.set_context(A.AttentionMetadata(None, bt, torch.tensor(context_lens), query_lens, context_lens, 0))
+        ref = A.paged_attention(q, kc, vc, 0.3, *kv_scales).float()
+        info, tiles = prefill_tiles(query_lens, context_lens, prefill_block_q(dtype, heads // kv_heads))
+        got = paged_prefill_attention(dev(q), dev(kc), dev(vc), dev(bt), dev(torch.tensor(info)),
+                                      dev(torch.tensor(tiles)), 0.3, kv_scales=kv_scales).float().cpu()
+        assert (got - ref).abs().max().item() < tol * ref.abs().max().item(), (fp8, dtype, "prefill")
+        # and a reader that forgot the scales would be far off (the test can tell)
+        assert (got - A.paged_attention(q, kc, vc, 0.3).float()).abs().max().item() > 10 * tol
+    print("ok")
+""")
+
+
+def test_triton_fp8_kv_cache_write_and_reads_match_torch():
+    """The FP8 KV cache through the Triton kernels: the fused q/k/v write stores the same bytes as the torch
+    path's write_kv (e4m3 and e5m2, scales, saturation, subnormals); the decode (split and unsplit) and prefill
+    kernels dequantize on read as the torch path does."""
+    run_script(FP8_KV)
+
+
 MODEL = textwrap.dedent("""
     import random, sys
     import torch
@@ -216,6 +285,74 @@ def test_triton_moe_model_matches_hf_greedy(tiny_models):
     graphs: Qwen3-MoE (8 experts, top 2, a dense last layer), fp32. Mixtral's routing (weights kept in fp32)
     is in test_triton_fused_moe_matches_torch_experts."""
     run_script(MODEL, tiny_models["qwen3_moe"])
+
+
+FP8_KV_MODEL = textwrap.dedent("""
+    import random, sys
+    import torch
+    from kubellm.runtime import LLM, SamplingParams
+    from tests.support.hf_reference import hf_greedy_fp8_kv
+    from tests.support.kv_fp8 import with_kv_scales
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source, scaled = sys.argv[1:]
+    scales = with_kv_scales(source, scaled)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] for n in [1, 17, 40, 100]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    # 64-token chunks, 12 blocks of 16 for ~190 tokens at once: chunked prefill and preemption; decode graphs
+    llm = LLM(scaled, kernels="triton", device=device, kv_cache_dtype="fp8", max_num_batched_tokens=64,
+              block_size=16, num_gpu_blocks=12)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.runner.graphs
+    assert got == hf_greedy_fp8_kv(source, prompts, 8, torch.float8_e4m3fn, scales), got
+    print("ok")
+""")
+
+
+def test_triton_model_with_fp8_kv_matches_hf_on_rounded_kv(tiny_models, tmp_path):
+    """The whole Triton path with an FP8 KV cache (the fused write, both attention kernels, the decode
+    graphs) on Qwen3 with per-layer scales equals HF greedy on FP8-rounded keys and values, fp32."""
+    run_script(FP8_KV_MODEL, tiny_models["qwen3"], str(tmp_path / "scaled"))
+
+
+SPECULATIVE_MODEL = textwrap.dedent("""
+    import json, random, sys
+    import torch
+    from kubellm.runtime import LLM, SamplingParams
+    from tests.support.hf_reference import hf_greedy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    looping, bigram = sys.argv[1:]
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
+    rng = random.Random(2)
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] * 3 for n in (3, 7)]
+    llm = LLM(looping, kernels="triton", device=device, speculative_config=ngram)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+    assert got == hf_greedy(looping, prompts, 16), got
+    assert llm.engine.core.stats.spec.num_accepted_tokens > 0
+    llm = LLM(bigram, kernels="triton", device=device, speculative_config=ngram)
+    sampled = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)
+    out = llm.generate([[42, 43, 40, 41, 42, 42, 43, 40]] * 4, sampled)
+    assert all(len(o.outputs[0].token_ids) == 16 and set(o.outputs[0].token_ids) <= {40, 41, 42, 43} for o in out)
+    spec = llm.engine.core.stats.spec
+    assert 0 < spec.num_accepted_tokens < spec.num_draft_tokens, spec
+    print("ok")
+""")
+
+
+def test_triton_speculative_decoding(tiny_models, tmp_path):
+    """N-gram speculation through the Triton path: the draft positions are rows of the fused sampler (its
+    argmax for greedy requests: HF's output exactly; its Gumbel-max draws at temperature > 0, checked to
+    accept some draft tokens and reject others on a bigram model; the distribution is
+    test_speculative_sampling.py's, on the torch path)."""
+    from tests.support.tiny_models import bigram_model, looping_model
+
+    logits = [[0.0, 1.5, -0.5, 0.8], [1.0, 0.0, 1.2, -1.0], [-0.5, 0.5, 0.0, 1.5], [1.2, -0.3, 0.4, 0.0], [0, 0, 0, 0]]
+    src = tiny_models["llama"]
+    looping = looping_model(src, str(tmp_path / "looping"))
+    run_script(SPECULATIVE_MODEL, looping, bigram_model(src, str(tmp_path / "bigram"), [40, 41, 42, 43], logits))
 
 
 MOE = textwrap.dedent("""

@@ -237,6 +237,8 @@ class EngineCore:
             spec.num_draft_tokens,
             spec.num_accepted_tokens,
             list(spec.accepted_per_position),
+            self.runner.kv_cache_bytes,
+            *self.runner.device_memory(),
         )
 
     def _lora_usage(self) -> tuple[list[str], list[str]]:

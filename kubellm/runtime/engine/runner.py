@@ -6,20 +6,23 @@ rank — and samples.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kubellm import fit
+from kubellm.downloads import LOADING_WEIGHTS, WARMING_UP, startup_line
 from kubellm.runtime.engine.sampler import PromptLogprobs, SampledTokens, Sampler
 from kubellm.runtime.engine.scheduler import SchedulerOutput
 from kubellm.runtime.engine.sequence import Sequence
-from kubellm.runtime.engine.speculation import accept
+from kubellm.runtime.engine.speculation import accept, draft_rows
 from kubellm.runtime.engine.tp_workers import Workers
 from kubellm.runtime.engine.wire import TokenLogprob
 from kubellm.runtime.model import kernels, lora, parallel
-from kubellm.runtime.model.attention import AttentionMetadata, set_context
+from kubellm.runtime.model.attention import AttentionMetadata, is_fp8, kv_cache_dtype, set_context
 from kubellm.runtime.model.kernels import to_device
 from kubellm.runtime.model.loader import ModelInfo, load_model
 from kubellm.settings import EngineConfig
@@ -50,12 +53,11 @@ class StepPlan:
 
 @dataclass
 class DraftCheck:
-    """The model's greedy tokens at the draft positions of a speculating step, on their way to the host: row
-    i of a sequence's draft_len rows is its choice after the last token and draft[:i]."""
+    """The tokens sampled at the draft positions of a speculating step (engine/speculation.py), on their way
+    to the host: row i of a sequence's draft_len rows is its sample after the last token and draft[:i]."""
 
     seqs: list[Sequence]  # those with a draft, in row order
-    host: torch.Tensor
-    ready: torch.cuda.Event | None
+    samples: SampledTokens
 
 
 @dataclass
@@ -130,6 +132,8 @@ def check_fit(config: EngineConfig, max_model_len: int, device: torch.device) ->
         gpu_memory_utilization=config.gpu_memory_utilization,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_num_seqs=config.max_num_seqs,
+        quantization=config.quantization,
+        kv_cache_dtype=config.kv_cache_dtype,
         # the CPU's budget stands in for a GPU's: no CUDA context in it
         fixed_overhead_bytes=fit.DEFAULT_OVERHEAD_BYTES if device.type == "cuda" else 0,
     )
@@ -180,13 +184,18 @@ class ModelRunner:
             port, check_workers = self.workers.port, self.workers.check
         parallel.init_group(tp_rank, tp, port, self.device, check_workers)
         triton = kernels.select(config.kernels, self.device, info.shape.head_dim)
+        if tp_rank == 0:  # the start-up phases the operator reads from the log (no HTTP until the server is ready)
+            print(startup_line(LOADING_WEIGHTS), file=sys.stderr, flush=True)
         self.model = load_model(config.model, info, self.device, max_model_len, config.quantization, config.load_format)
+        if tp_rank == 0:  # then the KV cache, CUDA graphs and the server's first forward
+            print(startup_line(WARMING_UP), file=sys.stderr, flush=True)
         # the projections wrapped for LoRA adapters, whose weights the core's LoraManager (engine/lora.py) places
         self.lora = lora.LoraModel(self.model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.sampler = Sampler(self.device, config.seed)
         shape = info.shape
         kv_heads = shape.num_kv_heads // tp  # this rank's
-        elem = torch.tensor([], dtype=info.dtype).element_size()
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, info.dtype)  # FP8: one byte a value, 2× the blocks
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         self.block_bytes = 2 * shape.num_layers * self.block_size * kv_heads * shape.head_dim * elem
         self.num_gpu_blocks = config.num_gpu_blocks or self._kv_budget_blocks()
         if tp > 1:  # block tables are shared: every rank holds as many blocks as the tightest one
@@ -201,9 +210,11 @@ class ModelRunner:
         # one extra block the block manager never hands out: padded rows of a CUDA-graph batch write there
         self.scratch_block = self.num_gpu_blocks
         kv_shape = (shape.num_layers, 2, self.num_gpu_blocks + 1, self.block_size, kv_heads, shape.head_dim)
-        self.kv_cache = torch.zeros(kv_shape, dtype=info.dtype, device=self.device)
+        self.kv_cache = torch.zeros(kv_shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        self._memory: tuple[float, int | None, int | None] = (float("-inf"), None, None)
         cpu_shape = (shape.num_layers, 2, self.num_cpu_blocks, self.block_size, kv_heads, shape.head_dim)
-        self.cpu_cache = torch.zeros(cpu_shape, dtype=info.dtype, pin_memory=self.device.type == "cuda")
+        self.cpu_cache = torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=self.device.type == "cuda")
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
@@ -216,10 +227,11 @@ class ModelRunner:
         if not config.enforce_eager and triton and self.lora is None:
             self._capture_decode_graphs()
         log.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), swap pool %d blocks, device %s, dtype %s, %s kernels%s",
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %s), swap pool %d blocks, device %s, dtype %s, %s kernels%s",
             self.num_gpu_blocks,
             self.block_size,
             self.num_gpu_blocks * self.block_bytes / 2**20,
+            self.kv_dtype,
             self.num_cpu_blocks,
             self.device,
             info.dtype,
@@ -232,6 +244,17 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.close()
             self.workers = None
+
+    def device_memory(self) -> tuple[int | None, int | None]:
+        """(used, total) bytes of this rank's device as the driver counts them (every process on it, as
+        nvidia-smi); (None, None) on a CPU. Read at most once a second: the snapshot is built every step."""
+        if self.device.type != "cuda":
+            return None, None
+        now = time.monotonic()
+        if now - self._memory[0] >= 1.0:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._memory = (now, total - free, total)
+        return self._memory[1], self._memory[2]
 
     def _kv_budget_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -361,6 +384,8 @@ class ModelRunner:
         if src.device != s.device:
             s = s.to(src.device)
         dst_index = d.to(dst.device)
+        if is_fp8(src):  # indexing FP8 tensors is not implemented everywhere: move the bytes
+            src, dst = src.view(torch.uint8), dst.view(torch.uint8)
         # to the host: a blocking copy, since the host indexes the result at once; to the device: queued
         dst[:, :, dst_index] = src[:, :, s].to(dst.device, non_blocking=dst.device.type != "cpu")
 
@@ -460,7 +485,6 @@ class ModelRunner:
                 self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> LaunchedStep:
         """Queue one scheduled step on the device, sampling included; nothing waits for it here."""
         # decodes first: attention handles them as one padded batch; then by LoRA slot, so that each adapter's
@@ -479,7 +503,9 @@ class ModelRunner:
         else:
             plan, spans = self._prepare(batch)
         plan.swap_out, plan.swap_in = out.swap_out, out.swap_in
-        return self._sample(self._run(plan), sampling, spans)
+        # each sampled row decides the token after everything its sequence computes here, draft included
+        positions = [len(seq) + len(seq.draft_token_ids) for seq in sampling]
+        return self._sample(self._run(plan), sampling, positions, spans)
 
     @torch.inference_mode()
     def launch_ahead(self, prev: LaunchedStep, keep: list[int], positions: list[int | None]) -> LaunchedStep:
@@ -490,7 +516,8 @@ class ModelRunner:
         ids = prev.sampled.tokens
         if len(keep) != len(prev.sampling):
             ids = ids.index_select(0, to_device(keep, self.device))
-        return self._sample(self._run(self._decode_plan(seqs, positions, None), ids), seqs)
+        decides = [0 if p is None else p + 1 for p in positions]  # the input at p decides token p + 1
+        return self._sample(self._run(self._decode_plan(seqs, positions, None), ids), seqs, decides)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         set_context(meta)
@@ -499,39 +526,34 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, hidden: torch.Tensor | None, sampling: list[Sequence], spans: list | None = None) -> LaunchedStep:
+    def _sample(
+        self, hidden: torch.Tensor | None, sampling: list[Sequence], positions: list[int], spans: list | None = None
+    ) -> LaunchedStep:
+        """positions: the index of the token each sampled row decides (the sampler keys seeded noise by it)."""
         drafting = [seq for seq in sampling if seq.draft_token_ids] if spans is not None else []
         if spans or drafting:  # hidden: the sampled rows, the draft positions, the prompt positions scored
             logits = self.model.compute_logits(hidden)
             k = len(sampling)
             d = k + sum(len(seq.draft_token_ids) for seq in drafting)
             prompt = self.sampler.prompt_logprobs(logits[d:], spans) if spans else None
-            sampled = self.sampler.sample(logits[:k], sampling) if sampling else None
-            return LaunchedStep(sampling, sampled, prompt, self._check_drafts(logits[k:d], drafting))
+            sampled = self.sampler.sample(logits[:k], sampling, positions) if sampling else None
+            drafts = None
+            if drafting:  # every draft position sampled as plain decoding would sample that token
+                rows, draft_positions = draft_rows(drafting)
+                drafts = DraftCheck(drafting, self.sampler.sample(logits[k:d], rows, draft_positions))
+            return LaunchedStep(sampling, sampled, prompt, drafts)
         if not sampling:
             return LaunchedStep([], None)
-        return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling))
-
-    @staticmethod
-    def _check_drafts(logits: torch.Tensor, seqs: list[Sequence]) -> DraftCheck | None:
-        if not seqs:
-            return None
-        choice = logits.argmax(dim=-1)  # speculating sequences are greedy with nothing that changes logits
-        if not choice.is_cuda:
-            return DraftCheck(seqs, choice, None)
-        ready = torch.cuda.Event()
-        host = choice.to("cpu", non_blocking=True)
-        ready.record()
-        return DraftCheck(seqs, host, ready)
+        return LaunchedStep(sampling, self.sampler.sample(self.model.compute_logits(hidden), sampling, positions))
 
     @staticmethod
     def _settle_drafts(step: LaunchedStep, tokens: list[int]) -> None:
-        """Accept each draft up to the model's first disagreement; that sequence's token becomes the model's
-        choice there (its sampled token stands only when the whole draft is accepted)."""
+        """Accept each draft while the samples agree with it; that sequence's token becomes the first sample
+        that differs (its sampled token stands only when the whole draft is accepted)."""
         check = step.drafts
-        if check.ready is not None:
-            check.ready.synchronize()
-        choices = check.host.tolist()
+        if check.samples.ready is not None:
+            check.samples.ready.synchronize()
+        choices = check.samples.host.tolist()
         step.accepted = {}
         row = {id(seq): i for i, seq in enumerate(step.sampling)}
         offset = 0

@@ -1,8 +1,11 @@
 """Sampler: penalties, logit bias and grammar masks → greedy, or temperature → min-p → top-k → top-p →
 exponential race, batched over rows.
 
-Every sampled row draws one noise vector per token. A seeded sequence draws it from its own generator, so its
-output does not depend on what else is in the batch; the others share the engine's generator. On the CUDA
+Every sampled row draws one noise vector per token. A seeded sequence's noise for a token is a function of its
+seed, its index (n > 1) and that token's index in the sequence only (`token_seed`), so its output depends neither
+on what else is in the batch nor on how its tokens fall into steps: with n-gram speculation
+(engine/speculation.py) a step decides several positions, and a seeded request gets exactly the tokens it gets
+without speculation. The others share the engine's generator. On the CUDA
 path a batch of greedy and temperature-only rows (the common case) is sampled by one fused Triton kernel
 (Gumbel-max over the logits in one pass, triton_ops.sample).
 """
@@ -105,10 +108,33 @@ def _filter(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return x
 
 
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function: a bijection of 64-bit integers that scatters nearby inputs."""
+    x = (x + 0x9E37_79B9_7F4A_7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58_476D_1CE4_E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D0_49BB_1331_11EB) & _U64
+    return x ^ (x >> 31)
+
+
+def token_seed(seed: int, index: int, position: int) -> int:
+    """The seed of the noise deciding token `position` of sequence `index` of a request seeded `seed`
+    (a few microseconds: it runs for every seeded row of every step)."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _U64) ^ index) ^ position) >> 1
+
+
 def _temperature_only(p) -> bool:
-    """Rows the fused Triton sampler takes: greedy or temperature only. Filters need a sort; a request's own
-    seed keeps its per-request generator (its draws then do not depend on what it is batched with)."""
+    """Rows the fused Triton sampler takes: greedy or temperature only. Filters need a sort; a seeded row's
+    noise is its own (`token_seed`), drawn on the torch path."""
     return p.seed is None and p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0
+
+
+def probabilities(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The distribution a non-greedy row is sampled from: fp32 logits → temperature → min-p, top-k, top-p."""
+    temps = to_device([s.params.temperature for s in seqs], logits.device, torch.float32)[:, None]
+    return torch.softmax(_filter(logits / temps, seqs), dim=-1)
 
 
 class Sampler:
@@ -116,14 +142,15 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.host_rng = random.Random(seed)  # a fresh seed per step for the fused Triton sampler
+        self.seeded = torch.Generator(device=device)  # reseeded for every token of a seeded sequence
 
-    def _noise(self, seqs: list[Sequence], vocab: int) -> torch.Tensor:
+    def _noise(self, seqs: list[Sequence], vocab: int, positions: list[int] | None) -> torch.Tensor:
         noise = torch.empty(len(seqs), vocab, device=self.device).exponential_(generator=self.generator)
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                if seq.generator is None:
-                    seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
-                noise[row].exponential_(generator=seq.generator)
+                position = len(seq) if positions is None else positions[row]
+                self.seeded.manual_seed(token_seed(seq.params.seed, seq.index, position))
+                noise[row].exponential_(generator=self.seeded)
         return noise
 
     @torch.inference_mode()
@@ -132,9 +159,10 @@ class Sampler:
         return self.to_host(self.sample(logits, seqs), seqs)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int] | None = None) -> SampledTokens:
         """Queue the sampling of one token per row (and the logprobs asked for), and their copy to the host;
-        nothing here waits for the device."""
+        nothing here waits for the device. positions: the index in its sequence of the token each row decides
+        (None: the next one, len(seq)); it keys a seeded sequence's noise."""
         raw = logits  # the model's dtype; widened exactly (bf16 → fp32) wherever arithmetic follows
         penalties, bias = any(s.params.has_penalties for s in seqs), any(s.params.logit_bias for s in seqs)
         guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
@@ -155,7 +183,7 @@ class Sampler:
             temps = to_device([s.params.temperature for s in seqs], logits.device, torch.float32)
             tokens = triton_ops.sample(logits, temps, self.host_rng.getrandbits(31))  # widens as it reads
         else:
-            tokens = self._sample_torch(logits.float(), seqs)
+            tokens = self._sample_torch(logits.float(), seqs, positions)
         logprobs = None
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wanted:
@@ -204,17 +232,19 @@ class Sampler:
                 )
             row += count
 
-    def _sample_torch(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Greedy rows take the argmax; the others are filtered (min-p, top-k, top-p) and drawn by dividing
-        the probabilities by exponential noise (from the request's own generator when it has a seed)."""
+    def _sample_torch(
+        self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int] | None = None
+    ) -> torch.Tensor:
+        """Greedy rows take the argmax; the others are drawn from `probabilities` by dividing them by
+        exponential noise (an exponential race: row i wins with probability p_i)."""
         tokens = logits.argmax(dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             picked = [seqs[i] for i in rows]
             index = to_device(rows, logits.device)
-            temps = to_device([s.params.temperature for s in picked], logits.device, torch.float32)[:, None]
-            probs = torch.softmax(_filter(logits[index] / temps, picked), dim=-1)
-            tokens[index] = (probs / self._noise(picked, probs.shape[1])).argmax(dim=-1)
+            probs = probabilities(logits[index], picked)
+            noise = self._noise(picked, probs.shape[1], None if positions is None else [positions[i] for i in rows])
+            tokens[index] = (probs / noise).argmax(dim=-1)
         return tokens
 
     @staticmethod

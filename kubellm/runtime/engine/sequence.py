@@ -6,8 +6,6 @@ import enum
 import itertools
 import time
 
-import torch
-
 from kubellm.runtime.engine.wire import CompletionDelta, TokenLogprob
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -68,10 +66,7 @@ class Sequence:
         self.prefix_source: Sequence | None = None  # sibling (n > 1) whose prompt blocks this one waits to share
         self.lora_slot = 0  # the LoRA adapter's device slot (engine/lora.py); 0: the base model
         self.lora_id = 0  # that adapter's load id: where its prefix-cache hash chain starts
-        self.generator: torch.Generator | None = None
         self.matcher = None  # llguidance matcher following this sequence's output (a guided request)
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
         # how much of the output the last delta carried
         self.sent_tokens = self.sent_logprobs = 0
 

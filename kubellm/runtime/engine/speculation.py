@@ -1,14 +1,32 @@
 """Speculative decoding by n-gram prompt lookup (vLLM's `--speculative-config '{"method": "ngram", ...}'`): no
 draft model. For a decoding sequence, the last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are
 looked up earlier in its own tokens — prompt and output — and the tokens that followed the most recent match are
-the draft. One forward then computes the last token and the k draft tokens as a (k + 1)-token chunk; the draft is
-accepted up to the first position where the model's own greedy choice differs, and that choice (or, when the
-whole draft is accepted, the token after it) comes for free: 1 … k + 1 tokens per step, exactly the tokens greedy
-decoding would produce one at a time.
+the draft d_1 … d_k. One forward then computes the last token and the draft as a (k + 1)-token chunk, whose rows
+give the model's distribution p_i for each draft position (p_i: given the tokens before and d_1 … d_{i-1}) and
+p_{k+1} after the whole draft; 1 … k + 1 tokens per step.
 
-Only greedy requests without logprobs, penalties, logit bias, grammars or token restrictions speculate; the
-others decode one token per step as usual (sampling with temperature > 0 is not speculated: that would need
-rejection sampling against the draft's distribution, which a lookup does not have).
+Verification is rejection sampling with a deterministic draft (Leviathan et al. 2023; vLLM's rejection sampler
+without draft probabilities): accept d_i with probability p_i(d_i); at the first rejection, the token is drawn
+from p_i with d_i removed and renormalised (max(p_i - onehot(d_i), 0)), and the step ends; if every draft token is
+accepted, the token after them is drawn from p_{k+1}. Each position's output is then distributed exactly as
+plain decoding's. It is done here by sampling every position as plain decoding samples it — the same sampler,
+the same processing (temperature, min-p, top-k, top-p, logit bias), the exponential race t_i = argmax p_i / E_i —
+and accepting d_i when t_i == d_i, else taking t_i and stopping (`accept`). That is the same rule: the race
+picks d_i with probability p_i(d_i), and the winner among the other tokens is independent of whether it beat
+d_i, so a rejection yields t_i ~ p_i without d_i, renormalised. Greedy requests (temperature 0) take the argmax
+at every position: the exact tokens greedy decoding gives one at a time. The draft positions of every
+speculating sequence are one batch of rows of one sampler call, on the device, in the same step as the
+sequences that do not speculate.
+
+Seeds: vLLM draws a seeded request's acceptance and recovery from the request's own generator, so its output is
+reproducible for one configuration but differs from its output without speculation. Here a seeded sequence's
+noise for a position depends only on its seed, its index and that position (engine/sampler.py `token_seed`),
+so a seeded request gets exactly the tokens it gets without speculation, and the same tokens again.
+
+Requests with logprobs, penalties, grammars or token restrictions (allowed_token_ids, min_tokens) do not
+speculate: their processing of draft position i would need the output as if d_1 … d_{i-1} were accepted
+(penalties, min_tokens, the grammar's state), and logprobs would need every accepted position's row; they
+decode one token per step as usual.
 """
 
 from __future__ import annotations
@@ -38,21 +56,27 @@ def propose_ngram(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Whether the draft's acceptance (the model's argmax) is exactly what the sampler would pick."""
+    """Whether the sampler draws each draft position as it would draw that token without speculation: the
+    processing of its logits does not depend on the tokens before it."""
     p = seq.params
-    return (
-        p.greedy
-        and p.logprobs is None
-        and not p.has_penalties
-        and not p.logit_bias
-        and seq.matcher is None
-        and not seq.restricted
-    )
+    return p.logprobs is None and not p.has_penalties and seq.matcher is None and not seq.restricted
+
+
+def draft_rows(seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """The draft positions of speculating sequences as sampler rows, in order: each row's sequence and the
+    index of the token it decides (draft position i of a sequence decides token len(seq) + i)."""
+    rows, positions = [], []
+    for seq in seqs:
+        for i in range(len(seq.draft_token_ids)):
+            rows.append(seq)
+            positions.append(len(seq) + i)
+    return rows, positions
 
 
 def accept(draft: list[int], targets: list[int]) -> list[int]:
-    """targets[i]: the model's token after the last token and draft[:i] (len(draft) + 1 of them) → the tokens
-    this step yields: the draft's agreeing prefix, then the model's own next token."""
+    """targets[i]: the token sampled after the last token and draft[:i] (len(draft) + 1 of them) → the tokens
+    this step yields: the draft's prefix the samples agree with, then the first sample that differs (or,
+    the whole draft accepted, the last)."""
     a = 0
     while a < len(draft) and draft[a] == targets[a]:
         a += 1

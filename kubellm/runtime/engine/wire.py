@@ -103,6 +103,12 @@ class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_position: list[int] = msgspec.field(default_factory=list)
+    # memory: the KV cache's tensor (bytes held for it on its device: this rank's share with tensor parallelism),
+    # and the device's memory in use and in total as the driver reports it (every process on it; read at most
+    # once a second); None on a CPU, which has no device memory of its own to report
+    kv_cache_bytes: int = 0
+    device_memory_used_bytes: int | None = None
+    device_memory_total_bytes: int | None = None
 
 
 class LoraReply(msgspec.Struct, array_like=True):

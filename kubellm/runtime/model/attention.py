@@ -4,6 +4,11 @@ kernels (the CUDA path, see kernels.py).
 
 A batch holds decode tokens first (one per sequence), then prefill chunks. Every layer writes the whole
 batch's K/V into the cache before any sequence reads it.
+
+An FP8 cache (--kv-cache-dtype fp8 | fp8_e4m3 | fp8_e5m2) holds K / k_scale and V / v_scale (per layer),
+rounded to nearest even and saturated at the format's largest value (quantize_kv); every read turns the
+values back into the compute dtype, times the scale (dequantize_kv), before any product. The Triton kernels
+do the same arithmetic, so both paths see the same keys and values.
 """
 
 from __future__ import annotations
@@ -16,6 +21,27 @@ from torch.nn.attention.bias import causal_lower_right
 from kubellm.runtime.model.kernels import use_triton
 
 DENSE_MASK_LIMIT = 1 << 20  # query × key elements up to which a prefill chunk uses an explicit mask
+FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for a --kv-cache-dtype value (settings.KV_CACHE_DTYPES)."""
+    return model_dtype if name == "auto" else FP8_KV_DTYPES[name]
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / scale in FP8: x (fp32) times the fp32 reciprocal of the scale, saturated, rounded to nearest even."""
+    limit = torch.finfo(dtype).max
+    return (x.float() * (1.0 / scale)).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 cache values back in the compute dtype: fp32 value times the scale, then rounded to dtype."""
+    return (x.float() * scale).to(dtype)
 
 
 @dataclass
@@ -44,22 +70,39 @@ def get_context() -> AttentionMetadata:
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     # caches: [blocks, block_size, kv_heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
+    if is_fp8(k_cache):  # index_copy_ has no FP8 kernels: the bytes are copied
+        k = quantize_kv(k, k_scale, k_cache.dtype).view(torch.uint8)
+        v = quantize_kv(v, v_scale, v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[seqs, blocks] table → [seqs, length, kv_heads, head_dim] keys or values."""
+def _gather(
+    cache: torch.Tensor, block_tables: torch.Tensor, length: int, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """[seqs, blocks] table → [seqs, length, kv_heads, head_dim] keys or values, in dtype."""
     num_blocks = (length + cache.shape[1] - 1) // cache.shape[1]
-    x = cache[block_tables[:, :num_blocks]]
-    return x.flatten(1, 2)[:, :length]
+    x = cache[block_tables[:, :num_blocks]].flatten(1, 2)[:, :length]
+    return dequantize_kv(x, scale, dtype) if is_fp8(cache) else x
 
 
 def _triton_paged_attention(
-    meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    meta: AttentionMetadata,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    kv_scales: tuple[float, float],
 ) -> torch.Tensor:
     """The CUDA path: one kernel for the decodes, one for all prefill chunks, each writing its rows of out."""
     from kubellm.runtime.model import triton_attention as T
@@ -70,7 +113,15 @@ def _triton_paged_attention(
     if nd:
         bound = meta.max_decode_context or max(meta.context_lens_list[:nd])
         T.paged_decode_attention(
-            q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale, bound, out=out[:nd]
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.block_tables[:nd],
+            meta.context_lens[:nd],
+            scale,
+            bound,
+            out=out[:nd],
+            kv_scales=kv_scales,
         )
     if len(meta.query_lens) > nd:
         if meta.prefill_tiles is None:  # built by the first layer, reused by the others
@@ -81,16 +132,31 @@ def _triton_paged_attention(
             )
             meta.prefill_tiles = to_device(seq_info, q.device), to_device(tiles, q.device)
         T.paged_prefill_attention(
-            q[nd:], k_cache, v_cache, meta.block_tables[nd:], *meta.prefill_tiles, scale, out=out[nd:]
+            q[nd:],
+            k_cache,
+            v_cache,
+            meta.block_tables[nd:],
+            *meta.prefill_tiles,
+            scale,
+            out=out[nd:],
+            kv_scales=kv_scales,
         )
     return out
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [tokens, heads, head_dim] → [tokens, heads, head_dim], reading K/V from the paged cache."""
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """q: [tokens, heads, head_dim] → [tokens, heads, head_dim], reading K/V from the paged cache (an FP8
+    cache's values times k_scale / v_scale)."""
     meta = get_context()
     if use_triton():
-        return _triton_paged_attention(meta, q, k_cache, v_cache, scale)
+        return _triton_paged_attention(meta, q, k_cache, v_cache, scale, (k_scale, v_scale))
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -99,8 +165,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decodes
     if nd:
         max_len = max(meta.context_lens_list[:nd])
-        keys = _gather(k_cache, meta.block_tables[:nd], max_len)  # [nd, L, kvh, d]
-        values = _gather(v_cache, meta.block_tables[:nd], max_len)
+        keys = _gather(k_cache, meta.block_tables[:nd], max_len, k_scale, q.dtype)  # [nd, L, kvh, d]
+        values = _gather(v_cache, meta.block_tables[:nd], max_len, v_scale, q.dtype)
         qd = q[:nd].view(nd, kv_heads, group, head_dim)
         scores = torch.einsum("bkgd,blkd->bkgl", qd, keys) * scale
         pad = torch.arange(max_len, device=q.device)[None, :] >= meta.context_lens[:nd, None]
@@ -111,8 +177,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     start = nd
     for i in range(nd, len(meta.query_lens)):
         qlen, ctx = meta.query_lens[i], meta.context_lens_list[i]
-        keys = _gather(k_cache, meta.block_tables[i : i + 1], ctx)[0]  # [ctx, kvh, d]
-        values = _gather(v_cache, meta.block_tables[i : i + 1], ctx)[0]
+        keys = _gather(k_cache, meta.block_tables[i : i + 1], ctx, k_scale, q.dtype)[0]  # [ctx, kvh, d]
+        values = _gather(v_cache, meta.block_tables[i : i + 1], ctx, v_scale, q.dtype)[0]
         # 4-D [1, heads, len, d]: SDPA's fused kernels (and CausalBias dispatch) need a batch dimension
         qi = q[start : start + qlen].transpose(0, 1)[None]
         ki = keys.transpose(0, 1).repeat_interleave(group, dim=0)[None]

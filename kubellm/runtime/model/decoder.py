@@ -117,6 +117,8 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = shape.head_dim**-0.5
         self.k_cache = self.v_cache = torch.empty(0)  # views into the runner's KV tensor
+        # an FP8 cache holds K / k_scale and V / v_scale (the checkpoint's scales, else 1.0: attention.py)
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -137,10 +139,11 @@ class Attention(nn.Module):
                 self.num_heads,
                 self.num_kv_heads,
                 self.head_dim,
+                (self.k_scale, self.v_scale),
             )
         else:
             q = self._rope_write(positions, qkv)
-        o = paged_attention(q, self.k_cache, self.v_cache, self.scale)
+        o = paged_attention(q, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(o.reshape(-1, self.q_size))
 
     def _rope_write(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
@@ -151,7 +154,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        write_kv(k, v, self.k_cache, self.v_cache, get_context().slot_mapping)
+        write_kv(k, v, self.k_cache, self.v_cache, get_context().slot_mapping, self.k_scale, self.v_scale)
         return q
 
 

@@ -1,24 +1,34 @@
-"""FP8 (e4m3) weights: reading FP8 checkpoints and quantizing a model's weights to FP8 at load.
+"""FP8 (e4m3) weights: reading FP8 checkpoints, quantizing a model's weights to FP8 at load, and FP8 matmuls.
 
 Checkpoint formats (config.json's quantization_config):
 - compressed-tensors, format "float-quantized" (llm-compressor's FP8 models): `W.weight` in float8_e4m3fn with
   `W.weight_scale` per tensor ([] or [1]) or per output channel ([out, 1]); `W.input_scale` (static activation
-  scales) is read and unused — activations stay in the model's dtype;
+  scales) is read and unused — activations are scaled per token, dynamically;
 - HF fine-grained FP8 (quant_method "fp8", e.g. Qwen3-*-FP8): `W.weight` in float8_e4m3fn with
   `W.weight_scale_inv`, one scale per [block_out, block_in] block (weight_block_size).
-Each is dequantized exactly (fp8 · scale, in fp32, then the model's dtype) as it is read, so the model equals
-one whose weights are the dequantized FP8 ones. `quantization="fp8"` rounds a bf16/fp32 checkpoint's linear
-weights to FP8 with one scale per output channel (amax / 448) the same way.
+`quantization="fp8"` quantizes a bf16/fp32 checkpoint's linear weights with one scale per output channel
+(amax / 448).
 
-This is the reference path, on every device: the weights are held dequantized. FP8 matrix products on Hopper
-(torch._scaled_mm with these scales) are the GPU's part, not here yet.
+Two ways to run them:
+- FP8 matmuls, where the device has them (compute capability ≥ 8.9: Ada, Hopper) and the model runs in bf16
+  (`matmuls_supported`): the decoder's dense projections hold FP8 values with one fp32 scale per output channel
+  (half the bytes of bf16), and each matmul quantizes its input per token (row amax / 448) and runs W8A8 through
+  torch._scaled_mm (`scaled_linear`), as vLLM's dynamic FP8 does. Per-tensor and per-channel checkpoints keep
+  their exact values (a tensor's scale becomes every row's); block-scaled ones and MoE experts (the fused MoE
+  kernel reads bf16) are held dequantized — block weights as the reference path holds them, then rounded again
+  per channel for the dense projections.
+- The reference path, everywhere else: weights dequantized exactly (fp8 · scale, in fp32, then the model's dtype)
+  as they are read, so the model equals one whose weights are the dequantized FP8 ones (tested against HF).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -26,6 +36,7 @@ SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".input_scale")
 # parameters `quantization="fp8"` rounds: the decoder's linear layers and experts (not embeddings, the LM head,
 # norms or MoE routers, which FP8 checkpoints leave in high precision too)
 QUANTIZED_LEAVES = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight", "w13", "w2")
+MATMUL_LEAVES = QUANTIZED_LEAVES[:4]  # the dense projections, which run as FP8 matmuls where the device can
 
 
 @dataclass(frozen=True)
@@ -100,3 +111,72 @@ class DenseSlice:
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.tensor[index]
+
+
+class Fp8Weight:
+    """An FP8 checkpoint weight as read: a safetensors-slice look-alike of its dequantized values (what the
+    reference path loads), and `per_row()`, the FP8 values with one scale per output row (what FP8 matmuls load)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype):
+        self.weight, self.scale, self.block, self.dtype = weight, scale.to(torch.float32), block, dtype
+
+    @cached_property
+    def dense(self) -> torch.Tensor:
+        return dequantize(self.weight, self.scale, self.block).to(self.dtype)
+
+    def get_shape(self) -> list[int]:
+        return list(self.weight.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.dense[index]
+
+    def per_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 values [out, in], fp32 scales [out, 1]); exact for per-tensor and per-channel scales."""
+        if self.block is not None:
+            return quantize_per_channel(self.dense)
+        rows = self.weight.shape[0]
+        return self.weight, self.scale.reshape(-1, 1).expand(rows, 1).contiguous()
+
+
+def matmuls_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """FP8 matmuls with per-row and per-column scales (torch._scaled_mm, bf16 out): GPUs of compute capability
+    8.9 and up (Ada, Hopper), for a model that runs in bf16."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def hold_projections_in_fp8(model: nn.Module, quantize: bool) -> None:
+    """Make the decoder's dense projections FP8 (values [out, in] and a `weight_scale` buffer [1, out]) so their
+    matmuls run as `scaled_linear`. quantize: round the weights they hold now (per output channel); else leave
+    them zero for the loader to fill."""
+    for name, param in list(model.named_parameters()):
+        if not name.endswith(MATMUL_LEAVES):
+            continue
+        module = model.get_submodule(name.rpartition(".")[0])
+        if quantize:
+            q, scale = quantize_per_channel(param.data)
+        else:
+            q = torch.zeros(param.shape, dtype=FP8, device=param.device)
+            scale = torch.ones(param.shape[0], 1, device=param.device)
+        del module.weight  # the bf16 tensor goes now, not after the whole model is converted
+        module.weight = nn.Parameter(q, requires_grad=False)
+        module.register_buffer("weight_scale", scale.reshape(1, -1).contiguous(), persistent=False)
+
+
+def scaled_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+    """x W^T (+ bias) as a W8A8 matmul: x quantized per token (row amax / 448), W per output channel; out in
+    x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scale = (rows.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    xq = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A projection's x W^T (+ b): an FP8 matmul when it holds FP8 weights (hold_projections_in_fp8)."""
+    bias = getattr(module, "bias", None)
+    if module.weight.dtype == FP8:
+        return scaled_linear(x, module.weight, module.weight_scale, bias)
+    return F.linear(x, module.weight, bias)

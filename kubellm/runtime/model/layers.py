@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubellm.runtime.model import fp8
 from kubellm.runtime.model.kernels import use_triton
 
 
@@ -93,7 +94,7 @@ class MergedLinear(nn.Module):
         return tensor.narrow(0, start, self.out_sizes[index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return fp8.linear(x, self)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

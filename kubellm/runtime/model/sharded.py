@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kubellm.runtime.model import parallel
+from kubellm.runtime.model import fp8, parallel
 
 
 def load_shard(dest: torch.Tensor, source, dim: int | None) -> None:
@@ -43,7 +43,7 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features // parallel.size(), out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return parallel.all_reduce(F.linear(x, self.weight))
+        return parallel.all_reduce(fp8.linear(x, self))
 
 
 class VocabParallelEmbedding(nn.Module):

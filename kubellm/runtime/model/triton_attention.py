@@ -3,6 +3,8 @@ KV blocks straight from the paged cache (no gather), serving all query heads of 
 online softmax. When a batch has too few programs to fill the GPU (few long sequences), each context is
 split into partitions run in parallel and merged by a second kernel (vLLM's paged attention v2).
 fp32 runs with IEEE dot products, so the GPU path stays exact against HF in fp32.
+An FP8 cache (attention.py) is read as FP8 — half the bytes of bf16 — and dequantized on read: each key
+and value tile becomes fp32 × its layer's scale, rounded to the compute dtype, as the torch path does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ import triton
 import triton.language as tl
 
 PARTITION_TOKENS = 512  # KV tokens per program when a long context is split (at least)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 MAX_PARTITIONS = 16  # per context: under CUDA graphs the grid covers the model's whole length, mostly idle
+
+
+@triton.jit
+def _dequantize(x, scale, dtype, FP8: tl.constexpr):
+    """A tile of K or V from the cache in the compute dtype (an FP8 cache: value × scale in fp32, rounded)."""
+    if FP8:
+        return (x.to(tl.float32) * scale).to(dtype)
+    return x
 
 
 @triton.jit
@@ -49,6 +60,8 @@ def _paged_decode_kernel(
     part_acc_ptr,
     part_ml_ptr,
     scale,
+    k_scale,
+    v_scale,
     stride_q_seq,
     stride_q_head,
     stride_c_block,
@@ -67,6 +80,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One program: one sequence, one KV head (all its query heads), one partition of the context. With one
     partition it writes the output; otherwise the unnormalized accumulator and (max, sum) for the reduce."""
@@ -97,6 +111,8 @@ def _paged_decode_kernel(
             base = block_ids * stride_c_block + (pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
             k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            k = _dequantize(k, k_scale, q.dtype, FP8)
+            v = _dequantize(v, v_scale, q.dtype, FP8)
             acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, valid[None, :], IEEE)
         if not SPLIT:
             tl.store(
@@ -187,8 +203,10 @@ def paged_decode_attention(
     part_tokens: int = PARTITION_TOKENS,
     out: torch.Tensor | None = None,
     launch: tuple[int, int, int] | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim].
+    """q: [seqs, heads, head_dim] (one token per sequence); caches: [blocks, block_size, kv_heads, head_dim]
+    in q's dtype, or FP8 holding K / kv_scales[0] and V / kv_scales[1].
     max_context_len bounds every context (under CUDA graphs: the model's length), sizing the split. Written
     into `out` when given (rows of the whole batch's output: no copy afterwards). `launch` overrides
     decode_launch(head_dim) (bench/kernels.py sweeps it)."""
@@ -213,6 +231,7 @@ def paged_decode_attention(
         part_acc,
         part_ml,
         scale,
+        *kv_scales,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -231,6 +250,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TOKENS=tokens,
         IEEE=q.dtype == torch.float32,
+        FP8=k_cache.dtype in FP8_DTYPES,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -264,6 +284,7 @@ def _prefill_blocks(
     kv_offset,
     offs_d,
     scale,
+    kv_scales,
     lo,
     hi,
     stride_c_block,
@@ -272,6 +293,7 @@ def _prefill_blocks(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """Online softmax over keys lo … hi-1, BLOCK_N at a time. MASKED: the blocks on the tile's diagonal
     (causal mask, a partial last block); otherwise every key is visible to every query and nothing is masked."""
@@ -290,6 +312,8 @@ def _prefill_blocks(
         else:
             k = tl.load(k_cache_ptr + base[:, None] + offs_d[None, :])
             v = tl.load(v_cache_ptr + base[:, None] + offs_d[None, :])
+        k = _dequantize(k, kv_scales[0], q.dtype, FP8)
+        v = _dequantize(v, kv_scales[1], q.dtype, FP8)
         if MASKED:
             causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
             acc, l_i, m_i = _online_softmax_block(acc, l_i, m_i, q, k, v, scale, causal, IEEE)
@@ -308,6 +332,8 @@ def _paged_prefill_kernel(
     tiles_ptr,
     out_ptr,
     scale,
+    k_scale,
+    v_scale,
     stride_q_tok,
     stride_q_head,
     stride_c_block,
@@ -325,6 +351,7 @@ def _paged_prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One program: BLOCK_Q consecutive query tokens of one prefill chunk, with all query heads of one KV head
     (GQA: BLOCK_Q × GROUP_PAD rows share each K/V load). The chunk's queries sit at the end of its context
@@ -370,6 +397,7 @@ def _paged_prefill_kernel(
         kv_offset,
         offs_d,
         scale,
+        (k_scale, v_scale),
         0,
         unmasked,
         stride_c_block,
@@ -378,6 +406,7 @@ def _paged_prefill_kernel(
         BLOCK_N,
         False,
         IEEE,
+        FP8,
     )
     acc, l_i, m_i = _prefill_blocks(
         acc,
@@ -391,6 +420,7 @@ def _paged_prefill_kernel(
         kv_offset,
         offs_d,
         scale,
+        (k_scale, v_scale),
         unmasked,
         hi,
         stride_c_block,
@@ -399,6 +429,7 @@ def _paged_prefill_kernel(
         BLOCK_N,
         True,
         IEEE,
+        FP8,
     )
     tl.store(
         out_ptr + (q_start + tok)[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
@@ -439,12 +470,13 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
     **launch,
 ) -> torch.Tensor:
     """Attention for a batch of prefill chunks in one launch. q: [packed query tokens, heads, head_dim];
     block_tables: [chunks, max_blocks]; seq_info, tiles: prefill_tiles(…, prefill_block_q(dtype, group,
-    block_m)) on the device. block_m (rows per tile), block_n and `launch` (num_warps, num_stages) are tuning
-    knobs for bench/kernels.py."""
+    block_m)) on the device; an FP8 cache holds K / kv_scales[0], V / kv_scales[1]. block_m (rows per tile),
+    block_n and `launch` (num_warps, num_stages) are tuning knobs for bench/kernels.py."""
     heads, head_dim = q.shape[1], q.shape[2]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
@@ -460,6 +492,7 @@ def paged_prefill_attention(
         tiles,
         out,
         scale,
+        *kv_scales,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -477,6 +510,7 @@ def paged_prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n or (32 if q.dtype == torch.float32 else 64),
         IEEE=q.dtype == torch.float32,
+        FP8=k_cache.dtype in FP8_DTYPES,
         **launch,
     )
     return out

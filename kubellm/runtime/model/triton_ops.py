@@ -104,6 +104,39 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# FP8 formats of a KV cache: (mantissa bits, exponent bias, largest finite value)
+FP8_FORMATS = {torch.float8_e4m3fn: (3, 7, 448.0), torch.float8_e5m2: (2, 15, 57344.0)}
+
+
+@triton.jit
+def _fp8_bits(x, MANTISSA: tl.constexpr, BIAS: tl.constexpr, LIMIT: tl.constexpr, SUBNORMAL_UNITS: tl.constexpr):
+    """fp32 → the byte of its FP8 value, saturated at ±LIMIT and rounded to nearest even, subnormals included:
+    what torch's .to(float8) gives. Written out in integer arithmetic because Triton's interpreter rounds
+    its own fp8 cast differently (ties up, mantissa carries lost), so the CPU tests could not check it."""
+    x = tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    shift: tl.constexpr = 23 - MANTISSA
+    # normal: drop the low mantissa bits, rounding half to even (a carry moves into the exponent), rebias
+    normal = ((a + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1)) >> shift) - ((127 - BIAS) << MANTISSA)
+    # below the smallest normal 2^(1 - BIAS): a count of the smallest subnormal, rounded half to even by the
+    # fp32 addition of 2^23 (a count of 2^MANTISSA is the smallest normal's code, as it should be)
+    units = tl.abs(x) * SUBNORMAL_UNITS
+    sub = ((units + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < ((128 - BIAS) << 23), sub, normal)
+    return (sign | code).to(tl.uint8)
+
+
+@triton.jit
+def _kv_store(dst, y, inv_scale, FP8: tl.constexpr, FMT: tl.constexpr):
+    """Store K or V values into the cache: as they are, or (an FP8 cache, given as bytes) y / scale in FP8."""
+    if FP8:
+        tl.store(dst, _fp8_bits(y.to(tl.float32) * inv_scale, FMT[0], FMT[1], FMT[2], FMT[3]))
+    else:
+        tl.store(dst, y)
+
+
 @triton.jit
 def _qkv_rope_write_kernel(
     qkv_ptr,
@@ -117,6 +150,8 @@ def _qkv_rope_write_kernel(
     k_cache_ptr,
     v_cache_ptr,
     eps,
+    inv_k_scale,
+    inv_v_scale,
     stride_qkv,
     stride_q_tok,
     stride_q_head,
@@ -127,6 +162,8 @@ def _qkv_rope_write_kernel(
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     QK_NORM: tl.constexpr,
+    FP8: tl.constexpr,
+    FMT: tl.constexpr,
 ):
     """One program: one token, one head of q (head < NUM_HEADS) or one KV head (then its V too)."""
     tok = tl.program_id(0)
@@ -158,12 +195,12 @@ def _qkv_rope_write_kernel(
         kv_head = head - NUM_HEADS
         slot = tl.load(slots_ptr + tok)
         k_dst = k_cache_ptr + slot * stride_c_slot + kv_head * stride_c_head
-        tl.store(k_dst + offs, y1)
-        tl.store(k_dst + half + offs, y2)
+        _kv_store(k_dst + offs, y1, inv_k_scale, FP8, FMT)
+        _kv_store(k_dst + half + offs, y2, inv_k_scale, FP8, FMT)
         v_src = qkv_ptr + tok * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM
         v_dst = v_cache_ptr + slot * stride_c_slot + kv_head * stride_c_head
-        tl.store(v_dst + offs, tl.load(v_src + offs))
-        tl.store(v_dst + half + offs, tl.load(v_src + half + offs))
+        _kv_store(v_dst + offs, tl.load(v_src + offs), inv_v_scale, FP8, FMT)
+        _kv_store(v_dst + half + offs, tl.load(v_src + half + offs), inv_v_scale, FP8, FMT)
 
 
 def qkv_rope_write(
@@ -180,10 +217,17 @@ def qkv_rope_write(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """qkv: [tokens, (heads + 2 kv_heads) * head_dim]; cos/sin: [positions, head_dim] fp32; caches: [blocks,
-    block_size, kv_heads, head_dim]. Writes rotated K and V at `slots`, returns rotated Q [tokens, heads, dim]."""
+    block_size, kv_heads, head_dim]. Writes rotated K and V at `slots` (an FP8 cache: K / kv_scales[0] and
+    V / kv_scales[1], as attention.quantize_kv), returns rotated Q [tokens, heads, dim]."""
     tokens = qkv.shape[0]
+    fmt = FP8_FORMATS.get(k_cache.dtype)
+    if fmt is not None:  # the kernel writes the bytes
+        mantissa, bias, _ = fmt
+        fmt = (*fmt, 2.0 ** (bias - 1 + mantissa))
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     norm_w = q_norm if q_norm is not None else q  # unused when QK_NORM is off
     _qkv_rope_write_kernel[(tokens, num_heads + num_kv_heads)](
@@ -198,6 +242,8 @@ def qkv_rope_write(
         k_cache,
         v_cache,
         eps,
+        1.0 / kv_scales[0],
+        1.0 / kv_scales[1],
         qkv.stride(0),
         q.stride(0),
         q.stride(1),
@@ -208,6 +254,8 @@ def qkv_rope_write(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         QK_NORM=q_norm is not None,
+        FP8=fmt is not None,
+        FMT=fmt or (0, 0, 0.0, 0.0),
         num_warps=1,  # a program handles one head: head_dim / 2 elements per vector
         enable_fp_fusion=False,  # x * cos + rot * sin rounded twice, as HF's separate torch ops (no FMA)
     )

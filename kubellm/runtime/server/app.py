@@ -3,6 +3,7 @@ the OpenAI endpoints (one handler each in openai_*.py). Every refusal is an Open
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -27,6 +28,7 @@ from kubellm.runtime.server.openai_render import Render
 from kubellm.runtime.server.openai_responses import Responses
 from kubellm.runtime.server.openai_utility import Utility
 from kubellm.runtime.server.serving import Serving
+from kubellm.tracing import Tracing
 
 log = logging.getLogger("kubellm.server")
 
@@ -52,7 +54,9 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
+def create_app(engine: AsyncLLMEngine, config: ServerConfig, tracing: Tracing | None = None) -> FastAPI:
+    """The app over engine; tracing (kubellm/tracing.py), when given, makes a span per request and is flushed at
+    shutdown."""
     if config.chat_template:
         engine.tokenizer.chat_template = config.chat_template
     state = ServerState()
@@ -74,6 +78,8 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         log.info(json.dumps({"event": "ready", "model": config.model_name, "max_model_len": engine.max_model_len}))
         yield
         engine.shutdown()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # the last batch of spans goes out
 
     # /docs, /redoc and /openapi.json describe every route to anyone: off unless --enable-api-docs
     docs = {} if config.enable_api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -93,7 +99,7 @@ def create_app(engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     add_error_handlers(app)
     add_operational_routes(app, engine, config, state, metrics)
 
-    serving = Serving(engine, config, state, metrics)
+    serving = Serving(engine, config, state, metrics, tracing)
     utility, completions, chat = Utility(serving), Completions(serving), ChatCompletions(serving)
     app.add_api_route("/v1/models", utility.list_models, methods=["GET"], response_model=None)
     app.add_api_route("/v1/completions", completions.create, methods=["POST"], response_model=None)

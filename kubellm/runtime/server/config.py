@@ -54,6 +54,8 @@ class ServerSettings(BaseSettings):
     reasoning_parser: Literal[REASONING_PARSERS] | None = None  # type: ignore[valid-type]
     # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING); with --enable-lora
     allow_runtime_lora_updating: bool = False
+    # OpenTelemetry spans over OTLP/HTTP (kubellm/tracing.py); None: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else off
+    otlp_traces_endpoint: str | None = None
 
     @field_validator("chat_template")
     @classmethod
@@ -105,7 +107,10 @@ def _engine_fields() -> dict:
     hints = typing.get_type_hints(EngineConfig)
     bounds = ("ge", "gt", "le")
     return {
-        f.name: (hints[f.name], Field(f.default, **{k: f.metadata[k] for k in bounds if k in f.metadata}))
+        f.name: (
+            Literal[f.metadata["choices"]] if "choices" in f.metadata else hints[f.name],  # type: ignore[valid-type]
+            Field(f.default, **{k: f.metadata[k] for k in bounds if k in f.metadata}),
+        )
         for f in SERVE_SETTINGS
     }
 

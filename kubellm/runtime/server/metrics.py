@@ -81,11 +81,47 @@ class EngineCollector:
         info = self.engine.info
         if info is not None:  # KV geometry, once the model is loaded: the EPP's prefix scorer tunes itself on it
             config = InfoMetricFamily("vllm:cache_config", "KV-cache configuration.", labels=["model_name"])
-            geometry = {"block_size": str(self.engine.config.block_size), "num_gpu_blocks": str(info.num_gpu_blocks)}
+            geometry = {
+                "block_size": str(self.engine.config.block_size),
+                "num_gpu_blocks": str(info.num_gpu_blocks),
+                "cache_dtype": self.engine.config.kv_cache_dtype,  # vLLM's label: auto, fp8, …
+            }
             config.add_metric(list(self.labels.values()), geometry)
             yield config
         yield from self._lora_info(e)
         yield from self._spec_decode(e)
+        yield from self._memory(e)
+
+    def _memory(self, e):
+        """Memory gauges by model_name and device (rank 0's device with tensor parallelism), once the engine is up.
+        The KV cache's bytes are its tensor's on any device; the GPU's used/total come from the driver and are
+        absent on a CPU (host memory is not the model's device memory, and a 0 would read as an empty GPU)."""
+        info = self.engine.info
+        if info is None:
+            return
+        labels = [*self.labels, "device"]
+        values = [*self.labels.values(), info.device]
+        gauges = [
+            (
+                "kubellm_kv_cache_reserved_bytes",
+                "Bytes held for the KV cache on its device (its whole tensor, used blocks or not). "
+                "kubellm_gpu_memory_*_bytes are exported only on a CUDA device.",
+                e.kv_cache_bytes,
+            )
+        ]
+        if e.device_memory_total_bytes is not None:
+            gauges += [
+                (
+                    "kubellm_gpu_memory_used_bytes",
+                    "GPU memory in use as the driver reports it (every process on the device, as nvidia-smi).",
+                    e.device_memory_used_bytes,
+                ),
+                ("kubellm_gpu_memory_total_bytes", "GPU memory in total.", e.device_memory_total_bytes),
+            ]
+        for name, doc, value in gauges:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, value)
+            yield g
 
     def _lora_info(self, e):
         """vLLM's vllm:lora_requests_info (with --enable-lora): labels say which adapters run and wait, the

@@ -21,13 +21,22 @@ from kubellm.runtime.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from kubellm.runtime.engine.intake import Submission
+    from kubellm.tracing import Tracing
 
 log = logging.getLogger("kubellm.server")
 
 
 class Runner:
-    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, state: ServerState, metrics: ServerMetrics):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        config: ServerConfig,
+        state: ServerState,
+        metrics: ServerMetrics,
+        tracing: Tracing | None = None,
+    ):
         self.engine, self.config, self.state, self.metrics = engine, config, state, metrics
+        self.tracing = tracing  # None: no spans (kubellm/tracing.py)
 
     async def run(self, requests: list[Submission], request: Request) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(index of the request, its output so far) as the engine produces them; records metrics and one log
@@ -45,7 +54,7 @@ class Runner:
                 last[i] = now
                 if item.finished:
                     done.add(i)
-                    self._finished(item, request, start)
+                    self._finished(item, request, start, requests[i])
                 yield i, item
         except EngineDeadError as e:  # the engine died, or the drain's deadline passed
             raise ApiError(503, str(e), "service_unavailable", headers=retry_after(5)) from None
@@ -87,8 +96,10 @@ class Runner:
             for t in tasks:
                 t.cancel()
 
-    def _finished(self, out: RequestOutput, request: Request, start: float) -> None:
+    def _finished(self, out: RequestOutput, request: Request, start: float, sub: Submission) -> None:
         now = time.monotonic()
+        if self.tracing is not None:
+            self._span(request, sub, out, now)
         m = self.metrics
         if out.first_token_time:
             m.ttft.observe(out.first_token_time - out.arrival_time)
@@ -114,9 +125,42 @@ class Runner:
             )
 
     def _aborted(self, r: Submission, request: Request, start: float) -> None:
+        if self.tracing is not None:
+            self._span(request, r, None, time.monotonic())
         self.metrics.finished.labels("abort").inc(r.params.n)
         if self.config.log_requests:
             self._log("request_aborted", request, r.request_id, latency_s=round(time.monotonic() - start, 4))
+
+    def _span(self, request: Request, sub: Submission, out: RequestOutput | None, now: float) -> None:
+        """One SERVER span per engine request (vLLM's `llm_request`), the child of the caller's `traceparent` (the
+        router's span), made when the request ends from the engine's timestamps: arrival to now. out None:
+        aborted (the client left, or an error)."""
+        to_wall_ns = time.time_ns() - int(time.monotonic() * 1e9)  # the engine's times are time.monotonic()
+        arrival, p = sub.request.arrival_time, sub.params
+        attributes = {
+            "gen_ai.response.model": self.config.model_name,
+            "gen_ai.request.id": request.state.request_id,
+            "kubellm.engine_request_id": sub.request_id,
+            "gen_ai.request.max_tokens": p.max_tokens,
+            "gen_ai.request.temperature": p.temperature,
+            "gen_ai.request.top_p": p.top_p,
+            "gen_ai.request.n": p.n,
+            "gen_ai.usage.prompt_tokens": len(sub.prompt_token_ids),
+            "gen_ai.latency.e2e": now - arrival,
+            "gen_ai.response.finish_reasons": ["abort"],
+        }
+        if out is not None:
+            attributes |= {
+                "gen_ai.usage.completion_tokens": sum(len(c.token_ids) for c in out.outputs),
+                "kubellm.cached_tokens": out.num_cached_tokens,
+                "gen_ai.response.finish_reasons": [c.finish_reason or "unknown" for c in out.outputs],
+                "gen_ai.latency.time_to_first_token": out.first_token_time - arrival if out.first_token_time else None,
+                "gen_ai.latency.time_in_queue": (
+                    out.first_scheduled_time - arrival if out.first_scheduled_time else None
+                ),
+            }
+        span = self.tracing.start_server_span("llm_request", request.headers, int(arrival * 1e9) + to_wall_ns)
+        self.tracing.end(span, attributes, None if out else "aborted", int(now * 1e9) + to_wall_ns)
 
     def _log(self, event: str, request: Request, engine_id: str, **fields) -> None:
         head = {"event": event, "request_id": request.state.request_id, "engine_id": engine_id}

@@ -22,6 +22,7 @@ from kubellm.runtime.server.app import create_app
 from kubellm.runtime.server.config import ServerConfig
 from kubellm.runtime.server.http_limits import HttpLimits, LimitedHttpToolsProtocol
 from kubellm.settings import EngineConfig
+from kubellm.tracing import TracingConfigError, make_tracing
 
 log = logging.getLogger("kubellm.server")
 
@@ -98,8 +99,13 @@ def serve(config: ServerConfig, make_core: Callable[[EngineConfig], EngineCore] 
         queue_timeout_s=2 * config.max_queue_time_s if config.max_queue_time_s else None,
         **config.engine_options(),
     )
+    try:
+        tracing = make_tracing(config.otlp_traces_endpoint, "kubellm-serve")
+    except TracingConfigError as e:
+        log.error(json.dumps({"event": "bad_settings", "message": str(e)}))
+        exit_process(2)
     engine = AsyncLLMEngine(engine_config, make_core)
-    app = create_app(engine, config)
+    app = create_app(engine, config, tracing)
     uv_config = uvicorn.Config(
         app,
         host=config.host,

@@ -29,19 +29,27 @@ from kubellm.runtime.server.running import Runner
 
 if TYPE_CHECKING:
     from kubellm.runtime.engine.intake import Submission
+    from kubellm.tracing import Tracing
 
 
 class Serving:
     """The pieces every endpoint handler uses, built once per app."""
 
-    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, state: ServerState, metrics: ServerMetrics):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        config: ServerConfig,
+        state: ServerState,
+        metrics: ServerMetrics,
+        tracing: Tracing | None = None,
+    ):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.config = config
         self.model_name = config.model_name
         self.admission = Admission(engine, config, state, metrics)
         self.builder = RequestBuilder(engine)
-        self.runner = Runner(engine, config, state, metrics)
+        self.runner = Runner(engine, config, state, metrics, tracing)
         self.logprobs = LogprobFormatter(engine.tokenizer)
 
     def answered_model(self, requested: str | None) -> str:
