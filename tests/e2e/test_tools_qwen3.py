@@ -287,3 +287,45 @@ def test_functions_on_completions_are_400(qwen3_server):
     body = {"prompt": "hi", "functions": [WEATHER["function"]]}
     r = httpx.post(qwen3_server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "functions", r.text
+
+
+# Structured output and Qwen3's added tokens: llguidance generates a forced literal by tokenizing it, and the
+# text "<think>" tokenizes to the added token 151667, which the literal then does not match.
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"guided_regex": r"<think>[a-z ]{1,12}</think>Paris"},
+        {"guided_choice": ["plain", "<tool_call>"]},
+        {"guided_json": {"type": "object", "properties": {"tag": {"enum": ["x", "<think>"]}}, "required": ["tag"]}},
+    ],
+)
+def test_structured_output_that_would_force_a_special_tokens_text_is_400(client, tok, extra):
+    ((name, spec),) = extra.items()
+    text = "<think>" if "<think>" in json.dumps(spec) else "<tool_call>"
+    token_id = tok.convert_tokens_to_ids(text)
+    with pytest.raises(openai.BadRequestError, match=f"{name}: contains '{text}'.* added token {token_id}"):
+        client.completions.create(model="qwen3", prompt="hi", max_tokens=8, extra_body=extra)
+
+
+def test_a_special_tokens_text_where_nothing_is_generated_is_accepted(client):
+    schema = {
+        "type": "object",
+        "description": "answers without a <think> block",
+        "properties": {"a": {"enum": [1, 2]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    out = client.completions.create(model="qwen3", prompt="hi", max_tokens=20, extra_body={"guided_json": schema})
+    assert json.loads(out.choices[0].text)["a"] in (1, 2)
+
+
+def test_a_grammar_that_breaks_mid_generation_fails_that_request_clearly(client):
+    """A Lark literal in quotes is text, not the special token (unquoted <think> is): the grammar rejects the
+    token its own mask allowed. The request fails with that said; it does not end as if it were complete."""
+    kw = dict(model="qwen3", prompt="hi", max_tokens=8, extra_body={"guided_grammar": 'start: "<think>" /[a-z]{1,5}/'})
+    with pytest.raises(openai.InternalServerError, match="structured output failed.*unquoted, <think>"):
+        client.completions.create(**kw)
+    with pytest.raises(openai.APIError, match="structured output failed"):
+        list(client.completions.create(stream=True, **kw))
+    special = client.completions.create(**{**kw, "extra_body": {"guided_grammar": "start: <think> /[a-z]{1,5}/"}})
+    assert special.choices[0].finish_reason == "stop"  # the special token itself, then letters: the engine went on

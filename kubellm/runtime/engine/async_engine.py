@@ -67,7 +67,8 @@ class RequestRefused(ValueError):
 
 
 class RequestFailed(RuntimeError):
-    """A step running this request raised; the request ended there and the engine serves the others."""
+    """A step running this request raised, or its grammar broke; the request ended there and the engine serves
+    the others."""
 
 
 class EngineStartRefused(RuntimeError):
@@ -164,6 +165,7 @@ def _engine_core(
             if core.has_unfinished_requests():
                 try:
                     deltas = core.step()
+                    failed = core.take_failures()
                     failed_steps = 0
                 except Exception as e:  # fail the requests of this step, keep serving the others
                     failed_steps += 1

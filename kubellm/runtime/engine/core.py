@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from kubellm.runtime.engine.block_manager import BlockManager
-from kubellm.runtime.engine.guided import Grammars
+from kubellm.runtime.engine.guided import Grammars, grammar_failure
 from kubellm.runtime.engine.intake import check_params
 from kubellm.runtime.engine.lora import LoraManager
 from kubellm.runtime.engine.runner import LaunchedStep, ModelRunner
@@ -98,6 +98,9 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, CoreRequest] = {}
+        # request id -> why, for requests whose grammar rejected the token drawn under its own mask; they end
+        # with that error (take_failures), not as if the output were complete
+        self._failures: dict[str, str] = {}
         self.stats = EngineStats()
         self._ahead: tuple[SchedulerOutput, LaunchedStep] | None = None  # a step launched before its turn
         self._current: SchedulerOutput | None = None  # the step being run (fail_step ends its requests)
@@ -190,6 +193,11 @@ class EngineCore:
             self.abort(request_id)
             self.requests.pop(request_id, None)
         return ids
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """(request id, why) of the requests the last step ended with an error; each is reported once."""
+        failures, self._failures = list(self._failures.items()), {}
+        return failures
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request, or one of its sequences (the frontend found its stop string); frees their blocks."""
@@ -288,6 +296,9 @@ class EngineCore:
             req = self.requests.get(request_id)
             if req is None:
                 continue
+            if request_id in self._failures:
+                self.abort(request_id)
+                continue
             deltas.append(req.delta())
             if req.finished:
                 del self.requests[request_id]
@@ -379,8 +390,10 @@ class EngineCore:
             self._finish(seq, "stop")
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
-            self._finish(seq, "stop")  # the grammar is complete (or, never expected, broken): nothing may follow
+        elif seq.matcher is not None and seq.matcher.is_error():
+            self._failures[seq.request_id] = grammar_failure(seq.matcher.get_error())
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            self._finish(seq, "stop")  # the grammar is complete: nothing may follow
         elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
             self._finish(seq, "length")
 

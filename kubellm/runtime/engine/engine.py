@@ -124,10 +124,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; the outputs of every request that changed. A sequence whose stop string appeared
-        is stopped in the core before its next step."""
+        is stopped in the core before its next step. RuntimeError naming the requests that failed in it
+        (their grammar broke: engine/guided.py grammar_failure); they are gone, the others go on."""
         outputs, aborts = self.output.process(self.core.step())
         for abort in aborts:
             self.core.abort(abort.request_id, abort.index)
+        failures = self.core.take_failures()
+        for request_id, _ in failures:
+            self.output.abort(request_id)
+        if failures:  # the other requests stay queued: the caller may go on stepping
+            raise RuntimeError("; ".join(f"request {request_id}: {why}" for request_id, why in failures))
         return outputs
 
     def snapshot(self):

@@ -46,7 +46,7 @@ class RequestBuilder:
             self._grammars = Grammars(self.tokenizer, self.engine.vocab_size)
         try:
             compiled = grammar_for(kind, spec)
-            error = self._grammars.error(compiled)
+            error = self._grammars.error(compiled) or self._grammars.added_token_error(kind, spec)
         except (ValueError, TypeError, RuntimeError) as e:
             error = str(e)
         if error:
