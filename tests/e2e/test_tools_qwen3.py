@@ -329,3 +329,27 @@ def test_a_grammar_that_breaks_mid_generation_fails_that_request_clearly(client)
         list(client.completions.create(stream=True, **kw))
     special = client.completions.create(**{**kw, "extra_body": {"guided_grammar": "start: <think> /[a-z]{1,5}/"}})
     assert special.choices[0].finish_reason == "stop"  # the special token itself, then letters: the engine went on
+
+
+def test_offline_a_broken_grammar_fails_its_request_and_keeps_the_others(qwen3_dir):
+    """The offline LLM returns every request of the batch: the one whose grammar broke finished with "error"
+    and the reason; the others complete as they would alone."""
+    from kubellm.runtime import LLM, SamplingParams
+    from kubellm.runtime.engine.guided import grammar_for
+
+    llm = LLM(qwen3_dir, max_model_len=256, dtype="float32")
+    try:
+        plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        broken = SamplingParams(
+            temperature=0, max_tokens=8, grammar=grammar_for("lark", 'start: "<think>" /[a-z]{1,5}/')
+        )
+        alone = llm.generate(["one", "three"], plain)
+        outs = llm.generate(["one", "two", "three"], [plain, broken, plain])
+        assert [o.outputs[0].finish_reason for o in outs] == ["length", "error", "length"]
+        assert "structured output failed" in outs[1].error and "unquoted, <think>" in outs[1].error
+        assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == [o.outputs[0].token_ids for o in alone]
+        assert outs[0].error is None and outs[2].error is None
+        again = llm.generate("two", plain)  # the engine serves on
+        assert again[0].outputs[0].finish_reason == "length"
+    finally:
+        llm.engine.shutdown()

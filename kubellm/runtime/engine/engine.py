@@ -3,11 +3,15 @@ OutputProcessor, the same three parts the server splits over two processes (asyn
 
 from __future__ import annotations
 
+import logging
+
 from kubellm.runtime.engine.core import EngineCore
 from kubellm.runtime.engine.intake import Submission, make_submission
 from kubellm.runtime.engine.output import OutputProcessor, RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.settings import EngineConfig
+
+log = logging.getLogger("kubellm.engine")
 
 
 class LLMEngine:
@@ -124,16 +128,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; the outputs of every request that changed. A sequence whose stop string appeared
-        is stopped in the core before its next step. RuntimeError naming the requests that failed in it
-        (their grammar broke: engine/guided.py grammar_failure); they are gone, the others go on."""
+        is stopped in the core before its next step. A request the core failed in it (its grammar broke:
+        engine/guided.py grammar_failure) comes back finished with finish_reason "error" and the reason in
+        .error (logged too); the others go on."""
         outputs, aborts = self.output.process(self.core.step())
         for abort in aborts:
             self.core.abort(abort.request_id, abort.index)
-        failures = self.core.take_failures()
-        for request_id, _ in failures:
-            self.output.abort(request_id)
-        if failures:  # the other requests stay queued: the caller may go on stepping
-            raise RuntimeError("; ".join(f"request {request_id}: {why}" for request_id, why in failures))
+        for request_id, why in self.core.take_failures():
+            log.warning("request %s failed: %s", request_id, why)
+            failed = self.output.abort(request_id, error=why)
+            if failed is not None:
+                outputs.append(failed)
         return outputs
 
     def snapshot(self):

@@ -22,7 +22,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | "error" | None while running
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
 
@@ -39,6 +39,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1 … (the first has none), if asked for
+    error: str | None = None  # why the engine failed the request (finish_reason "error")
 
 
 def view_of(work: RequestOutput) -> RequestOutput:
@@ -171,15 +172,17 @@ class OutputProcessor:
         self.requests[request_id] = RequestState(params, out, texts, [True] * params.n)
         return out
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Finish every open sequence of a request with "abort" and stop tracking it."""
+    def abort(self, request_id: str, error: str | None = None) -> RequestOutput | None:
+        """Finish every open sequence of a request with "abort" (or "error", with the engine's reason) and stop
+        tracking it."""
         state = self.requests.pop(request_id, None)
         if state is None:
             return None
         for c, is_open in zip(state.output.outputs, state.open):
             if is_open:
-                c.finish_reason = "abort"
+                c.finish_reason = "abort" if error is None else "error"
         state.output.finished = True
+        state.output.error = error
         return state.output
 
     def process(self, deltas: list[RequestDelta]) -> tuple[list[RequestOutput], list[Abort]]:
