@@ -7,6 +7,8 @@ U[100,1024], random token ids, EOS ignored, seed 0.
     python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
     python bench/offline.py --shape llama-3.2-1b --step-times   # where the run's time goes, by kind of step
     python bench/offline.py --shape qwen3-tiny --stand-in    # host side at H100 speed on any machine (stand_in.py)
+    python bench/offline.py --shape llama-3.2-1b --load-format dummy --dtype bfloat16 --stand-in-roofline 4.8 700
+                                                # the best "of floor" this schedule allows on an H200, on any machine
     python bench/offline.py --shape qwen3-0.6b --num-requests 64 --input-len 8192 8192 --output-len 1024 1024 \
         --kv-cache-dtype fp8 --step-times       # the decode phase of a long-context run with an FP8 KV cache
 """
@@ -14,6 +16,7 @@ U[100,1024], random token ids, EOS ignored, seed 0.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -21,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.stand_in import add_device_flags, device_from, stand_in_generate  # noqa: E402
+from bench.stand_in import DeviceModel, add_device_flags, device_from, model_bytes, stand_in_generate  # noqa: E402
 
 
 def workload(num_requests: int, min_in: int, max_in: int, min_out: int, max_out: int, vocab: int, seed: int):
@@ -87,6 +90,14 @@ def main() -> None:
         help="run on an emulated device (bench/stand_in.py): is the host fast enough to keep it busy?",
     )
     add_device_flags(ap)
+    ap.add_argument(
+        "--stand-in-roofline",
+        type=float,
+        nargs=2,
+        metavar=("TB/s", "TFLOP/s"),
+        help="run on an emulated device that is this model's roofline on a GPU of this bandwidth and compute "
+        "(e.g. 4.8 700 for an H200): how close to the decode floor the schedule itself lets a run come",
+    )
     args = ap.parse_args()
 
     from kubellm.runtime import LLM, SamplingParams
@@ -101,23 +112,7 @@ def main() -> None:
             args.shape,
             weights=args.load_format != "dummy",
         )
-    if args.stand_in:
-        with open(os.path.join(model, "config.json")) as f:
-            vocab = json.load(f)["vocab_size"]
-        prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
-        rate, busy = stand_in_generate(
-            model,
-            prompts,
-            out_lens,
-            device_from(args),
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            async_scheduling=args.async_scheduling,
-        )
-        print(f"emulated device {device_from(args)}: {rate:,.0f} output tok/s, device busy {busy:.0%} of the time")
-        return
-    llm = LLM(
-        model,
+    engine_options = dict(
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -128,6 +123,32 @@ def main() -> None:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
+    if args.stand_in or args.stand_in_roofline:
+        with open(os.path.join(model, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+        device, kv_blocks = device_from(args), None
+        if args.stand_in_roofline:
+            bandwidth, flops = args.stand_in_roofline[0] * 1e12, args.stand_in_roofline[1] * 1e12
+            device = functools.partial(DeviceModel.of_model, bandwidth=bandwidth, flops=flops)
+            # the whole workload's KV at once, as an H100 or H200 holds it for these shapes
+            kv_blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(prompts, out_lens))
+        run = stand_in_generate(model, prompts, out_lens, device, kv_blocks, **engine_options)
+        print(
+            f"emulated device {run.device}: {run.rate:,.0f} output tok/s, device busy {run.busy:.0%} of the time, "
+            f"{run.steps} steps, {run.preemptions} preemptions"
+        )
+        if args.stand_in_roofline:
+            from bench import hf_baselines as hf
+
+            floor_s = hf.decode_floor_seconds(prompts, out_lens, *run.model_bytes, bandwidth, args.max_num_seqs)
+            print(
+                f"this schedule on the roofline ({args.stand_in_roofline[0]} TB/s, {args.stand_in_roofline[1]} "
+                f"TFLOP/s): device time {run.device_seconds:.2f} s = {run.output_tokens / run.device_seconds:,.0f} "
+                f"output tok/s; decode floor {floor_s:.2f} s: at best {floor_s / run.device_seconds:.0%} of floor"
+            )
+        return
+    llm = LLM(model, **engine_options)
     vocab = llm.engine.vocab_size
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
@@ -147,8 +168,7 @@ def main() -> None:
     weights = f", {args.quantization} weights" if args.quantization else ""
     name = f"{args.shape or os.path.basename(model)} ({runner.info.dtype}{weights}, KV cache {runner.kv_dtype})"
     rows = [("kubellm", generated, elapsed, llm.engine.scheduler.num_preemptions)]
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv_bytes_per_token = runner.block_bytes // runner.block_size
+    weight_bytes, kv_bytes_per_token = model_bytes(runner)
     device, dtype = str(runner.device), runner.info.dtype
     del llm, runner, outs
     free_device_memory()
@@ -242,8 +262,7 @@ def step_times(llm, prompts, params) -> None:
     from bench import hf_baselines as hf
 
     engine, runner = llm.engine, llm.engine.runner
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv_per_token = runner.block_bytes // runner.block_size
+    weight_bytes, kv_per_token = model_bytes(runner)
     bandwidth = hf.copy_bandwidth()
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.add(engine.make_request(f"s{i}", p, sp))

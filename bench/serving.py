@@ -189,10 +189,11 @@ def main() -> None:
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
         offline = None
         if args.stand_in:
-            offline, busy = stand_in_generate(
+            emulated = stand_in_generate(
                 args.model, prompts, out_lens, device_from(args), max_num_seqs=args.max_num_seqs
             )
-            print(f"offline on the emulated device: {offline:,.0f} tok/s, device busy {busy:.0%} of the time")
+            offline = emulated.rate
+            print(f"offline on the emulated device: {offline:,.0f} tok/s, device busy {emulated.busy:.0%} of the time")
         procs = server_processes(proc.pid) if proc else {}
         procs["benchmark client"] = os.getpid()
         # This process holds ~370k objects (torch, transformers, the offline run's engine): a full collection

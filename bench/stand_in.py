@@ -31,16 +31,36 @@ from kubellm.runtime.engine.sequence import Sequence  # noqa: E402
 from kubellm.settings import EngineConfig  # noqa: E402
 
 
+def model_bytes(runner) -> tuple[int, int]:
+    """(bytes of the weights, bytes of KV cache per token) of a model runner: what a decode step reads."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    return weight_bytes, runner.block_bytes // runner.block_size
+
+
 @dataclass(frozen=True)
 class DeviceModel:
     fixed_ms: float = 1.5
     per_context_token_ns: float = 37.0
     per_new_token_us: float = 3.0
+    # a roofline: the GEMMs take the longer of reading the weights (fixed) and computing the step's tokens,
+    # instead of the sum of the two
+    roofline: bool = False
+
+    @classmethod
+    def of_model(cls, runner, bandwidth: float, flops: float) -> DeviceModel:
+        """A roofline of this model on a device of `bandwidth` bytes/s and `flops` FLOP/s: each step reads
+        every weight and the KV of every context token at the bandwidth, and computes 2 FLOPs per parameter
+        per token (attention's FLOPs and every kernel's launch left out: a bound, not a prediction)."""
+        params = sum(p.numel() for p in runner.model.parameters())
+        weight_bytes, kv_per_token = model_bytes(runner)
+        return cls(weight_bytes / bandwidth * 1e3, kv_per_token / bandwidth * 1e9, 2 * params / flops * 1e6, True)
 
     def step_seconds(self, batch: list[tuple[Sequence, int]]) -> float:
         new = sum(n for _, n in batch)
         context = sum(seq.num_computed_tokens for seq, _ in batch) + new
-        return self.fixed_ms * 1e-3 + context * self.per_context_token_ns * 1e-9 + new * self.per_new_token_us * 1e-6
+        fixed, compute = self.fixed_ms * 1e-3, new * self.per_new_token_us * 1e-6
+        gemms = max(fixed, compute) if self.roofline else fixed + compute
+        return gemms + context * self.per_context_token_ns * 1e-9
 
     def flags(self) -> list[str]:
         """The command-line flags (add_device_flags) that give this device."""
@@ -70,6 +90,7 @@ class StandInRunner:
         self.rng = random.Random(seed)
         self.busy_until = 0.0  # when the emulated device finishes the last queued step
         self.busy_seconds = 0.0  # emulated device time of every step queued so far
+        self.steps = 0
 
     def __getattr__(self, name):  # num_gpu_blocks, block sizes, …: the real runner's
         return getattr(self.runner, name)
@@ -78,6 +99,7 @@ class StandInRunner:
         seconds = self.device.step_seconds(batch)
         self.busy_until = max(time.perf_counter(), self.busy_until) + seconds
         self.busy_seconds += seconds
+        self.steps += 1
         return _Launched(sampling, self.busy_until)
 
     def launch(self, out: SchedulerOutput) -> _Launched:
@@ -112,20 +134,54 @@ def stand_in_engine(config: EngineConfig, device: DeviceModel = DeviceModel()) -
     return core
 
 
+@dataclass
+class StandInRun:
+    output_tokens: int
+    seconds: float  # wall time
+    device_seconds: float  # the emulated device's time over every step
+    steps: int
+    preemptions: int
+    device: DeviceModel
+    model_bytes: tuple[int, int]  # model_bytes(runner)
+
+    @property
+    def rate(self) -> float:  # output tok/s
+        return self.output_tokens / self.seconds
+
+    @property
+    def busy(self) -> float:  # what is left is host work the device waited for
+        return self.device_seconds / self.seconds
+
+
 def stand_in_generate(
-    model: str, prompts: list[list[int]], out_lens: list[int], device: DeviceModel, **engine_options
-) -> tuple[float, float]:
-    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device: (output tok/s, the
-    fraction of the time the device was busy — what is left is host work the device waited for)."""
+    model: str, prompts: list[list[int]], out_lens: list[int], device, kv_blocks: int | None = None, **engine_options
+) -> StandInRun:
+    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device. device: a DeviceModel, or
+    a function of the real runner that gives one (DeviceModel.of_model). kv_blocks: the emulated device's KV
+    cache in blocks (a GPU's, which this host could not allocate; nothing is allocated, the steps never touch
+    it) instead of the host's cache."""
     from kubellm.runtime import LLM, SamplingParams
+    from kubellm.runtime.engine.block_manager import BlockManager
+    from kubellm.runtime.engine.scheduler import Scheduler
 
     llm = LLM(model, **engine_options)
-    runner = llm.engine.core.runner = StandInRunner(llm.engine.runner, device, llm.engine.vocab_size)
+    if not isinstance(device, DeviceModel):
+        device = device(llm.engine.runner)
+    core = llm.engine.core
+    runner = core.runner = StandInRunner(core.runner, device, core.vocab_size)
+    if kv_blocks is not None:
+        runner.num_gpu_blocks = kv_blocks
+        core.block_manager = BlockManager(
+            kv_blocks, core.config.block_size, core.config.enable_prefix_caching, runner.num_cpu_blocks
+        )
+        core.scheduler = Scheduler(core.config, core.block_manager)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, runner.busy_seconds / elapsed
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    preemptions = core.scheduler.num_preemptions
+    return StandInRun(tokens, elapsed, runner.busy_seconds, runner.steps, preemptions, device, model_bytes(runner))
 
 
 def add_device_flags(ap: argparse.ArgumentParser) -> None:

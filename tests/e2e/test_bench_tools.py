@@ -64,3 +64,56 @@ def test_serving_benchmark_against_the_stand_in_server(word_level_model):
     assert tokens == sum(workload(8, 10, 30, 5, 20, 151936, 0)[1]), out  # every requested token streamed
     assert re.search(r"serving = \d+% of offline on the same emulated device", out), out
     assert re.search(r"server process: .* CPU µs per output token", out), out
+
+
+def test_the_long_context_fp8_parts_run_and_print_what_gpu_suite_parses(tiny_models):
+    """gpu_suite.sh kv8k / moe / llama8b: dummy weights, FP8 weights and an FP8 KV cache on an MoE model, with
+    the step table; the "decode phase" line is the one gpu_suite.sh reads the bf16-vs-FP8 ratio from."""
+    out = bench(
+        "bench/offline.py",
+        "--model",
+        tiny_models["qwen3_moe"],
+        "--load-format",
+        "dummy",
+        "--quantization",
+        "fp8",
+        "--kv-cache-dtype",
+        "fp8",
+        "--step-times",
+        *SMALL,
+    )
+    line = next(line for line in out.splitlines() if line.startswith("decode phase"))
+    parsed = subprocess.run(
+        ["sed", r"s/.*= \([0-9,]*\) output.*/\1/; s/,//g"], input=line, capture_output=True, text=True, check=True
+    )
+    assert int(parsed.stdout) > 0, line
+    assert "float8_e4m3fn" in line, line
+
+
+def test_speculative_benchmark_checks_outputs_are_the_same(tiny_model):
+    out = bench("bench/speculative.py", "--model", tiny_model, "--max-tokens", "8")
+    assert re.search(r"ITL plain / ngram: [\d.]+x; outputs identical", out), out
+
+
+def test_kernel_benchmark_every_part_in_the_triton_interpreter():
+    proc = subprocess.run(
+        [sys.executable, "bench/kernels.py", "--smoke", "--parts", "decode", "prefill", "fused", "fp8-gemm"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for header in ("| seqs x context |", "| rows | projection | bf16 µs | fp8 µs |"):
+        assert header in proc.stdout, proc.stdout
+
+
+def test_the_roofline_stand_in_never_beats_the_decode_floor(word_level_model):
+    """The floor is a lower bound of the roofline device's time for any schedule: a run "above 100% of floor"
+    would mean the two disagree about what a step reads."""
+    out = bench("bench/offline.py", "--model", word_level_model, "--stand-in-roofline", "3.0", "700", *SMALL)
+    best = re.search(r"device time [\d.]+ s = [\d,]+ output tok/s; decode floor [\d.]+ s: at best (\d+)% of floor", out)
+    assert best, out
+    assert 0 < int(best.group(1)) <= 100, out
+    assert re.search(r", 0 preemptions", out), out
