@@ -7,8 +7,8 @@ U[100,1024], random token ids, EOS ignored, seed 0.
     python bench/offline.py --shape qwen3-0.6b --profile-steps 50            # where a step's time goes
     python bench/offline.py --shape llama-3.2-1b --step-times   # where the run's time goes, by kind of step
     python bench/offline.py --shape qwen3-tiny --stand-in    # host side at H100 speed on any machine (stand_in.py)
-    python bench/offline.py --shape llama-3.2-1b --load-format dummy --dtype bfloat16 --stand-in-roofline 4.8 700
-                                                # the best "of floor" this schedule allows on an H200, on any machine
+    python bench/offline.py --shape llama-3.1-8b --stand-in-roofline 4.8 700   # the best "of floor" the schedule
+                                                # allows on an H200's roofline (any shape, on any machine)
     python bench/offline.py --shape qwen3-0.6b --num-requests 64 --input-len 8192 8192 --output-len 1024 1024 \
         --kv-cache-dtype fp8 --step-times       # the decode phase of a long-context run with an FP8 KV cache
 """
@@ -16,7 +16,6 @@ U[100,1024], random token ids, EOS ignored, seed 0.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import random
@@ -24,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.stand_in import DeviceModel, add_device_flags, device_from, model_bytes, stand_in_generate  # noqa: E402
+from bench.stand_in import DeviceModel, add_device_flags, device_from, stand_in_generate  # noqa: E402
 
 
 def workload(num_requests: int, min_in: int, max_in: int, min_out: int, max_out: int, vocab: int, seed: int):
@@ -106,11 +105,11 @@ def main() -> None:
     if args.shape:
         from bench.shapes import make_shaped_model
 
-        suffix = "-config-only" if args.load_format == "dummy" else ""
+        weights = args.load_format != "dummy" and not args.stand_in_roofline  # the roofline reads the config
         model = make_shaped_model(
-            os.path.join(args.cache_dir, f"{args.shape}-wordlevel{suffix}"),
+            os.path.join(args.cache_dir, f"{args.shape}-wordlevel{'' if weights else '-config-only'}"),
             args.shape,
-            weights=args.load_format != "dummy",
+            weights=weights,
         )
     engine_options = dict(
         dtype=args.dtype,
@@ -123,30 +122,15 @@ def main() -> None:
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
     )
-    if args.stand_in or args.stand_in_roofline:
+    if args.stand_in_roofline:
+        roofline(args, model, engine_options)
+        return
+    if args.stand_in:
         with open(os.path.join(model, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
         prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
-        device, kv_blocks = device_from(args), None
-        if args.stand_in_roofline:
-            bandwidth, flops = args.stand_in_roofline[0] * 1e12, args.stand_in_roofline[1] * 1e12
-            device = functools.partial(DeviceModel.of_model, bandwidth=bandwidth, flops=flops)
-            # the whole workload's KV at once, as an H100 or H200 holds it for these shapes
-            kv_blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(prompts, out_lens))
-        run = stand_in_generate(model, prompts, out_lens, device, kv_blocks, **engine_options)
-        print(
-            f"emulated device {run.device}: {run.rate:,.0f} output tok/s, device busy {run.busy:.0%} of the time, "
-            f"{run.steps} steps, {run.preemptions} preemptions"
-        )
-        if args.stand_in_roofline:
-            from bench import hf_baselines as hf
-
-            floor_s = hf.decode_floor_seconds(prompts, out_lens, *run.model_bytes, bandwidth, args.max_num_seqs)
-            print(
-                f"this schedule on the roofline ({args.stand_in_roofline[0]} TB/s, {args.stand_in_roofline[1]} "
-                f"TFLOP/s): device time {run.device_seconds:.2f} s = {run.output_tokens / run.device_seconds:,.0f} "
-                f"output tok/s; decode floor {floor_s:.2f} s: at best {floor_s / run.device_seconds:.0%} of floor"
-            )
+        run = stand_in_generate(model, prompts, out_lens, device_from(args), **engine_options)
+        print(f"emulated device {run.device}: {run.rate:,.0f} output tok/s, device busy {run.busy:.0%} of the time")
         return
     llm = LLM(model, **engine_options)
     vocab = llm.engine.vocab_size
@@ -210,6 +194,41 @@ def main() -> None:
             f"({kv_bytes_per_token} B/token) per step at {bandwidth / 1e12:.2f} TB/s measured copy bandwidth, "
             f"{dtype}"
         )
+
+
+def roofline(args, model: str, engine_options: dict) -> None:
+    """The real scheduler on this model's roofline (DeviceModel.roofline_of) with the GPU's KV capacity (the
+    whole workload's KV at once, as an H100 or H200 holds it for these shapes): how close to the decode floor
+    the schedule itself lets a run come. The steps are scheduled over a tiny model of the same tokens (the
+    schedule depends on token counts, not on the weights), so any shape runs on any host."""
+    from bench import hf_baselines as hf
+    from bench.shapes import make_shaped_model
+
+    bandwidth, flops = args.stand_in_roofline[0] * 1e12, args.stand_in_roofline[1] * 1e12
+    device, weight_bytes, kv_per_token = DeviceModel.roofline_of(
+        model, bandwidth, flops, args.dtype, args.quantization, args.kv_cache_dtype
+    )
+    tiny = make_shaped_model(os.path.join(args.cache_dir, "qwen3-tiny-wordlevel"), "qwen3-tiny")
+    with open(os.path.join(model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
+    kv_blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(prompts, out_lens))
+    options = {**engine_options, "load_format": "auto", "quantization": None, "kv_cache_dtype": "auto"}
+    run = stand_in_generate(tiny, prompts, out_lens, device, kv_blocks, **options)
+    floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_per_token, bandwidth, args.max_num_seqs)
+    print(
+        f"{args.shape or model} on the roofline of {args.stand_in_roofline[0]} TB/s, {args.stand_in_roofline[1]} "
+        f"TFLOP/s (weights {weight_bytes / 1e9:.2f} GB, KV {kv_per_token} B/token): {run.steps} steps, "
+        f"{run.preemptions} preemptions, device time {run.device_seconds:.2f} s = "
+        f"{run.output_tokens / run.device_seconds:,.0f} output tok/s; decode floor {floor_s:.2f} s: "
+        f"at best {floor_s / run.device_seconds:.0%} of floor"
+    )
+
+
+def model_bytes(runner) -> tuple[int, int]:
+    """(bytes of the weights, bytes of KV cache per token) of a model runner: what a decode step reads."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    return weight_bytes, runner.block_bytes // runner.block_size
 
 
 def free_device_memory() -> None:

@@ -31,36 +31,70 @@ from kubellm.runtime.engine.sequence import Sequence  # noqa: E402
 from kubellm.settings import EngineConfig  # noqa: E402
 
 
-def model_bytes(runner) -> tuple[int, int]:
-    """(bytes of the weights, bytes of KV cache per token) of a model runner: what a decode step reads."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    return weight_bytes, runner.block_bytes // runner.block_size
-
-
 @dataclass(frozen=True)
 class DeviceModel:
     fixed_ms: float = 1.5
     per_context_token_ns: float = 37.0
     per_new_token_us: float = 3.0
-    # a roofline: the GEMMs take the longer of reading the weights (fixed) and computing the step's tokens,
-    # instead of the sum of the two
+    # a roofline (of_model): the GEMMs take the longer of reading the weights (fixed) and computing the step's
+    # tokens, and attention the longer of reading the KV and its FLOPs (per new token per position attended),
+    # instead of the sum of fixed, KV and tokens
     roofline: bool = False
+    attention_ps_per_position: float = 0.0
 
     @classmethod
-    def of_model(cls, runner, bandwidth: float, flops: float) -> DeviceModel:
-        """A roofline of this model on a device of `bandwidth` bytes/s and `flops` FLOP/s: each step reads
-        every weight and the KV of every context token at the bandwidth, and computes 2 FLOPs per parameter
-        per token (attention's FLOPs and every kernel's launch left out: a bound, not a prediction)."""
-        params = sum(p.numel() for p in runner.model.parameters())
-        weight_bytes, kv_per_token = model_bytes(runner)
-        return cls(weight_bytes / bandwidth * 1e3, kv_per_token / bandwidth * 1e9, 2 * params / flops * 1e6, True)
+    def roofline_of(
+        cls, model_dir: str, bandwidth: float, flops: float, dtype="auto", quantization=None, kv_cache_dtype="auto"
+    ) -> tuple[DeviceModel, int, int]:
+        """(the roofline of this model on a device of `bandwidth` bytes/s and `flops` FLOP/s, its weight bytes,
+        its KV bytes per token), from its config alone (the decoder built on the meta device: any size works
+        on any host). Each step reads every weight and the KV of every context token at the bandwidth; each
+        token computed costs 2 FLOPs per parameter it uses (an MoE token: its top-k experts; an FP8 weight's at
+        twice the rate) and 4 per query dimension per layer per position it attends to. Every kernel's launch
+        and inefficiency left out: a bound, not a prediction."""
+        import torch
+
+        from kubellm.runtime.model import fp8
+        from kubellm.runtime.model.decoder import DecoderForCausalLM
+        from kubellm.runtime.model.loader import read_model_info
+
+        info = read_model_info(model_dir, dtype)
+        shape = info.shape
+        with torch.device("meta"):
+            model = DecoderForCausalLM(shape, info.hf_config, 1024).to(info.dtype)
+            if shape.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            if quantization == "fp8":
+                fp8.hold_projections_in_fp8(model, quantize=False)
+        weight_bytes, active = 0, 0.0
+        for name, p in model.named_parameters():
+            weight_bytes += p.numel() * p.element_size()
+            if name.endswith("embed_tokens.weight") and not shape.tie_word_embeddings:
+                continue  # a lookup (the LM head is its own weight)
+            share = shape.num_experts_per_tok / shape.num_experts if ".experts." in name else 1.0
+            rate = 2.0 if p.element_size() == 1 else 1.0  # FP8 tensor cores: twice the bf16 FLOP/s (Ada, Hopper)
+            active += p.numel() * share / rate
+        kv_element = 1 if kv_cache_dtype.startswith("fp8") else info.dtype.itemsize
+        kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * kv_element
+        attention = 4 * shape.num_layers * shape.num_heads * shape.head_dim
+        device = cls(
+            weight_bytes / bandwidth * 1e3,
+            kv_per_token / bandwidth * 1e9,
+            2 * active / flops * 1e6,
+            True,
+            attention / flops * 1e12,
+        )
+        return device, weight_bytes, kv_per_token
 
     def step_seconds(self, batch: list[tuple[Sequence, int]]) -> float:
         new = sum(n for _, n in batch)
         context = sum(seq.num_computed_tokens for seq, _ in batch) + new
         fixed, compute = self.fixed_ms * 1e-3, new * self.per_new_token_us * 1e-6
-        gemms = max(fixed, compute) if self.roofline else fixed + compute
-        return gemms + context * self.per_context_token_ns * 1e-9
+        kv = context * self.per_context_token_ns * 1e-9
+        if not self.roofline:
+            return fixed + compute + kv
+        positions = sum(n * seq.num_computed_tokens + n * (n + 1) // 2 for seq, n in batch)
+        return max(fixed, compute) + max(kv, positions * self.attention_ps_per_position * 1e-12)
 
     def flags(self) -> list[str]:
         """The command-line flags (add_device_flags) that give this device."""
@@ -142,7 +176,6 @@ class StandInRun:
     steps: int
     preemptions: int
     device: DeviceModel
-    model_bytes: tuple[int, int]  # model_bytes(runner)
 
     @property
     def rate(self) -> float:  # output tok/s
@@ -154,10 +187,14 @@ class StandInRun:
 
 
 def stand_in_generate(
-    model: str, prompts: list[list[int]], out_lens: list[int], device, kv_blocks: int | None = None, **engine_options
+    model: str,
+    prompts: list[list[int]],
+    out_lens: list[int],
+    device: DeviceModel,
+    kv_blocks: int | None = None,
+    **engine_options,
 ) -> StandInRun:
-    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device. device: a DeviceModel, or
-    a function of the real runner that gives one (DeviceModel.of_model). kv_blocks: the emulated device's KV
+    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device. kv_blocks: the emulated device's KV
     cache in blocks (a GPU's, which this host could not allocate; nothing is allocated, the steps never touch
     it) instead of the host's cache."""
     from kubellm.runtime import LLM, SamplingParams
@@ -165,8 +202,6 @@ def stand_in_generate(
     from kubellm.runtime.engine.scheduler import Scheduler
 
     llm = LLM(model, **engine_options)
-    if not isinstance(device, DeviceModel):
-        device = device(llm.engine.runner)
     core = llm.engine.core
     runner = core.runner = StandInRunner(core.runner, device, core.vocab_size)
     if kv_blocks is not None:
@@ -181,7 +216,7 @@ def stand_in_generate(
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     preemptions = core.scheduler.num_preemptions
-    return StandInRun(tokens, elapsed, runner.busy_seconds, runner.steps, preemptions, device, model_bytes(runner))
+    return StandInRun(tokens, elapsed, runner.busy_seconds, runner.steps, preemptions, device)
 
 
 def add_device_flags(ap: argparse.ArgumentParser) -> None:
