@@ -18,7 +18,8 @@
 #   bash bench/gpu_suite.sh moe       # Qwen3-30B-A3B shape (bf16, weights made on the device: 61 GB would not
 #                                     # fit the disk), kubellm offline on the nano-vllm workload + its floor
 #   bash bench/gpu_suite.sh moe-hf    # HF continuous batching on the same shape, 32 requests (HF's expert loop
-#                                     # is too slow for 256 in one part): the baseline of the table above
+#                                     # is too slow for 256 in one part; stopped at 300 s, the table then gives
+#                                     # bounds): the baseline of the table above
 #   bash bench/gpu_suite.sh llama8b   # Llama-3.1-8B shape (weights made on the device), kubellm offline on the
 #                                     # nano-vllm workload in bf16, then with FP8 weights (W8A8 matmuls) + floors
 #   bash bench/gpu_suite.sh llama8b-hf  # HF continuous batching on that shape, 64 requests (kubellm on the same 64)
@@ -71,10 +72,13 @@ print(m(os.path.expanduser('~/.cache/kubellm/bench-models/qwen3-tiny-wordlevel')
   check20) run python -m pytest -q -p no:cacheprovider tests/unit/test_engine_exactness.py tests/unit/test_triton_kernels.py -k "cuda and (moe or mixtral) or triton_fused_moe or triton_moe or kernels_compile or fp8_kv"
            run python -m pytest -q -p no:cacheprovider tests/unit/test_speculative.py tests/unit/test_fp8.py ;;
   moe) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy ;;
-  moe-hf) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy --num-requests 32 --baselines hf-cb ;;
+  # HF's runs of the large shapes stop at 300 s (then the table gives bounds: bench/hf_baselines.py)
+  moe-hf) run python bench/offline.py --shape qwen3-30b-a3b --load-format dummy --num-requests 32 --baselines hf-cb \
+            --baseline-deadline 300 ;;
   llama8b) run python bench/offline.py --shape llama-3.1-8b --load-format dummy
            run python bench/offline.py --shape llama-3.1-8b --load-format dummy --quantization fp8 ;;
-  llama8b-hf) run python bench/offline.py --shape llama-3.1-8b --load-format dummy --num-requests 64 --baselines hf-cb ;;
+  llama8b-hf) run python bench/offline.py --shape llama-3.1-8b --load-format dummy --num-requests 64 --baselines hf-cb \
+                --baseline-deadline 300 ;;
   fp8mm) run python -m pytest -q -p no:cacheprovider tests/unit/test_fp8.py
          run python bench/kernels.py --parts fp8-gemm --shape llama-3.1-8b ;;
   kv8k)

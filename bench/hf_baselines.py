@@ -2,8 +2,11 @@
 transformers' own continuous batching (`init_continuous_batching`, paged attention, CUDA graphs when it
 offers them), and the decode floor (bytes of weights and live KV read per step at the measured bandwidth).
 
-Each HF run returns (output tokens actually generated, seconds). transformers' continuous-batching API
-moved between 5.x releases, so options are passed only where this version has them.
+Each HF run returns a Baseline. Given a deadline (seconds), a run still going then is stopped and reports the
+tokens it was asked for over the time it had: more than its rate, so what is compared with it is a bound —
+kubellm is at least that many times faster (the large shapes' HF runs do not fit one 10-minute device call).
+transformers' continuous-batching API moved between 5.x releases, so options are passed only where this
+version has them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,18 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from typing import NamedTuple
+
+
+class Baseline(NamedTuple):
+    tokens: int  # output tokens generated; if stopped at the deadline, the tokens requested
+    seconds: float
+    done: int  # requests finished
+    requests: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.requests
 
 
 def load_hf(model_dir: str, dtype: str, attn: str):
@@ -46,9 +61,16 @@ def _sampling(model, max_new_tokens: int):
     )
 
 
-def hf_static(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: list[int], batch_size: int = 64):
+def hf_static(
+    model_dir: str,
+    dtype: str,
+    prompts: list[list[int]],
+    out_lens: list[int],
+    batch_size: int = 64,
+    deadline: float | None = None,
+) -> Baseline:
     """`generate` over batches of `batch_size` in arrival order, left-padded; each batch runs to its longest
-    output, and only the tokens each request asked for are counted."""
+    output, and only the tokens each request asked for are counted. The deadline is checked between batches."""
     import torch
 
     model = load_hf(model_dir, dtype, "sdpa")
@@ -65,13 +87,24 @@ def hf_static(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: li
     run([prompts[0][:8]], [4])  # warm-up
     _sync()
     start = time.perf_counter()
+    done = 0
     for i in range(0, len(prompts), batch_size):
+        if deadline is not None and time.perf_counter() - start > deadline:
+            break
         run(prompts[i : i + batch_size], out_lens[i : i + batch_size])
+        done = min(i + batch_size, len(prompts))
     _sync()
-    return sum(out_lens), time.perf_counter() - start
+    return Baseline(sum(out_lens), time.perf_counter() - start, done, len(prompts))
 
 
-def hf_continuous(model_dir: str, dtype: str, prompts: list[list[int]], out_lens: list[int], cuda_graphs: bool = True):
+def hf_continuous(
+    model_dir: str,
+    dtype: str,
+    prompts: list[list[int]],
+    out_lens: list[int],
+    cuda_graphs: bool = True,
+    deadline: float | None = None,
+) -> Baseline:
     """HF continuous batching: every request added up front with its own max_new_tokens."""
     from transformers import generation
 
@@ -101,14 +134,20 @@ def hf_continuous(model_dir: str, dtype: str, prompts: list[list[int]], out_lens
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
         generated = done = 0
         while done < len(prompts):
-            result = manager.get_result(timeout=300)  # the first 8k-prompt request finishes after minutes
+            left = None if deadline is None else deadline - (time.perf_counter() - start)
+            if left is not None and left <= 0:
+                return Baseline(sum(out_lens), time.perf_counter() - start, done, len(prompts))
+            wait = 300 if left is None else min(300, left)  # the first 8k-prompt request finishes after minutes
+            result = manager.get_result(timeout=wait)
             if result is None:
+                if left is not None and wait == left:
+                    continue  # the deadline, not a stall
                 raise RuntimeError(f"HF continuous batching stalled after {done} of {len(prompts)} requests")
             if result.is_finished():
                 done += 1
                 generated += len(result.generated_tokens)
         _sync()
-        return generated, time.perf_counter() - start
+        return Baseline(generated, time.perf_counter() - start, done, len(prompts))
     finally:
         manager.stop(block=True)
 

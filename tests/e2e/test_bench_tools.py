@@ -121,3 +121,17 @@ def test_the_roofline_stand_in_never_beats_the_decode_floor(arch, word_level_mod
     )
     assert best, out
     assert 0 < int(best.group(1)) <= 100, out
+
+
+def test_a_baseline_stopped_at_its_deadline_gives_bounds_not_figures(word_level_model):
+    """A large shape's HF run may not fit a device call: stopped at the deadline, its row says so and the
+    comparison becomes a bound. kubellm's figure is printed before any baseline starts."""
+    out = bench(
+        "bench/offline.py", "--model", word_level_model, "--baselines", "hf-cb", "--baseline-deadline", "0.001", *SMALL
+    )
+    lines = out.splitlines()
+    early = next(i for i, line in enumerate(lines) if line.startswith("kubellm: "))
+    table = next(i for i, line in enumerate(lines) if line.startswith("| engine |"))
+    assert early < table, out
+    assert re.search(r"stopped at the deadline with \d of 8 requests done: rate ≤ \| \d+ \| [\d.]+ \| ≤ ", out), out
+    assert re.search(r"^\| kubellm \| \d+ \| [\d.]+ \| [\d,]+ \| [\d,]+ \| ≥ [\d.]+x \|", out, re.M), out
