@@ -132,13 +132,14 @@ def dtype_bytes(config: dict, dtype: str = "auto") -> int:
     return _DTYPE_BYTES[name]
 
 
-def _linear_weight_bytes(config: dict, default: int, quantization: str | None) -> float:
+def _linear_weight_bytes(config: dict, default: int, quantization: str | None, fp8_matmuls: bool) -> float:
     """Bytes per weight of the linear layers: quantized checkpoints store less than their dtype, and FP8 weights
-    stay FP8 on the GPUs with FP8 matmuls (kubellm/runtime/model/fp8.py; older GPUs hold them dequantized)."""
+    stay FP8 on the GPUs with FP8 matmuls (kubellm/runtime/model/fp8.py); elsewhere they are held dequantized,
+    in the model's dtype."""
     quant = config.get("quantization_config") or {}
     method = str(quant.get("quant_method", "")).lower()
     if method in ("fp8", "compressed-tensors") or quantization == "fp8":
-        return 1
+        return 1 if fp8_matmuls else default
     if method in ("awq", "gptq") and quant.get("bits"):
         return quant["bits"] / 8
     return default
@@ -179,13 +180,17 @@ def estimate(
     kv_cache_dtype: str | None = None,
     quantization: str | None = None,
     fixed_overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+    fp8_matmuls: bool = True,
 ) -> FitEstimate:
     """The per-device estimate for a model's config.json (a dict) and the serving settings (`kubellm serve`'s
-    names; max_model_len None: the model's own)."""
+    names; max_model_len None: the model's own). fp8_matmuls: whether the device keeps FP8 weights as FP8 (Ada,
+    Hopper and later; unknown before the pod has its GPU, so the operator assumes so and the runtime knows)."""
     tp = tensor_parallel_size
     elem = dtype_bytes(config, dtype)
     embed, linear, norms = parameter_counts(config)
-    weights = (embed * elem + linear * _linear_weight_bytes(config, elem, quantization)) / tp + norms * elem
+    weights = (
+        embed * elem + linear * _linear_weight_bytes(config, elem, quantization, fp8_matmuls)
+    ) / tp + norms * elem
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads

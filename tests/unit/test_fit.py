@@ -51,6 +51,11 @@ def test_llama_8b_fits_an_h100_not_a_16_gib_gpu_and_the_message_has_the_numbers(
     # quantized at load (--quantization fp8): the same bytes as the FP8 checkpoint
     dynamic = fit.estimate(LLAMA_3_8B, 16 * GIB, max_model_len=8192, quantization="fp8")
     assert dynamic.weights_bytes == fp8.weights_bytes and dynamic.fits
+    # a GPU without FP8 matmuls (Ampere and older) holds them dequantized, in bf16: the dense model's bytes
+    ampere = fit.estimate(
+        {**LLAMA_3_8B, "quantization_config": {"quant_method": "fp8"}}, 16 * GIB, max_model_len=8192, fp8_matmuls=False
+    )
+    assert ampere.weights_bytes == small.weights_bytes and not ampere.fits
 
 
 def test_the_full_context_counts_when_max_model_len_is_unset():
@@ -83,3 +88,16 @@ def test_the_engine_refuses_to_start_with_a_budget_too_small(tiny_model):
         LLM(tiny_model, device="cpu", device_memory_bytes=needed // 2)
     llm = LLM(tiny_model, device="cpu", device_memory_bytes=4 * needed)  # fits: starts and serves
     assert llm.generate([[5, 6]])[0].outputs[0].token_ids
+
+
+def test_the_engine_counts_fp8_weights_as_the_device_holds_them(tiny_model):
+    """--quantization fp8 where there are no FP8 matmuls (here: the CPU) holds the weights dequantized: a budget
+    that the FP8 bytes would fit but the dequantized ones do not is refused before loading."""
+    config = fit.read_config(tiny_model)
+    kw = dict(dtype="bfloat16", quantization="fp8", fixed_overhead_bytes=0, max_model_len=2048)
+    fp8_held = fit.estimate(config, 1, **kw).needed_bytes
+    dequantized = fit.estimate(config, 1, **kw, fp8_matmuls=False).needed_bytes
+    assert fp8_held < dequantized
+    budget = int((fp8_held + dequantized) / 2 / 0.9)  # usable = 90%: between the two
+    with pytest.raises(fit.DoesNotFit, match="the model does not fit"):
+        LLM(tiny_model, device="cpu", dtype="bfloat16", quantization="fp8", device_memory_bytes=budget)

@@ -21,7 +21,7 @@ from kubellm.runtime.engine.sequence import Sequence
 from kubellm.runtime.engine.speculation import accept, draft_rows
 from kubellm.runtime.engine.tp_workers import Workers
 from kubellm.runtime.engine.wire import TokenLogprob
-from kubellm.runtime.model import kernels, lora, parallel
+from kubellm.runtime.model import fp8, kernels, lora, parallel
 from kubellm.runtime.model.attention import AttentionMetadata, is_fp8, kv_cache_dtype, set_context
 from kubellm.runtime.model.kernels import to_device
 from kubellm.runtime.model.loader import ModelInfo, load_model
@@ -115,7 +115,7 @@ class _EagerReplay:
         self.hidden.copy_(r._forward(r.g_input[:n], r.g_positions[:n], self.meta))
 
 
-def check_fit(config: EngineConfig, max_model_len: int, device: torch.device) -> None:
+def check_fit(config: EngineConfig, max_model_len: int, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse (fit.DoesNotFit) a model that cannot fit before loading it: kubellm/fit.py's estimate against
     --device-memory-bytes, else the GPU's memory; on the CPU without that flag there is nothing to check."""
     memory = config.device_memory_bytes
@@ -136,6 +136,7 @@ def check_fit(config: EngineConfig, max_model_len: int, device: torch.device) ->
         kv_cache_dtype=config.kv_cache_dtype,
         # the CPU's budget stands in for a GPU's: no CUDA context in it
         fixed_overhead_bytes=fit.DEFAULT_OVERHEAD_BYTES if device.type == "cuda" else 0,
+        fp8_matmuls=fp8.matmuls_supported(device, dtype),
     )
     if not estimate.fits:
         raise fit.DoesNotFit(estimate)
@@ -177,7 +178,7 @@ class ModelRunner:
         self.workers: Workers | None = None
         check_workers = None  # rank 0: raises if a worker process has exited
         if tp_rank == 0:  # before any weight is read or any other rank started
-            check_fit(config, max_model_len, self.device)
+            check_fit(config, max_model_len, self.device, info.dtype)
         if tp > 1 and tp_rank == 0:
             parallel.check_divisible(info.shape, tp)
             self.workers = Workers(type(self), config, info, max_model_len)
