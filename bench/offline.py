@@ -227,9 +227,8 @@ def roofline(args, model: str, engine_options: dict) -> None:
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     prompts, out_lens = workload(args.num_requests, *args.input_len, *args.output_len, vocab, args.seed)
-    kv_blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(prompts, out_lens))
     options = {**engine_options, "load_format": "auto", "quantization": None, "kv_cache_dtype": "auto"}
-    run = stand_in_generate(tiny, prompts, out_lens, device, kv_blocks, **options)
+    run = stand_in_generate(tiny, prompts, out_lens, device, hold_all_kv=True, **options)
     floor_s = hf.decode_floor_seconds(prompts, out_lens, weight_bytes, kv_per_token, bandwidth, args.max_num_seqs)
     print(
         f"{args.shape or model} on the roofline of {args.stand_in_roofline[0]} TB/s, {args.stand_in_roofline[1]} "

@@ -36,7 +36,7 @@ class DeviceModel:
     fixed_ms: float = 1.5
     per_context_token_ns: float = 37.0
     per_new_token_us: float = 3.0
-    # a roofline (of_model): the GEMMs take the longer of reading the weights (fixed) and computing the step's
+    # a roofline (roofline_of): the GEMMs take the longer of reading the weights (fixed) and computing the step's
     # tokens, and attention the longer of reading the KV and its FLOPs (per new token per position attended),
     # instead of the sum of fixed, KV and tokens
     roofline: bool = False
@@ -191,12 +191,12 @@ def stand_in_generate(
     prompts: list[list[int]],
     out_lens: list[int],
     device: DeviceModel,
-    kv_blocks: int | None = None,
+    hold_all_kv: bool = False,
     **engine_options,
 ) -> StandInRun:
-    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device. kv_blocks: the emulated device's KV
-    cache in blocks (a GPU's, which this host could not allocate; nothing is allocated, the steps never touch
-    it) instead of the host's cache."""
+    """Offline (LLM.generate, as bench/offline.py runs it) on the emulated device. hold_all_kv: the emulated
+    device's KV cache holds the whole workload at once (as a GPU's does for the benchmark shapes, where this
+    host's could not; nothing is allocated for it: the steps never touch it) instead of the host's cache."""
     from kubellm.runtime import LLM, SamplingParams
     from kubellm.runtime.engine.block_manager import BlockManager
     from kubellm.runtime.engine.scheduler import Scheduler
@@ -204,10 +204,11 @@ def stand_in_generate(
     llm = LLM(model, **engine_options)
     core = llm.engine.core
     runner = core.runner = StandInRunner(core.runner, device, core.vocab_size)
-    if kv_blocks is not None:
-        runner.num_gpu_blocks = kv_blocks
+    if hold_all_kv:
+        size = core.config.block_size
+        runner.num_gpu_blocks = sum(-(-(len(p) + n) // size) for p, n in zip(prompts, out_lens))
         core.block_manager = BlockManager(
-            kv_blocks, core.config.block_size, core.config.enable_prefix_caching, runner.num_cpu_blocks
+            runner.num_gpu_blocks, size, core.config.enable_prefix_caching, runner.num_cpu_blocks
         )
         core.scheduler = Scheduler(core.config, core.block_manager)
     params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, detokenize=False) for n in out_lens]
