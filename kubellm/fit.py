@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 
 REASON = "InsufficientGPUMemory"
@@ -215,6 +216,17 @@ def estimate(
 
 
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"  # GPU feature discovery's node label: one GPU's memory in MiB
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # its product name, e.g. NVIDIA-A100-SXM4-80GB, Tesla-T4
+# products before compute capability 8.9, which have no FP8 tensor cores (Ampere, Turing, Volta, Pascal, Kepler)
+_NO_FP8 = re.compile(
+    r"(^|-)(A100|A800|A10G?|A16|A2|A30|A40|V100S?|T4|P100|P40|P4|K80|M60|RTX-A\d+|RTX-[23]0\d\d\w*)(-|$)"
+)
+
+
+def node_fp8_matmuls(labels: dict[str, str]) -> bool:
+    """Whether a node's GPUs keep FP8 weights as FP8: False only for a product known to lack FP8 matmuls (an
+    unlabelled node or an unknown product may have them: a pre-start check must not refuse what could fit)."""
+    return not _NO_FP8.search((labels or {}).get(GPU_PRODUCT_LABEL, ""))
 
 
 def node_gpu_memory_bytes(labels: dict[str, str]) -> int | None:

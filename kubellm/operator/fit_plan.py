@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kubellm import fit
 from kubellm.downloads import parse_config_report
@@ -136,24 +137,37 @@ def candidate_nodes(spec: InferenceServiceSpec, nodes: list[dict]) -> list[dict]
     return out
 
 
-def gpu_memory(spec: InferenceServiceSpec, nodes: list[dict] | None) -> tuple[int, str] | None:
-    """(one GPU's memory in bytes, where that figure comes from), or None when it cannot be known: the spec's
-    resources.gpuMemory, else the largest labelled memory among the candidate nodes, provided every candidate
-    is labelled (nodes None: the operator may not read nodes)."""
+class GpuMemory(NamedTuple):
+    bytes: int  # one GPU's memory
+    source: str  # where that figure comes from
+    fp8_matmuls: bool = True  # whether FP8 weights may stay FP8 there (fit.node_fp8_matmuls)
+
+
+def gpu_memory(spec: InferenceServiceSpec, nodes: list[dict] | None) -> GpuMemory | None:
+    """One GPU's memory, or None when it cannot be known: the spec's resources.gpuMemory, else the largest
+    labelled memory among the candidate nodes, provided every candidate is labelled (nodes None: the operator
+    may not read nodes). FP8 matmuls are assumed unless every candidate's product is known to lack them."""
     if spec.resources.gpu_memory:
-        return int(quantity_value(spec.resources.gpu_memory)), f"resources.gpuMemory {spec.resources.gpu_memory}"
+        return GpuMemory(
+            int(quantity_value(spec.resources.gpu_memory)), f"resources.gpuMemory {spec.resources.gpu_memory}"
+        )
     candidates = candidate_nodes(spec, nodes or [])
     sizes = {n["metadata"]["name"]: fit.node_gpu_memory_bytes(n["metadata"].get("labels") or {}) for n in candidates}
     if not sizes or None in sizes.values():
         return None
     biggest = max(sizes, key=lambda n: sizes[n])
-    return sizes[biggest], (
+    fp8 = any(fit.node_fp8_matmuls(n["metadata"].get("labels") or {}) for n in candidates)
+    return GpuMemory(
+        sizes[biggest],
         f"the largest {fit.GPU_MEMORY_LABEL} of the {len(sizes)} candidate node(s) ({biggest}: "
-        f"{sizes[biggest] >> 20} MiB)"
+        f"{sizes[biggest] >> 20} MiB{'' if fp8 else ', no FP8 matmuls: FP8 weights held in bf16'})",
+        fp8,
     )
 
 
-def estimate(spec: InferenceServiceSpec, memory: int, config: dict | None = None) -> fit.FitEstimate:
+def estimate(
+    spec: InferenceServiceSpec, memory: int, config: dict | None = None, fp8_matmuls: bool = True
+) -> fit.FitEstimate:
     """kubellm/fit.py's estimate for the serve settings the operator renders (runtime/engine/runner.py:
     check_fit does the same at start, against the GPU it got), from `config` (default spec.model.config)."""
     config, r = fit.text_config(spec.model.config if config is None else config), spec.runtime
@@ -172,6 +186,7 @@ def estimate(spec: InferenceServiceSpec, memory: int, config: dict | None = None
             max_num_seqs=r.max_num_seqs,
             quantization=r.quantization,
             kv_cache_dtype=r.kv_cache_dtype,
+            fp8_matmuls=fp8_matmuls,
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise InvalidModelConfig(f"model.config cannot be estimated: {e!r}") from None
@@ -206,18 +221,20 @@ def pre_start_hold(
     if waiting:
         message = (
             "replicas wait at 0 until the model cache's Job reports the model's config: the fit check runs before "
-            f"any GPU is allocated [GPU memory: {memory[1]}]"
+            f"any GPU is allocated [GPU memory: {memory.source}]"
         )
         return Hold(OPERATOR, generation, message, {}, WAITING_REASON)
     try:
-        e = estimate(spec, memory[0], config)
+        e = estimate(spec, memory.bytes, config, memory.fp8_matmuls)
     except InvalidModelConfig:
         if source == FROM_SPEC:
             raise
         return None  # a config the estimate cannot read (another architecture): the runtime decides at start
     if e.fits:
         return None
-    return Hold(OPERATOR, generation, f"{e.message()} [model config: {source}; GPU memory: {memory[1]}]", _numbers(e))
+    return Hold(
+        OPERATOR, generation, f"{e.message()} [model config: {source}; GPU memory: {memory.source}]", _numbers(e)
+    )
 
 
 def runtime_refusal(pods: list[dict]) -> dict | None:

@@ -79,6 +79,27 @@ def test_an_fp8_kv_cache_halves_the_kv_estimate():
     assert fit_plan.pre_start_hold(spec(runtime__kvCacheDtype="fp8"), 1, nodes) is None
 
 
+def test_fp8_weights_count_as_bf16_only_where_every_candidate_gpu_lacks_fp8_matmuls():
+    """--quantization fp8 on 16 GiB GPUs: FP8 weights fit; on Ampere (no FP8 matmuls) they are held in bf16 and
+    do not. The pre-start check holds only when every candidate is known to lack them."""
+    fp8 = spec(runtime__quantization="fp8")
+    assert fit_plan.estimate(fp8, 16 * GIB).fits and not fit_plan.estimate(fp8, 16 * GIB, fp8_matmuls=False).fits
+    product = fit.GPU_PRODUCT_LABEL
+    ampere = [
+        node("a", memory_mib=16384, **{product: "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb"}),
+        node("b", memory_mib=16384, **{product: "NVIDIA-A10G"}),
+    ]
+    hold = fit_plan.pre_start_hold(fp8, 1, ampere)
+    assert hold is not None and "no FP8 matmuls" in hold.message and "weights 14.96 GiB" in hold.message
+    ada = node("c", memory_mib=16384, **{product: "NVIDIA-L4"})
+    assert fit_plan.pre_start_hold(fp8, 1, [*ampere, ada]) is None  # it may land on the L4
+    assert fit_plan.pre_start_hold(fp8, 1, [node("d", memory_mib=16384)]) is None  # unknown product: optimistic
+    for name in ("NVIDIA-H100-80GB-HBM3", "NVIDIA-GeForce-RTX-4090", "NVIDIA-RTX-6000-Ada-Generation", "NVIDIA-B200"):
+        assert fit.node_fp8_matmuls({product: name}), name
+    for name in ("Tesla-T4", "Tesla-V100-SXM2-16GB", "NVIDIA-RTX-A6000", "NVIDIA-GeForce-RTX-3090", "NVIDIA-A2"):
+        assert not fit.node_fp8_matmuls({product: name}), name
+
+
 def test_one_big_enough_candidate_unlabelled_nodes_or_no_config_mean_no_hold():
     small = node("small", memory_mib=16384)
     assert fit_plan.pre_start_hold(spec(), 1, [small, node("h100", memory_mib=81559)]) is None
