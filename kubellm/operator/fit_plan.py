@@ -160,7 +160,7 @@ def gpu_memory(spec: InferenceServiceSpec, nodes: list[dict] | None) -> GpuMemor
     return GpuMemory(
         sizes[biggest],
         f"the largest {fit.GPU_MEMORY_LABEL} of the {len(sizes)} candidate node(s) ({biggest}: "
-        f"{sizes[biggest] >> 20} MiB{'' if fp8 else ', no FP8 matmuls: FP8 weights held in bf16'})",
+        f"{sizes[biggest] >> 20} MiB{'' if fp8 else ': no FP8 matmuls, FP8 weights held dequantized'})",
         fp8,
     )
 
