@@ -30,6 +30,12 @@
 #   bash bench/gpu_suite.sh spec      # n-gram speculation's ITL at concurrency 1 (code editing) on SmolLM2's real
 #                                     # weights, greedy and at temperature 0.7: its GGUF comes in two halves over two
 #                                     # warm calls (bench/carry_smollm2.sh); or SPEC_MODEL=dir, a model already there
+# Order for a lent session (15 device minutes, machine start included: about one 10-minute call and a short one;
+# record each part's figures in bench/RESULTS.md as they come):
+#   1. check20, then fp8mm        carry .wheels and .carry-smollm2-a (bench/fetch_gpu_wheels.sh, carry_smollm2.sh)
+#   2. spec, then kv8k            carry .carry-smollm2-b (spec joins the halves)
+#   3. steps, llama               the Llama-3.2-1B gap (39% of its roofline on the H100: bench/RESULTS.md session 15)
+#   4. llama8b, moe, llama8b-hf, moe-hf, then qwen, long, serving (the H100 tables again on the H200)
 # The device image lacks pytest, fastapi, uvicorn, pydantic: carry .wheels/ and .wheels-server/ (cp312
 # wheels, gitignored; bench/fetch_gpu_wheels.sh makes them) and they are installed under /tmp/pylib first.
 # Output goes to stdout and $OUT.
