@@ -140,8 +140,8 @@ def hf_continuous(
             wait = 300 if left is None else min(300, left)  # the first 8k-prompt request finishes after minutes
             result = manager.get_result(timeout=wait)
             if result is None:
-                if left is not None and wait == left:
-                    continue  # the deadline, not a stall
+                if left is not None and left <= 300:
+                    continue  # the wait ran to the deadline, not a stall: returned above
                 raise RuntimeError(f"HF continuous batching stalled after {done} of {len(prompts)} requests")
             if result.is_finished():
                 done += 1

@@ -196,11 +196,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for label, tokens, seconds, preemptions, complete in rows:
         rate = tokens / seconds
-        # against a baseline stopped at its deadline, rate / its rate is a lower bound
-        vs_cb = f"{'' if hf_cb[4] or not complete else '≥ '}{rate / (hf_cb[1] / hf_cb[2]):.1f}x" if hf_cb else "-"
-        of_floor = f"{'' if complete else '≤ '}{rate / floor:.0%}" if floor == floor else "-"
+        at_most = "" if complete else "≤ "  # a baseline stopped at its deadline: its rate is a bound
+        vs_cb = "-"
+        if hf_cb:
+            at_least = "≥ " if complete and not hf_cb[4] else ""  # against that bound, a speed-up is a bound too
+            vs_cb = f"{at_least}{rate / (hf_cb[1] / hf_cb[2]):.1f}x"
+        of_floor = f"{at_most}{rate / floor:.0%}" if floor == floor else "-"
         print(
-            f"| {label} | {tokens} | {seconds:.2f} | {'' if complete else '≤ '}{rate:,.0f} | "
+            f"| {label} | {tokens} | {seconds:.2f} | {at_most}{rate:,.0f} | "
             f"{(tokens + total_prompt) / seconds:,.0f} | {vs_cb} | {of_floor} | {preemptions} |"
         )
     if floor == floor:
