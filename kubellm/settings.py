@@ -221,6 +221,11 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name")
     s.add_argument("--api-key", action="append", help="an accepted API key (repeatable)")
     s.add_argument("--api-key-file", help="file with one API key per line (re-read when it changes)")
+    s.add_argument(
+        "--admin-key-file",
+        help="file with the key that alone may load and unload adapters (client API keys may not); it opens "
+        "every other endpoint too, without a rate limit (re-read when it changes)",
+    )
     s.add_argument("--rate-limit-rpm", type=float, help="requests per minute per API key")
     s.add_argument("--rate-limit-burst", type=int)
     s.add_argument("--max-waiting-requests", type=int, help="429 when more requests than this are waiting")

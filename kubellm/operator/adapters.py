@@ -1,8 +1,8 @@
 """spec.adapters onto the Ready runtime pods: what to load or unload where (`plan`, pure), one pod brought to it
 through the runtime's own API (`sync_pod`: GET /v1/models, POST /v1/load_lora_adapter and
-/v1/unload_lora_adapter; the pods run with --allow-runtime-lora-updating), and what the status says
-(`adapter_status`, pure). handlers.py runs `sync_pods` from a kopf timer and keeps its result in memory for the
-status timer.
+/v1/unload_lora_adapter; the pods run with --allow-runtime-lora-updating and --admin-key-file, the key in a Secret
+the operator makes, so only the operator may call these), and what the status says (`adapter_status`, pure).
+handlers.py runs `sync_pods` from a kopf timer and keeps its result in memory for the status timer.
 
 A load the runtime refuses (a 4xx: rank above runtime.maxLoraRank, an unreadable directory, too many adapters)
 is not retried on that pod for RETRY_FAILED_S, and its message becomes the AdaptersReady condition; the base model
@@ -46,6 +46,7 @@ class PodAdapters:
     loaded: dict[str, str] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     unreachable: str | None = None
+    denied: bool = False  # the pod refused our key (401/403): the caller reads the key afresh
 
 
 def plan(desired: dict[str, str], loaded: dict[str, str], failures: dict[str, Failure], now: float) -> list[Action]:
@@ -71,34 +72,52 @@ def _error_message(status: int, text: str) -> str:
         return f"{status}: {text[:500]}"
 
 
-async def _loaded(session: aiohttp.ClientSession, url: str) -> dict[str, str]:
-    async with session.get(f"{url}/v1/models", timeout=aiohttp.ClientTimeout(total=LIST_TIMEOUT_S)) as r:
+class Denied(Exception):
+    pass
+
+
+async def _loaded(session: aiohttp.ClientSession, url: str, headers: dict) -> dict[str, str]:
+    timeout = aiohttp.ClientTimeout(total=LIST_TIMEOUT_S)
+    async with session.get(f"{url}/v1/models", headers=headers, timeout=timeout) as r:
         if r.status != 200:
-            raise RuntimeError(_error_message(r.status, await r.text()))
+            message = _error_message(r.status, await r.text())
+            raise Denied(message) if r.status in (401, 403) else RuntimeError(message)
         data = (await r.json()).get("data") or []
     return {m["id"]: m.get("root") or "" for m in data if m.get("parent")}
 
 
 async def sync_pod(
-    session: aiohttp.ClientSession, url: str, desired: dict[str, str], before: PodAdapters | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    desired: dict[str, str],
+    key: str | None,
+    before: PodAdapters | None = None,
 ) -> PodAdapters:
-    """Bring one pod (its base URL) to `desired`; what it holds afterwards, and the loads it refused."""
+    """Bring one pod (its base URL) to `desired`, calling with `key` (the pods' admin key); what it holds
+    afterwards, and the loads it refused."""
     failures = dict(before.failures) if before else {}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        loaded = await _loaded(session, url)
-    except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
-        return PodAdapters(dict(before.loaded) if before else {}, failures, f"GET /v1/models: {e or type(e).__name__}")
+        loaded = await _loaded(session, url, headers)
+    except (aiohttp.ClientError, TimeoutError, RuntimeError, Denied) as e:
+        held = dict(before.loaded) if before else {}
+        return PodAdapters(held, failures, f"GET /v1/models: {e or type(e).__name__}", isinstance(e, Denied))
     failures = {n: f for n, f in failures.items() if desired.get(n) == f.path}  # only for what is still wanted
     now = time.monotonic()
     for action in plan(desired, loaded, failures, now):
         body = {"lora_name": action.name} | ({"lora_path": action.path} if action.path else {})
         timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
         try:
-            async with session.post(f"{url}/v1/{action.op}_lora_adapter", json=body, timeout=timeout) as r:
+            async with session.post(
+                f"{url}/v1/{action.op}_lora_adapter", json=body, headers=headers, timeout=timeout
+            ) as r:
                 text = await r.text()
                 status = r.status
         except (aiohttp.ClientError, TimeoutError) as e:
             return PodAdapters(loaded, failures, f"POST /v1/{action.op}_lora_adapter: {e or type(e).__name__}")
+        if status in (401, 403):  # our key, not the adapter: try again with the key read afresh
+            message = f"POST /v1/{action.op}_lora_adapter: {_error_message(status, text)}"
+            return PodAdapters(loaded, failures, message, denied=True)
         if action.op == "unload":
             if status in (200, 404):  # 404: gone already
                 loaded.pop(action.name, None)
@@ -128,14 +147,14 @@ def is_ready(pod: dict) -> bool:
 
 
 async def sync_pods(
-    pods: list[dict], desired: dict[str, str], before: dict[str, PodAdapters]
+    pods: list[dict], desired: dict[str, str], key: str | None, before: dict[str, PodAdapters]
 ) -> dict[str, PodAdapters]:
     """Every Ready pod brought to `desired`, at once; pod name → what it holds. Pods not Ready are left out (a
     restarted pod loads everything again once Ready)."""
     targets = {p["metadata"]["name"]: url for p in pods if is_ready(p) and (url := pod_url(p))}
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(
-            *(sync_pod(session, url, desired, before.get(name)) for name, url in targets.items())
+            *(sync_pod(session, url, desired, key, before.get(name)) for name, url in targets.items())
         )
     return dict(zip(targets, results, strict=True))
 

@@ -3,6 +3,7 @@ in-memory indexes of our children and pods, and drift repair from the children's
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -46,6 +47,9 @@ REFUSED_RETRY_S = 30  # a policy edit or a conflicting object's removal is picke
 # each InferenceService's Ready pods and the LoRA adapters they hold, as the adapter sync last left them (read by
 # the status timer); absent for a service without LoRA
 _adapters: dict[tuple[str, str], dict[str, PodAdapters]] = {}
+# the key each service's pods take for their adapter endpoints (Reconciler.admin_key), read once, again after a
+# pod refused it
+_admin_keys: dict[tuple[str, str], str] = {}
 # the downloaders' last progress lines, read from their logs by a timer: (namespace, name) → {pod name (the cache
 # Job's: the Job's name) → DownloadProgress}; read by the status timer
 _downloads: dict[tuple[str, str], dict[str, DownloadProgress]] = {}
@@ -178,6 +182,7 @@ def delete_children(body, namespace, name, **_):
     # kopf already holds a finalizer for the status timer; use it to remove the children at once
     _refusals.pop((namespace, name), None)
     _adapters.pop((namespace, name), None)
+    _admin_keys.pop((namespace, name), None)
     _downloads.pop((namespace, name), None)
     _phases.pop((namespace, name), None)
     try:
@@ -311,9 +316,18 @@ async def sync_adapters(body, namespace, name, pod_index: kopf.Index, **_):
         return
     if not lora_slots(spec):
         _adapters.pop(key, None)
+        _admin_keys.pop(key, None)
         return
+    if key not in _admin_keys:
+        try:
+            _admin_keys[key] = await asyncio.to_thread(reconciler().admin_key, _snapshot(body))
+        except (Refused, ApiException) as e:  # the reconcile handler reports a conflict; try again next round
+            log.warning("no admin key for the adapter sync: %s", e, extra={"isvc": f"{namespace}/{name}"})
+            return
     before = _adapters.get(key, {})
-    now = await sync_pods(list(pod_index.get(key, [])), adapter_paths(spec), before)
+    now = await sync_pods(list(pod_index.get(key, [])), adapter_paths(spec), _admin_keys[key], before)
+    if any(p.denied for p in now.values()):
+        _admin_keys.pop(key, None)
     for pod, state in now.items():
         for adapter, failure in state.failures.items():
             if before.get(pod) is None or adapter not in before[pod].failures:  # say it once

@@ -8,8 +8,10 @@ meantime, where an apply would merge into it); an update and a delete carry the 
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import secrets
 import time
 from typing import NamedTuple
 
@@ -27,7 +29,10 @@ from kubellm.operator.render import (
     MANAGED_BY,
     OPERATOR_NAMESPACE,
     RUNTIME_CONTAINER,
+    admin_key_secret,
+    lora_slots,
     render,
+    render_admin_key_secret,
 )
 from kubellm.operator.spec import GROUP, PLURAL, VERSION, parse_spec
 
@@ -311,13 +316,60 @@ class Reconciler:
         if taken:
             raise conflict([(c["kind"], c["metadata"]) for c in taken])
         changed = []
+        with_lora = bool(lora_slots(parse_spec(isvc.get("spec") or {})))
+        if with_lora:
+            self.admin_key(isvc)  # before the Deployment, whose pods mount it
         for child in children:
             self.apply(child, live[child["kind"]], isvc)
             changed.append(child["kind"])
         for kind in set(CHILD_KINDS) - {c["kind"] for c in children}:
             if self._delete_if_ours(kind, isvc):
                 changed.append(f"-{kind}")
+        if not with_lora and self._delete_admin_key_if_ours(isvc):
+            changed.append("-Secret")
         return Reconciled(changed, hold)
+
+    def _read_admin_key(self, isvc: dict) -> dict | None:
+        meta = isvc["metadata"]
+        try:
+            live = self.core.read_namespaced_secret(admin_key_secret(meta["name"]), meta["namespace"])
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return self.core.api_client.sanitize_for_serialization(live)
+
+    def admin_key(self, isvc: dict) -> str:
+        """The key this service's pods take for their adapter endpoints, from its Secret, made with a random key
+        when absent (after a hand deletion too: the pods' mounted file follows). Raises a ChildConflict when the
+        name is someone else's Secret."""
+        live = self._read_admin_key(isvc)
+        if live is None:
+            key = secrets.token_urlsafe(32)
+            try:
+                self.core.create_namespaced_secret(isvc["metadata"]["namespace"], render_admin_key_secret(isvc, key))
+                return key
+            except ApiException as e:
+                live = self._read_admin_key(isvc) if e.status == 409 else None  # made meanwhile (another handler)
+                if live is None:
+                    raise
+        if not owned_by(live, isvc):
+            raise conflict([("Secret", live["metadata"])])
+        return base64.b64decode((live.get("data") or {}).get("key", "")).decode()
+
+    def _delete_admin_key_if_ours(self, isvc: dict) -> bool:
+        live = self._read_admin_key(isvc)
+        if not owned_by(live, isvc):
+            return False
+        meta = live["metadata"]
+        try:
+            self.core.delete_namespaced_secret(
+                meta["name"], meta["namespace"], body={"preconditions": {"uid": meta["uid"]}}
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+        return True
 
     def download_progress(self, namespace: str, pod: str, container: str) -> DownloadProgress | None:
         """The last progress line a downloader printed (pods cannot write to the API: the operator reads their
@@ -355,7 +407,8 @@ class Reconciler:
     def delete_children(self, isvc: dict) -> list[str]:
         """Delete every child now, rather than waiting for the garbage collector (which may not know a
         freshly installed CRD yet, or may be lagging)."""
-        return [kind for kind in CHILD_KINDS if self._delete_if_ours(kind, isvc)]
+        deleted = [kind for kind in CHILD_KINDS if self._delete_if_ours(kind, isvc)]
+        return deleted + ["Secret"] * self._delete_admin_key_if_ours(isvc)
 
     def repair(self, isvc: dict, kind: str) -> bool:
         """Restore one child if it was deleted or edited by hand; True when something was repaired."""

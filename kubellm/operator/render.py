@@ -44,6 +44,7 @@ ADAPTER_DOWNLOADS = "/adapter-downloads"  # hf:// and s3:// adapters, fetched by
 ADAPTER_DOWNLOAD_LIMIT = "8Gi"
 LORA_SLOT_STEP = 4
 API_KEYS_DIR = "/etc/kubellm/api-keys"
+ADMIN_KEY_DIR = "/etc/kubellm/admin-key"  # the operator's key for the pods' adapter endpoints (admin_key_secret)
 PRESTOP_SECONDS = 5  # let endpoints drop the pod before SIGTERM reaches the server
 QUEUE_METRIC = "kubellm_num_requests_waiting"
 INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
@@ -104,6 +105,17 @@ def selector_for(name: str) -> dict[str, str]:
 
 def service_url(name: str, namespace: str) -> str:
     return f"http://{name}.{namespace}.svc.cluster.local"
+
+
+def admin_key_secret(name: str) -> str:
+    """The Secret with the key that alone may load and unload a service's adapters (the pods' --admin-key-file):
+    made by the operator with a random key (Reconciler.admin_key), so that API clients cannot swap adapters."""
+    return f"{name}-admin-key"
+
+
+def render_admin_key_secret(isvc: dict, key: str) -> dict:
+    metadata = {**_metadata(isvc), "name": admin_key_secret(isvc["metadata"]["name"])}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": {"key": key}}
 
 
 def _owner(isvc: dict) -> dict:
@@ -285,7 +297,7 @@ def serve_args(spec: InferenceServiceSpec, model_dir: str, served_name: str) -> 
         args += [f("speculative_config"), json.dumps(r.speculative.model_dump(exclude={"enabled"}))]
     if slots := lora_slots(spec):  # adapters come and go through the pods' API (kubellm/operator/adapters.py)
         args += [f("enable_lora"), f("max_loras"), str(slots), f("max_lora_rank"), str(r.max_lora_rank)]
-        args += ["--allow-runtime-lora-updating"]
+        args += ["--allow-runtime-lora-updating", "--admin-key-file", f"{ADMIN_KEY_DIR}/key"]
     return args + list(r.extra_args)
 
 
@@ -338,6 +350,9 @@ def render_deployment(isvc: dict, spec: InferenceServiceSpec, held: str | None =
     if spec.server.api_key_secret:
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.server.api_key_secret}})
+    if lora_slots(spec):
+        mounts.append({"name": "admin-key", "mountPath": ADMIN_KEY_DIR, "readOnly": True})
+        volumes.append({"name": "admin-key", "secret": {"secretName": admin_key_secret(name)}})
     container = {
         "name": RUNTIME_CONTAINER,
         "image": image,

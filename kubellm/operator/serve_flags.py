@@ -25,6 +25,7 @@ OWNED_SETTINGS = frozenset(
         "config",
         "api_key",
         "api_key_file",
+        "admin_key_file",  # the operator's own key for the adapter endpoints (spec.adapters)
         "drain_timeout_s",
         "dtype",
         "max_model_len",

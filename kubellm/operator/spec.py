@@ -372,11 +372,6 @@ class InferenceServiceSpec(Spec):
                 "adapters[].name must differ from model.name",
             ),
             (
-                "size(self.adapters) == 0 || !has(self.server.apiKeySecret)",
-                "adapters cannot be combined with server.apiKeySecret yet: the operator loads adapters through the "
-                "pods' API, without a key",
-            ),
-            (
                 "!has(self.runtime.maxLoras) || size(self.adapters) <= self.runtime.maxLoras",
                 "adapters must not outnumber runtime.maxLoras",
             ),

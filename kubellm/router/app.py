@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kubellm.router.discovery import Route, adapter_routes
+from kubellm.router.discovery import Route, adapter_routes, held_adapters
 from kubellm.router.metrics import RouterMetrics
 from kubellm.router.policy import Limits, PodLoad, Policy, deletion_cost, make_policy, prompt_prefix
 from kubellm.router.scrape import Scraper
@@ -241,10 +241,13 @@ class Router:
             self.held[model] -= 1
             self.metrics.held.labels(model).dec()
 
+    def adapter_routes(self) -> dict[str, Route]:
+        return adapter_routes(self.routes, held_adapters(self.routes, self.scraper.adapters))
+
     async def route_for(self, model: str) -> Route:
         """A model's route (held while it has no Ready pod), or a LoRA adapter's: the pods that hold it."""
         if model not in self.routes:
-            adapter = adapter_routes(self.routes, self.scraper.adapters).get(model)
+            adapter = self.adapter_routes().get(model)
             if adapter is not None:
                 self.last_request[adapter.parent] = time.monotonic()  # adapter traffic keeps its model up
                 return adapter
@@ -271,7 +274,7 @@ class Router:
         try:
             deadline = time.monotonic() + c.adapter_wait_seconds
             while time.monotonic() < deadline:
-                found = adapter_routes(self.routes, self.scraper.adapters).get(adapter)
+                found = self.adapter_routes().get(adapter)
                 if found is not None:
                     return found
                 await asyncio.sleep(0.25)
@@ -305,7 +308,7 @@ class Router:
             for r in sorted(self.routes.values(), key=lambda r: r.model)
             if r.endpoints or r.scales_to_zero
         ]
-        parents = {name: a.parent for name, a in adapter_routes(self.routes, self.scraper.adapters).items()}
+        parents = {name: a.parent for name, a in self.adapter_routes().items()}
         for r in self.routes.values():  # a model at zero: its declared adapters, as the model itself is listed
             if r.scales_to_zero and not r.endpoints:
                 parents |= {a: r.model for a in r.adapters if a not in self.routes and a not in parents}

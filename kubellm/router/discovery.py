@@ -42,6 +42,8 @@ class Route:
     pods: tuple[tuple[str, str, str], ...] = ()  # (endpoint URL, namespace, pod name) where the API says
     parent: str | None = None  # a LoRA adapter's route: the model it adapts (its endpoints: the pods holding it)
     adapters: tuple[str, ...] = ()  # the LoRA adapters its InferenceService declares (spec.adapters)
+    # (endpoint URL, the adapters its pod holds) as the operator last reported them (status.replicaAdapters)
+    reported_adapters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def scales_to_zero(self) -> bool:
@@ -161,6 +163,17 @@ class KubernetesDiscovery:
         await asyncio.to_thread(self.apps.patch_namespaced_deployment_scale, name, ns, {"spec": {"replicas": replicas}})
 
 
+def held_adapters(routes: dict[str, Route], scraped: dict[str, dict[str, str] | None]) -> dict[str, dict[str, str]]:
+    """Each pod URL's adapters (adapter → parent): what its /v1/models said, or, where it would not say (None:
+    it checks API keys, which the router does not hold), what the operator reported in the status."""
+    held = {url: adapters for url, adapters in scraped.items() if adapters is not None}
+    for route in routes.values():
+        for url, names in route.reported_adapters:
+            if url not in held and url in scraped:
+                held[url] = dict.fromkeys(names, route.model)
+    return held
+
+
 def adapter_routes(routes: dict[str, Route], held: dict[str, dict[str, str]]) -> dict[str, Route]:
     """Each LoRA adapter's route (pure): its parent's route narrowed to the Ready pods that hold it, by what each
     pod URL says it holds (adapter → parent). A name that is also a model's stays the model's."""
@@ -183,6 +196,7 @@ def adapter_routes(routes: dict[str, Route], held: dict[str, dict[str, str]]) ->
             scale_target=None,
             idle_seconds=None,
             adapters=(),
+            reported_adapters=(),
         )
         for adapter, (route, urls) in holders.items()
     }
@@ -205,4 +219,15 @@ def isvc_route(isvc: dict, endpoints: list[str], pods: tuple = ()) -> Route:
     idle = float(autoscaling.get("idleSeconds", 300)) if zero else None
     target = (meta["namespace"], meta["name"]) if zero else None
     adapters = tuple(a["name"] for a in spec.get("adapters") or () if isinstance(a, dict) and a.get("name"))
-    return Route(model, tuple(endpoints), target, idle, status.get("replicas"), pods, adapters=adapters)
+    by_pod = {r.get("pod"): tuple(r.get("adapters") or ()) for r in status.get("replicaAdapters") or ()}
+    reported = tuple((url, by_pod[name]) for url, _, name in pods if name in by_pod)
+    return Route(
+        model,
+        tuple(endpoints),
+        target,
+        idle,
+        status.get("replicas"),
+        pods,
+        adapters=adapters,
+        reported_adapters=reported,
+    )

@@ -53,7 +53,8 @@ class Scraper:
         self.interval, self.stale, self.timeout = interval, stale, timeout
         self.models_every = models_every  # /v1/models once every this many rounds: adapters change seldom
         self.urls: set[str] = set()
-        self.adapters: dict[str, dict[str, str]] = {}  # pod URL -> adapter -> parent, as its /v1/models last said
+        # pod URL -> adapter -> parent, as its /v1/models last said; None: it refused (401/403, API keys)
+        self.adapters: dict[str, dict[str, str] | None] = {}
         self.values: dict[str, tuple[float, tuple]] = {}
         self.finished: dict[str, float] = {}  # pod URL -> its request counter at the last scrape
         self._task: asyncio.Task | None = None
@@ -95,15 +96,17 @@ class Scraper:
             await asyncio.sleep(self.interval)
 
     async def _scrape_models(self, url: str) -> None:
-        """A pod that does not answer keeps what it said last; one that refuses (e.g. 401: it checks API keys,
-        which the router does not hold) counts as holding no adapter."""
+        """A pod that does not answer keeps what it said last; one that refuses to say (401/403: it checks API
+        keys, which the router does not hold) is None (discovery.held_adapters then reads the status); another
+        error counts as holding no adapter."""
         try:
             async with self._session.get(url + "/v1/models") as r:
                 doc = await r.json(content_type=None) if r.status == 200 else {}
+                refused = r.status in (401, 403)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return
         if url in self.urls:
-            self.adapters[url] = parse_adapters(doc)
+            self.adapters[url] = None if refused else parse_adapters(doc)
 
     async def _scrape(self, url: str) -> None:
         try:

@@ -1,7 +1,7 @@
 """The operator runs under exactly the shipped RBAC, as its ServiceAccount would in the cluster: all namespaces
 under manifests/operator.yaml's ClusterRole, one namespace under manifests/rbac-namespaced.yaml's Role. An
-InferenceService with every child kind becomes Ready, drift is repaired, deletion cleans up, and the operator
-logs no permission error."""
+InferenceService with every child kind (and LoRA adapters: the pods' admin key Secret) becomes Ready, drift is
+repaired, deletion cleans up, and the operator logs no permission error."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kubernetes import client, utils
 from kubernetes.client.exceptions import ApiException
 
 from tests.support.isvc import G, P, V, create_isvc, custom, wait_ready
-from tests.support.kube import wait_for
+from tests.support.kube import make_pvc, wait_for
 from tests.support.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -91,14 +91,17 @@ def service_account_kubeconfig(cluster, tmp_path) -> pathlib.Path:
 
 def exercise(namespace: str) -> None:
     """Every child kind, status, events, drift repair, deletion."""
+    make_pvc(namespace, "loras")
     spec = {
         "model": {"uri": "hf://a/b"},
         "autoscaling": {"minReplicas": 2, "maxReplicas": 3},  # HPA and PDB
         "networkPolicy": {"enabled": True},
+        "adapters": [{"name": "a", "uri": "pvc://loras/a"}],  # the pods' admin key: a Secret, made and read
     }
     create_isvc(namespace, "rbac", spec)
     wait_ready(namespace, "rbac", timeout=90)
     core = client.CoreV1Api()
+    assert core.read_namespaced_secret("rbac-admin-key", namespace).data["key"]
     core.delete_namespaced_service("rbac", namespace)
     wait_for("the Service repaired", lambda: core.list_namespaced_service(namespace).items)
     for kind in ("NetworkPolicy", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
@@ -106,7 +109,7 @@ def exercise(namespace: str) -> None:
     custom().delete_namespaced_custom_object(G, V, namespace, P, "rbac")
     wait_for(
         "every child deleted",
-        lambda: not any(listed(k, namespace) for k in ("Deployment", "Service", "NetworkPolicy")),
+        lambda: not any(listed(k, namespace) for k in ("Deployment", "Service", "NetworkPolicy", "Secret")),
         timeout=60,
     )
 
@@ -115,6 +118,9 @@ def listed(kind: str, namespace: str) -> list:
     return {
         "Deployment": lambda: client.AppsV1Api().list_namespaced_deployment(namespace).items,
         "Service": lambda: client.CoreV1Api().list_namespaced_service(namespace).items,
+        "Secret": lambda: [
+            s for s in client.CoreV1Api().list_namespaced_secret(namespace).items if s.metadata.name == "rbac-admin-key"
+        ],
         "NetworkPolicy": lambda: client.NetworkingV1Api().list_namespaced_network_policy(namespace).items,
         "PodDisruptionBudget": lambda: client.PolicyV1Api().list_namespaced_pod_disruption_budget(namespace).items,
         "HorizontalPodAutoscaler": lambda: (

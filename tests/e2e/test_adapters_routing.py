@@ -1,7 +1,7 @@
 """LoRA adapters between the operator, real `kubellm serve` pods and `kubellm router`:
 - the operator's per-pod sync (kubellm/operator/adapters.py) against a real server: loads what is wanted, unloads
   what is not, does nothing when the pod already matches, and keeps a refused load's 4xx message while the base
-  model keeps serving;
+  model keeps serving; behind API keys it calls with the pod's admin key, and a refused key is no adapter's fault;
 - the router sends a request naming an adapter only to the pods that hold it (read from their /v1/models), lists
   adapters with their parent, and answers 404 for an unknown name and for an adapter no pod holds any more; a
   request for an adapter the InferenceService declares but no pod holds yet waits for one (bounded);
@@ -65,10 +65,10 @@ def pods(tiny_model):
             s.stop()
 
 
-def sync(url: str, desired: dict[str, str], before: PodAdapters | None = None) -> PodAdapters:
+def sync(url: str, desired: dict[str, str], before: PodAdapters | None = None, key: str | None = None) -> PodAdapters:
     async def run():
         async with aiohttp.ClientSession() as session:
-            return await sync_pod(session, url, desired, before)
+            return await sync_pod(session, url, desired, key, before)
 
     return asyncio.run(run())
 
@@ -107,6 +107,32 @@ def test_the_operators_sync_loads_unloads_and_keeps_refusals(pods, adapters):
 def test_a_pod_that_cannot_be_reached_is_reported_not_raised():
     got = sync("http://127.0.0.1:9", {"a1": "/nowhere"}, PodAdapters({"a1": "/nowhere"}))
     assert got.unreachable and got.unreachable.startswith("GET /v1/models") and got.loaded == {"a1": "/nowhere"}
+
+
+def test_the_operators_sync_with_the_pods_admin_key_behind_api_keys(tiny_model, adapters, tmp_path):
+    """A pod as the operator runs it with spec.adapters and server.apiKeySecret: client keys and the admin key.
+    The sync with the admin key lists, loads and unloads; with a stale key the pod is `denied` (the handler then
+    reads the key afresh), and no adapter is marked as refused."""
+    (tmp_path / "keys").write_text("client\n")
+    (tmp_path / "admin").write_text("operator-key\n")
+    keys = ("--api-key-file", str(tmp_path / "keys"), "--admin-key-file", str(tmp_path / "admin"))
+    s = ServerProcess(tiny_model, "--served-model-name", "tiny", "--max-model-len", "256", *LORA_ARGS, *keys)
+    s.wait_ready()
+    try:
+        want = {"a1": adapters["a1"]}
+        got = sync(s.url, want, key="operator-key")
+        assert got.loaded == want and not got.failures and got.unreachable is None and not got.denied
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="client", max_retries=0)
+        assert {m.id for m in client.models.list()} == {"tiny", "a1"}
+        assert greedy_token_ids(client, "a1") != greedy_token_ids(client, "tiny")
+
+        stale = sync(s.url, {}, got, key="old-key")
+        assert stale.denied and "401" in stale.unreachable and stale.loaded == want and not stale.failures
+        as_client = sync(s.url, {}, got, key="client")  # a client key lists models, but may not unload
+        assert as_client.denied and "403" in as_client.unreachable and not as_client.failures
+        assert sync(s.url, {}, got, key="operator-key").loaded == {}
+    finally:
+        s.stop()
 
 
 def admin(url: str, op: str, body: dict) -> None:

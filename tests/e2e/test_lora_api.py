@@ -1,5 +1,6 @@
 """LoRA adapters through a real `kubellm serve` and the official openai client: adapters loaded at start and at
-run time (/v1/load_lora_adapter, /v1/unload_lora_adapter behind --allow-runtime-lora-updating), requests that
+run time (/v1/load_lora_adapter, /v1/unload_lora_adapter behind --allow-runtime-lora-updating; with
+--admin-key-file only that key may call them), requests that
 pick one by `model` — concurrent ones of the base model and two adapters share the engine's batches — each
 answered as HF + PEFT answers; /v1/models lists adapters with their parent; the limits are 400s naming the
 field; vllm:lora_requests_info."""
@@ -12,10 +13,11 @@ import httpx
 import openai
 import pytest
 
-from tests.support.api import post
+from tests.support.api import assert_error, post
 from tests.support.lora import make_adapter, peft_greedy
 from tests.support.server import ServerProcess
 from tests.support.tiny_models import random_prompts
+from tests.support.wait import wait_until
 
 NEW = 12
 
@@ -137,3 +139,63 @@ def test_load_use_unload_and_the_limits(lora_server, tiny_model, adapters):
 def test_runtime_updates_are_off_without_the_flag(server):
     r = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"})
     assert r.status_code == 404
+
+
+def test_with_an_admin_key_only_it_loads_and_unloads_adapters(tiny_model, adapters, tmp_path):
+    """--admin-key-file (what the operator runs pods with): client API keys serve but cannot touch adapters (403),
+    no key is a 401; the admin key loads and unloads, lists models, is never rate limited, and a rotated file
+    takes effect without a restart."""
+    (tmp_path / "keys").write_text("client-key\n")
+    admin = tmp_path / "admin"
+    admin.write_text("admin-1\n")
+    s = ServerProcess(
+        tiny_model,
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "256",
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "8",
+        "--allow-runtime-lora-updating",
+        "--api-key-file",
+        str(tmp_path / "keys"),
+        "--admin-key-file",
+        str(admin),
+        "--rate-limit-rpm",
+        "1",
+        "--rate-limit-burst",
+        "1",
+    ).wait_ready()
+    try:
+        load = {"lora_name": "qvd4", "lora_path": adapters["qvd4"]}
+
+        def call(path: str, key: str | None, body: dict = load) -> httpx.Response:
+            return post(s, f"/v1/{path}", body, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+        assert_error(call("load_lora_adapter", None), 401)
+        assert_error(call("load_lora_adapter", "client-key"), 403, contains="admin key")
+        assert_error(call("unload_lora_adapter", "client-key", {"lora_name": "qvd4"}), 403)
+        # rpm 1, burst 1: a client's second admitted call is a 429; the admin's never are (three in a row here)
+        assert call("load_lora_adapter", "admin-1").status_code == 200
+        assert_error(call("load_lora_adapter", "admin-1"), 400, param="lora_name")  # in use: refused, not limited
+        models = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer admin-1"}, timeout=30).json()
+        assert {m["id"]: m.get("parent") for m in models["data"]} == {"tiny": None, "qvd4": "tiny"}
+
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="client-key", max_retries=0)
+        want = peft_greedy(tiny_model, adapters["qvd4"], [[5, 6, 7]], NEW)[0]
+        assert _complete(client, "qvd4", [5, 6, 7]) == want
+        with pytest.raises(openai.RateLimitError):
+            _complete(client, "tiny", [5, 6, 7])
+
+        admin.write_text("admin-2\n")  # the operator's Secret replaced: the mounted file changes in place
+        wait_until(
+            lambda: call("unload_lora_adapter", "admin-2", {"lora_name": "qvd4"}).status_code == 200,
+            timeout=30,
+            what="the rotated admin key to be read",
+        )
+        assert_error(call("load_lora_adapter", "admin-1"), 401)
+    finally:
+        s.stop()

@@ -1,8 +1,10 @@
 """LoRA adapters from the CRD on real pods (issue 19's must-show): an InferenceService with two adapters (PEFT
-directories with random B matrices, on the node's local PersistentVolume beside the tiny model) — the in-cluster
-operator loads both onto the Ready pod through its API; each answers through the Service and through
-`kubellm router` with the openai client, differently from the base model; removing one from the spec unloads it
-(404 for it, through both) without restarting the pod."""
+directories with random B matrices, on the node's local PersistentVolume beside the tiny model) and client API
+keys (server.apiKeySecret) — the in-cluster operator loads both onto the Ready pod through its API with the pods'
+admin key (a Secret it makes; a client's key may not load or unload: 403); each answers through the Service and
+through `kubellm router` (which learns where adapters are from the status, as the pods refuse it their model
+list) with the openai client, differently from the base model; removing one from the spec unloads it (404 for
+it, through both) without restarting the pod."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1200)]
 RUNTIME = {"maxModelLen": 512, "maxNumSeqs": 4, "maxNumBatchedTokens": 512, "maxLoraRank": 8}
+KEY = "node-client-key"
+SERVER = {"drainSeconds": 60, "apiKeySecret": "lora-keys"}
 
 
 @pytest.fixture
@@ -56,7 +60,8 @@ def test_adapters_from_the_crd_serve_through_service_and_router_and_removal_unlo
     operator_installed, kubectl, namespace, adapters_pv, real
 ):
     ns, adapters = namespace, [{"name": n, "uri": f"pvc://models/adapters/{n}"} for n in ("a1", "a2")]
-    apply(kubectl, ns, isvc("lora", "tiny", runtime=RUNTIME, adapters=adapters))
+    kubectl("create", "secret", "generic", "lora-keys", f"--from-literal=keys={KEY}", "-n", ns)
+    apply(kubectl, ns, isvc("lora", "tiny", runtime=RUNTIME, adapters=adapters, server=SERVER))
     wait_isvc_ready(kubectl, ns, "lora", timeout=600)
     t_ready = time.monotonic()
     obj = wait_adapters(kubectl, ns, "lora", ["a1", "a2"])
@@ -65,7 +70,11 @@ def test_adapters_from_the_crd_serve_through_service_and_router_and_removal_unlo
     assert obj["status"]["replicaAdapters"] == [{"pod": pod["metadata"]["name"], "adapters": ["a1", "a2"]}]
     assert condition(obj, "Ready")["status"] == "True"
 
-    service = service_client(kubectl, ns, "lora")
+    service = service_client(kubectl, ns, "lora", KEY)
+    with pytest.raises(openai.AuthenticationError):
+        service_client(kubectl, ns, "lora").models.list()
+    with pytest.raises(openai.PermissionDeniedError):  # a client's key: the adapters are the operator's
+        service.post("/unload_lora_adapter", body={"lora_name": "a1"}, cast_to=httpx.Response)
     assert {m.id: m.model_extra.get("parent") for m in service.models.list()} == {
         "lora": None,
         "a1": "lora",
@@ -82,12 +91,12 @@ def test_adapters_from_the_crd_serve_through_service_and_router_and_removal_unlo
             timeout=60,
             what="the router to list both adapters",
         )
-        via_router = client_for("127.0.0.1", router.port)
+        via_router = client_for("127.0.0.1", router.port, KEY)
         for m in ("lora", "a1", "a2"):
             assert greedy_token_ids(via_router, m) == outputs[m]
 
         # a2 removed from the spec: unloaded from the running pod, 404 through the Service and the router
-        apply(kubectl, ns, isvc("lora", "tiny", runtime=RUNTIME, adapters=adapters[:1]))
+        apply(kubectl, ns, isvc("lora", "tiny", runtime=RUNTIME, adapters=adapters[:1], server=SERVER))
         t_removed = time.monotonic()
         wait_adapters(kubectl, ns, "lora", ["a1"])
         print(f"[node] adapters: a2 unloaded {time.monotonic() - t_removed:.1f}s after the spec change")

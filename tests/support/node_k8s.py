@@ -147,10 +147,10 @@ def ready_pods(kubectl, ns, name) -> list[dict]:
     ]
 
 
-def client_for(host: str, port: int = 80) -> OpenAI:
-    return OpenAI(base_url=f"http://{host}:{port}/v1", api_key="none", max_retries=0, timeout=120)
+def client_for(host: str, port: int = 80, api_key: str = "none") -> OpenAI:
+    return OpenAI(base_url=f"http://{host}:{port}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
-def service_client(kubectl, ns: str, name: str) -> OpenAI:
+def service_client(kubectl, ns: str, name: str, api_key: str = "none") -> OpenAI:
     svc = get(kubectl, "service", name, "-n", ns)
-    return client_for(svc["spec"]["clusterIP"], 80)
+    return client_for(svc["spec"]["clusterIP"], 80, api_key)

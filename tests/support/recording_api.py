@@ -4,6 +4,7 @@ check what the Reconciler does and which RBAC verbs that needs."""
 
 from __future__ import annotations
 
+import base64
 from types import SimpleNamespace
 
 from kubernetes import client
@@ -99,6 +100,25 @@ class RecordingApi:
         if self.policy_data is None:
             raise ApiException(status=404)
         return client.V1ConfigMap(data=self.policy_data)
+
+    def read_namespaced_secret(self, name, namespace):
+        self.calls.add(("Secret", "get"))
+        if ("Secret", namespace, name) not in self.store:
+            raise ApiException(status=404)
+        return self.store[("Secret", namespace, name)]
+
+    def create_namespaced_secret(self, namespace, body):
+        self.calls.add(("Secret", "create"))
+        key = ("Secret", namespace, body["metadata"]["name"])
+        if key in self.store:
+            raise ApiException(status=409)
+        data = {k: base64.b64encode(v.encode()).decode() for k, v in body.get("stringData", {}).items()}
+        meta = {**body["metadata"], "uid": "uid-Secret"}
+        self.store[key] = {**{k: v for k, v in body.items() if k != "stringData"}, "metadata": meta, "data": data}
+
+    def delete_namespaced_secret(self, name, namespace, body):
+        self.calls.add(("Secret", "delete"))
+        self.store.pop(("Secret", namespace, name), None)
 
     def list_namespaced_pod(self, namespace, label_selector=""):
         self.calls.add(("Pod", "list"))

@@ -9,10 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from kubellm.operator.adapters import RETRY_FAILED_S, Action, Failure, PodAdapters, adapter_status, plan
+from kubellm.operator.policy import Refused
 from kubellm.operator.render import adapter_paths, lora_slots, render
 from kubellm.operator.serve_flags import allowed_extra_flags
 from kubellm.operator.spec import parse_spec
 from kubellm.operator.status import compute_status
+from tests.support.recording_api import recording_reconciler
 
 TWO = [{"name": "sql", "uri": "pvc://models/adapters/sql"}, {"name": "chat-fr", "uri": "pvc://loras/fr/v2"}]
 
@@ -43,6 +45,50 @@ def test_adapters_turn_lora_on_with_slots_rounded_up_and_runtime_updates():
     assert "--lora-modules" not in args  # loaded through the API: a change of the list rolls no pod
     five = [{"name": f"a{i}", "uri": f"pvc://models/a{i}"} for i in range(5)]
     assert lora_slots(parse_spec({"model": {"uri": "pvc://models/base"}, "adapters": five})) == 8
+
+
+def test_the_pods_take_the_operators_admin_key_from_its_secret():
+    spec = {"model": {"uri": "pvc://models/base"}, "adapters": TWO, "server": {"apiKeySecret": "client-keys"}}
+    pod = pod_spec(spec)
+    assert flag(pod["containers"][0]["args"], "--admin-key-file") == "/etc/kubellm/admin-key/key"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["admin-key"]["secret"] == {"secretName": "chat-admin-key"}
+    assert vols["api-keys"]["secret"] == {"secretName": "client-keys"}  # the clients' keys, beside it
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["admin-key"] == {"name": "admin-key", "mountPath": "/etc/kubellm/admin-key", "readOnly": True}
+    plain = pod_spec({"model": {"uri": "pvc://models/base"}})
+    assert "admin-key" not in {v["name"] for v in plain["volumes"]}
+    assert "--admin-key-file" not in plain["containers"][0]["args"]
+
+
+def test_the_admin_key_secret_is_made_once_kept_and_removed_with_lora():
+    r, api = recording_reconciler()
+    obj = isvc({"model": {"uri": "pvc://models/base"}, "adapters": TWO, "autoscaling": {"enabled": False}})
+    api.isvc = obj
+    r.reconcile(obj)
+    secret = api.store[("Secret", "team-a", "chat-admin-key")]
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # garbage-collected with the service
+    key = r.admin_key(obj)
+    assert len(key) >= 32 and r.admin_key(obj) == key
+    r.reconcile(obj)  # kept: the pods' mounted key stays valid
+    assert r.admin_key(obj) == key
+    del api.store[("Secret", "team-a", "chat-admin-key")]  # deleted by hand: made again, with a new key
+    assert r.admin_key(obj) not in ("", key)
+    off = isvc({"model": {"uri": "pvc://models/base"}, "autoscaling": {"enabled": False}})
+    assert "-Secret" in r.reconcile(off).changed and ("Secret", "team-a", "chat-admin-key") not in api.store
+
+
+def test_a_strangers_secret_of_that_name_is_a_conflict_and_nothing_is_written():
+    r, api = recording_reconciler()
+    obj = isvc({"model": {"uri": "pvc://models/base"}, "adapters": TWO})
+    api.isvc = obj
+    stranger = {"metadata": {"name": "chat-admin-key", "namespace": "team-a", "uid": "x"}, "data": {"key": "eA=="}}
+    api.store[("Secret", "team-a", "chat-admin-key")] = stranger
+    with pytest.raises(Refused) as e:
+        r.reconcile(obj)
+    assert e.value.reason == "ChildConflict" and "Secret team-a/chat-admin-key" in e.value.message
+    assert {verb for _, verb in api.calls} == {"get"} and ("Deployment", "team-a", "chat") not in api.store
+    assert r.delete_children(obj) == [] and api.store[("Secret", "team-a", "chat-admin-key")] is stranger
 
 
 def test_no_adapters_no_lora_unless_slots_are_asked_for():

@@ -23,6 +23,7 @@ RESOURCE = {
     "PodLog": "pods/log",
     "Pod": "pods",
     "Node": "nodes",
+    "Secret": "secrets",
 }
 GROUP = {
     **{k: v.rpartition("/")[0] for k, v in CHILD_KINDS.items()},
@@ -31,6 +32,7 @@ GROUP = {
     "PodLog": "",
     "Pod": "",
     "Node": "",
+    "Secret": "",
 }
 
 
@@ -42,6 +44,7 @@ def reconciler_verbs() -> set[tuple[str, str, str]]:
         "networkPolicy": {"enabled": True},
         "autoscaling": {"minReplicas": 2},
         "inferencePool": {"enabled": True, "endpointPickerRef": {"name": "epp"}},
+        "adapters": [{"name": "a", "uri": "pvc://loras/a"}],  # the pods' admin key: a Secret
     }
     isvc = {"metadata": {"name": "m", "namespace": "ns", "uid": "u1"}, "spec": spec}
     api.isvc = isvc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import NamedTuple
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -34,6 +35,11 @@ def check_content_type(value: str | None) -> None:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
+class Caller(NamedTuple):
+    key: str | None  # the API key presented (the rate limit's identity); None when keys are off or for the admin
+    admin: bool
+
+
 class ServerState:
     """What serve.py's drain reads and the admission checks: ready once warmed up, draining after SIGTERM."""
 
@@ -47,26 +53,37 @@ class Admission:
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, state: ServerState, metrics: ServerMetrics):
         self.engine, self.config, self.state, self.metrics = engine, config, state, metrics
         self.keys = ApiKeys(config.api_keys, config.api_key_file)
+        self.admin_keys = ApiKeys([], config.admin_key_file) if config.admin_key_file else None
         self.limiter = RateLimiter(config.rate_limit_rpm, config.rate_limit_burst)
 
-    def authorize(self, request: Request) -> str | None:
-        """The API key, validated (None when keys are off: then any bearer string is no identity, and the
-        rate limit keys on the client's address); 401 unless it is valid."""
+    def authorize(self, request: Request, admin_only: bool = False) -> Caller:
+        """Who calls: the admin key (--admin-key-file) passes everywhere; elsewhere a valid API key, or anyone
+        when keys are off (then a bearer string is no identity, and the rate limit keys on the client's
+        address). 401 without valid credentials; 403 for an API key on an `admin_only` endpoint while an admin
+        key is set."""
         header = request.headers.get("authorization", "")
         presented = header[7:].strip() if header.lower().startswith("bearer ") else None
+        if self.admin_keys is not None and self.admin_keys.check(presented):
+            return Caller(None, admin=True)
         if not self.keys.check(presented):
             self.metrics.rejected.labels("unauthorized").inc()
             raise ApiError(
                 401, "missing or invalid API key", "authentication_error", headers={"WWW-Authenticate": "Bearer"}
             )
-        return presented if self.keys.enabled else None
+        if admin_only and self.admin_keys is not None:
+            self.metrics.rejected.labels("unauthorized").inc()
+            raise ApiError(403, "only the server's admin key may call this endpoint", "permission_error")
+        return Caller(presented if self.keys.enabled else None, admin=False)
 
-    async def admit(self, request: Request, model_cls: type[BaseModel], shed_load: bool = True):
-        """Auth → availability → rate limit → body → schema → model → load (for requests that queue in the
-        engine: shed_load). Returns the validated request; raises ApiError on refusal."""
-        presented = self.authorize(request)
+    async def admit(
+        self, request: Request, model_cls: type[BaseModel], shed_load: bool = True, admin_only: bool = False
+    ):
+        """Auth → availability → rate limit (not for the admin key) → body → schema → model → load (for
+        requests that queue in the engine: shed_load). Returns the validated request; raises ApiError on refusal."""
+        caller = self.authorize(request, admin_only)
         self._check_available()
-        self._check_rate(presented or (request.client.host if request.client else "anonymous"))
+        if not caller.admin:
+            self._check_rate(caller.key or (request.client.host if request.client else "anonymous"))
         req = self._validate(await self._read_json(request), model_cls)
         sequences = self._sequences(req)  # (the prompt limit holds for the render endpoints too)
         if shed_load:

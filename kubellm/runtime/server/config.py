@@ -23,6 +23,9 @@ class ServerSettings(BaseSettings):
     served_model_name: str | None = None
     api_keys: list[str] = Field(default_factory=list)
     api_key_file: str | None = None  # one key per line; re-read when it changes (a mounted Secret)
+    # the key that alone opens /v1/load_lora_adapter and /v1/unload_lora_adapter (client API keys do not), and
+    # every other endpoint too, never rate limited: the operator's, from a Secret it makes (re-read the same way)
+    admin_key_file: str | None = None
     rate_limit_rpm: float | None = Field(None, gt=0)  # per API key (or client address without keys)
     rate_limit_burst: int = Field(20, ge=1)
     max_waiting_requests: int = Field(1024, ge=0)  # more sequences (prompts × n) waiting than this: 429

@@ -1,6 +1,7 @@
 """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: LoRA adapters loaded and unloaded while serving.
 Registered only with --allow-runtime-lora-updating (and --enable-lora): an adapter is code-adjacent input the
-operator chooses, not something any API caller should swap."""
+operator chooses, not something any API caller should swap; with --admin-key-file only that key may call them (the
+operator's, kubellm/operator/adapters.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ class LoraAdapters:
 
     async def load(self, request: Request):
         s = self.s
-        req: p.LoadLoraAdapterRequest = await s.admission.admit(request, p.LoadLoraAdapterRequest, shed_load=False)
+        req: p.LoadLoraAdapterRequest = await s.admission.admit(
+            request, p.LoadLoraAdapterRequest, shed_load=False, admin_only=True
+        )
         if req.lora_name == s.model_name:
             raise ApiError(400, f"lora_name {req.lora_name!r} is the served model's name", param="lora_name")
         await self._run(s.engine.load_lora(req.lora_name, req.lora_path))
@@ -27,7 +30,9 @@ class LoraAdapters:
 
     async def unload(self, request: Request):
         s = self.s
-        req: p.UnloadLoraAdapterRequest = await s.admission.admit(request, p.UnloadLoraAdapterRequest, shed_load=False)
+        req: p.UnloadLoraAdapterRequest = await s.admission.admit(
+            request, p.UnloadLoraAdapterRequest, shed_load=False, admin_only=True
+        )
         await self._run(s.engine.unload_lora(req.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
